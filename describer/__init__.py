@@ -1,0 +1,29 @@
+"""Describe images with Gemini, concurrently, into Cloud Storage.
+
+The public surface: settings, the per-process runtime, and the two invocation
+handlers that ``main.py`` wires to functions-framework.
+"""
+
+from __future__ import annotations
+
+from .errors import Code, ConfigError, DescriberError, RequestError, SourceError, StorageUnavailable
+from .logs import configure as configure_logging
+from .records import Record
+from .service import HttpReply, Runtime, handle_http, handle_storage_event
+from .settings import Settings
+
+__all__ = [
+    "Code",
+    "ConfigError",
+    "DescriberError",
+    "HttpReply",
+    "Record",
+    "RequestError",
+    "Runtime",
+    "Settings",
+    "SourceError",
+    "StorageUnavailable",
+    "configure_logging",
+    "handle_http",
+    "handle_storage_event",
+]

@@ -1,0 +1,154 @@
+"""Parsing a batch: the JSON body of a request or manifest, its sources and output."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import Code, RequestError, SourceError
+from .settings import normalize_prefix
+
+MAX_URI_LENGTH = 2048
+MAX_PROMPT_CHARS = 8000
+_FIELDS = frozenset({"images", "prompt", "output"})
+# Bucket names per https://cloud.google.com/storage/docs/buckets#naming (dots allowed).
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where results go: a bucket and an object prefix ending in ``/`` (or empty)."""
+
+    bucket: str
+    prefix: str
+
+    def uri(self, name: str) -> str:
+        return f"gs://{self.bucket}/{self.prefix}{name}"
+
+
+@dataclass(frozen=True)
+class HttpSource:
+    uri: str
+
+
+@dataclass(frozen=True)
+class GcsSource:
+    uri: str
+    bucket: str
+    name: str
+
+
+Source = HttpSource | GcsSource
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """A validated batch: the image URIs as given, the prompt, the optional output."""
+
+    images: list[str]
+    prompt: str | None
+    output: Location | None
+
+
+def parse_body(body: bytes, *, max_batch_size: int) -> BatchRequest:
+    """Validate a request or manifest body; raise :class:`RequestError` on any flaw."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise RequestError(400, "invalid_json", "The body is not valid UTF-8 JSON.") from None
+    return parse_batch(data, max_batch_size=max_batch_size)
+
+
+def parse_batch(data: Any, *, max_batch_size: int) -> BatchRequest:
+    """Validate an already decoded batch object."""
+    if not isinstance(data, dict):
+        raise RequestError(400, "invalid_request", "The body must be a JSON object.")
+    unknown = sorted(set(data) - _FIELDS)
+    if unknown:
+        raise RequestError(
+            400,
+            "invalid_request",
+            f"Unknown field(s) {', '.join(map(repr, unknown))}; "
+            "expected 'images', 'prompt' and 'output'.",
+        )
+    images = data.get("images")
+    if images is None:
+        raise RequestError(400, "invalid_request", "The field 'images' is missing.")
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise RequestError(400, "invalid_request", "'images' must be a list of URI strings.")
+    if not images:
+        raise RequestError(400, "invalid_request", "'images' is empty: give at least one URI.")
+    if len(images) > max_batch_size:
+        raise RequestError(
+            413,
+            "batch_too_large",
+            f"{len(images)} images is more than MAX_BATCH_SIZE ({max_batch_size}); "
+            "split the batch.",
+        )
+    prompt = data.get("prompt")
+    if prompt is not None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RequestError(400, "invalid_request", "'prompt' must be a non-empty string.")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise RequestError(
+                400, "invalid_request", f"'prompt' is longer than {MAX_PROMPT_CHARS} characters."
+            )
+    output = data.get("output")
+    if output is not None:
+        if not isinstance(output, str):
+            raise RequestError(400, "invalid_request", "'output' must be a gs://bucket/prefix/ URI.")
+        output = parse_output(output)
+    return BatchRequest(images=images, prompt=prompt, output=output)
+
+
+def parse_output(uri: str) -> Location:
+    """``gs://bucket/prefix/`` to a :class:`Location`, or a 400 saying what is wrong."""
+    try:
+        bucket, name = _split_gs(uri)
+    except ValueError as exc:
+        raise RequestError(400, "invalid_request", f"'output' {exc}") from None
+    return Location(bucket=bucket, prefix=normalize_prefix(name))
+
+
+def parse_source(uri: str) -> Source:
+    """Classify one image URI; raise ``SourceError(invalid_source)`` if it is not usable."""
+    if len(uri) > MAX_URI_LENGTH:
+        raise SourceError(Code.INVALID_SOURCE, f"The URI is longer than {MAX_URI_LENGTH} characters.")
+    if uri.startswith("gs://"):
+        try:
+            bucket, name = _split_gs(uri)
+        except ValueError as exc:
+            raise SourceError(Code.INVALID_SOURCE, f"The URI {exc}") from None
+        if not name or name.endswith("/"):
+            raise SourceError(Code.INVALID_SOURCE, "The gs:// URI names a folder, not an object.")
+        return GcsSource(uri=uri, bucket=bucket, name=name)
+    parts = urlsplit(uri)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise SourceError(
+            Code.INVALID_SOURCE,
+            f"Unsupported scheme {parts.scheme or '(none)'!r}: use http://, https:// or gs://.",
+        )
+    try:
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise SourceError(Code.INVALID_SOURCE, "The URI has a malformed host or port.") from None
+    if not host:
+        raise SourceError(Code.INVALID_SOURCE, "The URI has no host.")
+    if parts.username or parts.password:
+        raise SourceError(Code.INVALID_SOURCE, "Credentials in the URI are not accepted.")
+    if any(c.isspace() for c in uri):
+        raise SourceError(Code.INVALID_SOURCE, "The URI contains whitespace.")
+    return HttpSource(uri=uri)
+
+
+def _split_gs(uri: str) -> tuple[str, str]:
+    if not uri.startswith("gs://"):
+        raise ValueError("must start with gs://")
+    bucket, _, name = uri[len("gs://") :].partition("/")
+    if not _BUCKET_RE.match(bucket):
+        raise ValueError(f"names no valid bucket ({bucket!r})")
+    return bucket, name

@@ -1,0 +1,68 @@
+"""The package's exceptions and the stable error codes users rely on.
+
+    DescriberError               root: anything this package raises on purpose
+    ├── ConfigError              the settings cannot work; the function refuses to start
+    ├── RequestError             a whole HTTP request is malformed (carries the 4xx status)
+    ├── SourceError              one source failed; becomes an error record, never escapes a batch
+    └── StorageUnavailable       results could not be written; a retry may fix it
+
+Per-source failures are data (:class:`SourceError` turns into a record), so only
+``ConfigError`` and ``StorageUnavailable`` ever end an invocation.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Code(StrEnum):
+    """Stable per-source error codes: part of the public contract."""
+
+    INVALID_SOURCE = "invalid_source"
+    FORBIDDEN_SOURCE = "forbidden_source"
+    NOT_FOUND = "not_found"
+    DOWNLOAD_FAILED = "download_failed"
+    TOO_LARGE = "too_large"
+    NOT_AN_IMAGE = "not_an_image"
+    UNSUPPORTED_IMAGE = "unsupported_image"
+    BLOCKED = "blocked"
+    QUOTA_EXHAUSTED = "quota_exhausted"
+    MODEL_ERROR = "model_error"
+    TIMEOUT = "timeout"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+
+
+class DescriberError(Exception):
+    """Root of every exception this package raises on purpose."""
+
+
+class ConfigError(DescriberError):
+    """The settings are inconsistent or unreadable."""
+
+
+class RequestError(DescriberError):
+    """A whole request is malformed; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class SourceError(DescriberError):
+    """One source could not be described; carries the stable code and a sentence."""
+
+    def __init__(self, code: Code, message: str, *, attempts: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.attempts = attempts
+
+
+class StorageUnavailable(DescriberError):
+    """Writing results failed in a way a retry of the invocation may fix."""
+
+    def __init__(self, uri: str, cause: BaseException) -> None:
+        super().__init__(f"could not write {uri}: {cause}")
+        self.uri = uri

@@ -1,0 +1,173 @@
+"""Downloading sources: http(s) through aiohttp, gs:// through google-cloud-storage.
+
+Both enforce MAX_IMAGE_BYTES before holding more than that in memory, and both
+turn every failure into a :class:`SourceError` with a stable code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Collection
+from concurrent.futures import Executor
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+import certifi
+from google.api_core import exceptions as gexc
+from google.cloud import storage
+
+from .batch import GcsSource, HttpSource, Source
+from .errors import Code, SourceError
+from .netguard import ForbiddenAddress, GuardedResolver, check_literal_host
+from .settings import Settings
+
+MAX_REDIRECTS = 5
+_CHUNK = 256 * 1024
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_USER_AGENT = "gemini-image-describer/1.0 (+https://cloud.google.com/functions)"
+
+
+def open_http_session(settings: Settings, ssl_context: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
+    """One session per invocation, guarded against private addresses unless allowed."""
+    connector = aiohttp.TCPConnector(
+        limit=settings.download_concurrency,
+        resolver=None if settings.allow_private_urls else GuardedResolver(),
+        ssl=ssl_context or ssl.create_default_context(cafile=certifi.where()),
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=settings.download_timeout_s,
+        sock_connect=settings.connect_timeout_s,
+        sock_read=settings.read_timeout_s,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        headers={"User-Agent": _USER_AGENT},
+        auto_decompress=False,
+    )
+
+
+class Fetcher:
+    """Downloads one source at a time; the pipeline bounds how many run at once."""
+
+    def __init__(
+        self,
+        *,
+        session: aiohttp.ClientSession,
+        storage_client: storage.Client,
+        io_executor: Executor,
+        settings: Settings,
+        allowed_buckets: Collection[str],
+    ) -> None:
+        self._session = session
+        self._storage = storage_client
+        self._io = io_executor
+        self._settings = settings
+        self._allowed = frozenset(allowed_buckets)
+
+    async def fetch(self, source: Source) -> bytes:
+        if isinstance(source, GcsSource):
+            return await self._fetch_gcs(source)
+        return await self._fetch_http(source)
+
+    async def _fetch_http(self, source: HttpSource) -> bytes:
+        url = source.uri
+        try:
+            for _hop in range(MAX_REDIRECTS + 1):
+                if not self._settings.allow_private_urls:
+                    check_literal_host(urlsplit(url).hostname or "")
+                async with self._session.get(url, allow_redirects=False) as response:
+                    if response.status in _REDIRECTS and "Location" in response.headers:
+                        url = urljoin(url, response.headers["Location"])
+                        if urlsplit(url).scheme not in ("http", "https"):
+                            raise SourceError(
+                                Code.FORBIDDEN_SOURCE,
+                                f"The source redirected to a non-http(s) URL ({url[:100]}).",
+                            )
+                        continue
+                    return await self._read_body(response)
+            raise SourceError(
+                Code.DOWNLOAD_FAILED, f"The source redirected more than {MAX_REDIRECTS} times."
+            )
+        except ForbiddenAddress as exc:
+            raise SourceError(Code.FORBIDDEN_SOURCE, _forbidden(exc)) from None
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, ForbiddenAddress):
+                raise SourceError(Code.FORBIDDEN_SOURCE, _forbidden(exc.os_error)) from None
+            raise SourceError(Code.DOWNLOAD_FAILED, f"Could not connect: {exc.os_error}.") from None
+        except TimeoutError:
+            raise SourceError(Code.TIMEOUT, "The download timed out.") from None
+        except aiohttp.ClientError as exc:
+            raise SourceError(Code.DOWNLOAD_FAILED, f"The download failed: {exc!r}.") from None
+
+    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
+        if response.status in (404, 410):
+            raise SourceError(Code.NOT_FOUND, f"The server answered {response.status}: no such image.")
+        if response.status >= 400:
+            raise SourceError(
+                Code.DOWNLOAD_FAILED, f"The server answered {response.status} {response.reason}."
+            )
+        cap = self._settings.max_image_bytes
+        if response.content_length is not None and response.content_length > cap:
+            raise SourceError(Code.TOO_LARGE, _too_large(response.content_length, cap))
+        body = bytearray()
+        async for chunk in response.content.iter_chunked(_CHUNK):
+            body += chunk
+            if len(body) > cap:
+                raise SourceError(Code.TOO_LARGE, _too_large(None, cap))
+        return bytes(body)
+
+    async def _fetch_gcs(self, source: GcsSource) -> bytes:
+        if source.bucket not in self._allowed:
+            raise SourceError(
+                Code.FORBIDDEN_SOURCE,
+                f"Bucket {source.bucket!r} is not in ALLOWED_BUCKETS (nor the results or "
+                "triggering bucket).",
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._io, self._read_gcs_blocking, source)
+
+    def _read_gcs_blocking(self, source: GcsSource) -> bytes:
+        cap = self._settings.max_image_bytes
+        try:
+            blob = self._storage.bucket(source.bucket).get_blob(
+                source.name, timeout=self._settings.download_timeout_s
+            )
+            if blob is None:
+                raise SourceError(Code.NOT_FOUND, "No such object.")
+            if blob.size is not None and blob.size > cap:
+                raise SourceError(Code.TOO_LARGE, _too_large(blob.size, cap))
+            # Pin the generation we checked, so a replaced object cannot slip past the cap.
+            data = blob.download_as_bytes(
+                if_generation_match=blob.generation,
+                end=cap,
+                timeout=self._settings.download_timeout_s,
+                checksum=None,
+            )
+        except gexc.NotFound:
+            raise SourceError(Code.NOT_FOUND, "No such bucket or object.") from None
+        except gexc.Forbidden as exc:
+            raise SourceError(
+                Code.DOWNLOAD_FAILED, f"The function may not read it: {exc.message}."
+            ) from None
+        except gexc.PreconditionFailed:
+            raise SourceError(
+                Code.DOWNLOAD_FAILED, "The object changed while it was being read; retry."
+            ) from None
+        except gexc.GoogleAPICallError as exc:
+            raise SourceError(Code.DOWNLOAD_FAILED, f"Cloud Storage failed: {exc.message}.") from None
+        except (TimeoutError, OSError) as exc:
+            raise SourceError(Code.DOWNLOAD_FAILED, f"Cloud Storage unreachable: {exc}.") from None
+        if len(data) > cap:
+            raise SourceError(Code.TOO_LARGE, _too_large(None, cap))
+        return data
+
+
+def _too_large(size: int | None, cap: int) -> str:
+    have = f"{size} bytes, " if size is not None else ""
+    return f"The source is {have}larger than MAX_IMAGE_BYTES ({cap} bytes)."
+
+
+def _forbidden(exc: OSError) -> str:
+    return f"The source is not on the public internet ({exc}); set ALLOW_PRIVATE_URLS only for local tests."

@@ -1,0 +1,242 @@
+"""Describing one prepared image with Gemini, riding out rate limits and server errors.
+
+The google-genai client keeps one aiohttp session per event loop and never
+closes sessions of loops that are gone. Each invocation runs its own loop, so
+the invocation hands the client an aiohttp session it owns and closes itself:
+nothing outlives the invocation. The expensive parts (TLS context, Vertex AI
+credentials) are built once per process in :class:`GeminiConnector`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
+
+from .errors import Code, SourceError
+from .images import PreparedImage
+from .records import Usage
+from .settings import GeminiAccess
+
+# 408 and 5xx are transient on Google's side; 429 is a rate limit unless the
+# quota that ran out is a per-day one, which no retry within a call can outlast.
+_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_BLOCK_FINISH = frozenset(
+    {"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "IMAGE_SAFETY", "RECITATION"}
+)
+BACKOFF_CAP_S = 30.0
+_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)s\s*$")
+
+
+@dataclass(frozen=True)
+class Described:
+    text: str
+    usage: Usage | None
+    attempts: int
+
+
+class GeminiConnector:
+    """Process-wide: what every invocation's client shares (TLS context, credentials)."""
+
+    def __init__(self, access: GeminiAccess) -> None:
+        self._access = access
+        self._ssl = ssl.create_default_context()
+        self._credentials: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        return self._ssl
+
+    def open_session(self) -> aiohttp.ClientSession:
+        """The aiohttp session one invocation's Gemini calls run on; the caller closes it."""
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=self._ssl))
+
+    def client(self, session: aiohttp.ClientSession, *, timeout_s: float) -> genai.Client:
+        """A client bound to ``session``: cheap, because the TLS context is reused."""
+        access = self._access
+        options = types.HttpOptions(
+            base_url=access.base_url,
+            timeout=int(timeout_s * 1000),
+            aiohttp_client=session,
+            client_args={"verify": self._ssl},
+            async_client_args={"verify": self._ssl, "ssl": self._ssl},
+        )
+        if access.use_vertexai:
+            return genai.Client(
+                vertexai=True,
+                project=access.project,
+                location=access.location,
+                credentials=self._vertex_credentials(),
+                http_options=options,
+            )
+        # The SDK refuses to build a client without a key; the simulator accepts any.
+        return genai.Client(api_key=access.api_key or "unset", http_options=options)
+
+    def _vertex_credentials(self) -> Any:
+        with self._lock:
+            if self._credentials is None:
+                import google.auth
+
+                self._credentials, _ = google.auth.default(
+                    scopes=["https://www.googleapis.com/auth/cloud-platform"]
+                )
+            return self._credentials
+
+
+class Describer:
+    """Calls the model for one image at a time, with bounded, jittered retries."""
+
+    def __init__(
+        self,
+        client: genai.Client,
+        *,
+        model: str,
+        max_attempts: int,
+        backoff_s: float,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._client = client
+        self._model = model
+        self._max_attempts = max_attempts
+        self._backoff_s = backoff_s
+        self._rng = rng or random.Random()
+        self.retries = 0
+        self.rate_limited = 0
+
+    async def describe(self, image: PreparedImage, prompt: str) -> Described:
+        contents = [types.Part.from_bytes(data=image.data, mime_type=image.mime_type), prompt]
+        for attempt in range(1, self._max_attempts + 1):
+            try:
+                response = await self._client.aio.models.generate_content(
+                    model=self._model, contents=contents
+                )
+            except genai_errors.APIError as exc:
+                delay = self._classify(exc, attempt)
+            except TimeoutError:
+                if attempt == self._max_attempts:
+                    raise SourceError(
+                        Code.TIMEOUT, f"The model did not answer in time ({attempt} attempts).",
+                        attempts=attempt,
+                    ) from None
+                delay = self._backoff(attempt)
+            except aiohttp.ClientError as exc:
+                if attempt == self._max_attempts:
+                    raise SourceError(
+                        Code.MODEL_ERROR,
+                        f"The model could not be reached after {attempt} attempts: {exc!r}.",
+                        attempts=attempt,
+                    ) from None
+                delay = self._backoff(attempt)
+            else:
+                return _answer(response, attempt)
+            self.retries += 1
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _classify(self, exc: genai_errors.APIError, attempt: int) -> float:
+        """Return how long to wait before retrying, or raise the final SourceError."""
+        code = exc.code
+        if code == 429:
+            self.rate_limited += 1
+            if _is_daily_quota(exc.details):
+                raise SourceError(
+                    Code.QUOTA_EXHAUSTED,
+                    f"The daily Gemini quota for {self._model} is used up: {exc.message}",
+                    attempts=attempt,
+                ) from None
+        if code == 404:
+            raise SourceError(
+                Code.MODEL_ERROR,
+                f"Model {self._model!r} (GEMINI_MODEL) was not found: {exc.message}",
+                attempts=attempt,
+            ) from None
+        if code not in _RETRY_STATUSES:
+            raise SourceError(
+                Code.MODEL_ERROR, f"Gemini answered {code} {exc.status}: {exc.message}",
+                attempts=attempt,
+            ) from None
+        if attempt == self._max_attempts:
+            final = Code.QUOTA_EXHAUSTED if code == 429 else Code.MODEL_ERROR
+            raise SourceError(
+                final, f"Gemini answered {code} {exc.status} on all {attempt} attempts: {exc.message}",
+                attempts=attempt,
+            ) from None
+        hinted = _retry_delay(exc.details)
+        if hinted is not None:
+            # The server knows when capacity returns; a little jitter keeps the
+            # workers that were told the same delay from returning in lockstep.
+            return hinted + self._rng.uniform(0, self._backoff_s)
+        return self._backoff(attempt)
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with full jitter."""
+        return self._rng.uniform(0, min(BACKOFF_CAP_S, self._backoff_s * 2 ** (attempt - 1)))
+
+
+def _answer(response: types.GenerateContentResponse, attempts: int) -> Described:
+    feedback = response.prompt_feedback
+    if feedback is not None and feedback.block_reason is not None:
+        reason = str(getattr(feedback.block_reason, "value", feedback.block_reason))
+        detail = f" ({feedback.block_reason_message})" if feedback.block_reason_message else ""
+        raise SourceError(
+            Code.BLOCKED, f"Gemini refused the image: {reason}{detail}.", attempts=attempts
+        )
+    candidates = response.candidates or []
+    finish = candidates[0].finish_reason if candidates else None
+    finish_name = str(getattr(finish, "value", finish)) if finish is not None else None
+    if finish_name in _BLOCK_FINISH:
+        raise SourceError(
+            Code.BLOCKED, f"Gemini stopped its answer: {finish_name}.", attempts=attempts
+        )
+    text = (response.text or "").strip()
+    if not text:
+        raise SourceError(
+            Code.MODEL_ERROR,
+            f"Gemini gave an empty answer (finish reason {finish_name or 'none'}).",
+            attempts=attempts,
+        )
+    meta = response.usage_metadata
+    usage = (
+        Usage(
+            prompt_tokens=meta.prompt_token_count or 0,
+            output_tokens=meta.candidates_token_count or 0,
+        )
+        if meta is not None
+        else None
+    )
+    return Described(text=text, usage=usage, attempts=attempts)
+
+
+def _details(body: Any) -> list[dict[str, Any]]:
+    error = body.get("error") if isinstance(body, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
+    return [d for d in details if isinstance(d, dict)] if isinstance(details, list) else []
+
+
+def _retry_delay(body: Any) -> float | None:
+    """The server's ``RetryInfo.retryDelay`` in seconds (the SDK ignores it)."""
+    for detail in _details(body):
+        if str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
+            match = _DURATION_RE.match(str(detail.get("retryDelay", "")))
+            if match:
+                return min(float(match.group(1)), BACKOFF_CAP_S * 2)
+    return None
+
+
+def _is_daily_quota(body: Any) -> bool:
+    for detail in _details(body):
+        if str(detail.get("@type", "")).endswith("google.rpc.QuotaFailure"):
+            for violation in detail.get("violations") or []:
+                if isinstance(violation, dict) and "PerDay" in str(violation.get("quotaId", "")):
+                    return True
+    return False

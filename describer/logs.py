@@ -1,0 +1,70 @@
+"""JSON-line logs on stdout that Cloud Logging parses into structured entries.
+
+The batch id and the source being worked on live in context variables, so
+every line logged while one image is processed carries them without threading
+them through every call (each asyncio task gets its own copy of the context).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+batch_var: ContextVar[str | None] = ContextVar("batch_id", default=None)
+source_var: ContextVar[str | None] = ContextVar("source", default=None)
+trace_var: ContextVar[str | None] = ContextVar("trace", default=None)
+
+_SEVERITY = {
+    logging.DEBUG: "DEBUG",
+    logging.INFO: "INFO",
+    logging.WARNING: "WARNING",
+    logging.ERROR: "ERROR",
+    logging.CRITICAL: "CRITICAL",
+}
+_FIELDS = ("status", "error_code", "attempts", "event_id", "bucket", "object", "count", "uri")
+_ROOT = "describer"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line with ``severity`` and ``message`` as Cloud Logging expects."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "severity": _SEVERITY.get(record.levelno, "DEFAULT"),
+            "message": record.getMessage(),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "logger": record.name,
+        }
+        batch = batch_var.get()
+        if batch:
+            entry["batch_id"] = batch
+        source = getattr(record, "source", None) or source_var.get()
+        if source:
+            entry["source"] = source
+        trace = trace_var.get()
+        if trace:
+            entry["logging.googleapis.com/trace"] = trace
+        for name in _FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                entry[name] = value
+        if record.exc_info:
+            entry["stack_trace"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def configure(level: int = logging.INFO) -> None:
+    """Send the package's logs to stdout as JSON lines (idempotent)."""
+    logger = logging.getLogger(_ROOT)
+    if any(getattr(h, "_describer", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    handler._describer = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False

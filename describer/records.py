@@ -1,0 +1,108 @@
+"""The result record: one per source, the same in responses, JSONL and sidecars."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .errors import Code, SourceError
+
+OK = "ok"
+ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens the model billed for one image."""
+
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Record:
+    """What happened to one source. ``error`` is set exactly when status is error."""
+
+    source: str
+    status: str
+    model: str
+    prompt: str
+    description: str | None = None
+    mime_type: str | None = None
+    width: int | None = None
+    height: int | None = None
+    usage: Usage | None = None
+    attempts: int = 0
+    latency_ms: int = 0
+    error_code: Code | None = None
+    error_message: str | None = None
+    generation: str | None = None
+
+    @classmethod
+    def failed(
+        cls, source: str, error: SourceError, *, model: str, prompt: str, **known: Any
+    ) -> Record:
+        """An error record carrying whatever was learnt before the failure."""
+        known.setdefault("attempts", error.attempts)
+        return cls(
+            source=source,
+            status=ERROR,
+            model=model,
+            prompt=prompt,
+            error_code=error.code,
+            error_message=error.message,
+            **known,
+        )
+
+    def with_generation(self, generation: str) -> Record:
+        return replace(self, generation=generation)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    def to_json(self) -> dict[str, Any]:
+        """The documented JSON shape: optional facts appear only when known."""
+        out: dict[str, Any] = {"source": self.source, "status": self.status}
+        if self.description is not None:
+            out["description"] = self.description
+        out["model"] = self.model
+        out["prompt"] = self.prompt
+        if self.mime_type is not None:
+            out["mime_type"] = self.mime_type
+        if self.width is not None and self.height is not None:
+            out["width"] = self.width
+            out["height"] = self.height
+        if self.usage is not None:
+            out["usage"] = {
+                "prompt_tokens": self.usage.prompt_tokens,
+                "output_tokens": self.usage.output_tokens,
+            }
+        out["attempts"] = self.attempts
+        out["latency_ms"] = self.latency_ms
+        if self.generation is not None:
+            out["generation"] = self.generation
+        out["error"] = (
+            None
+            if self.error_code is None
+            else {"code": str(self.error_code), "message": self.error_message}
+        )
+        return out
+
+
+def counts(records: Iterable[Record]) -> dict[str, int]:
+    """How many records ended ok and how many in error."""
+    tally = {OK: 0, ERROR: 0}
+    for record in records:
+        tally[record.status] += 1
+    return tally
+
+
+def to_jsonl(records: Iterable[Record]) -> bytes:
+    """One compact JSON object per line, in input order."""
+    return b"".join(
+        json.dumps(r.to_json(), ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        for r in records
+    )

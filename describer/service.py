@@ -1,0 +1,382 @@
+"""One invocation, from an HTTP request or a storage event to written results.
+
+Each entry point runs exactly one event loop (``asyncio.run``) around one async
+pipeline. Everything bound to that loop (aiohttp sessions, the Gemini client)
+is opened and closed inside it; what is safe to share across invocations and
+threads (settings, storage client, thread pools, TLS context) lives in
+:class:`Runtime`, built once per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from google.api_core import exceptions as gexc
+from google.cloud import storage
+
+from .batch import BatchRequest, Location, parse_body
+from .errors import Code, RequestError, StorageUnavailable
+from .fetch import Fetcher, open_http_session
+from .gemini import Describer, GeminiConnector
+from .logs import batch_var, trace_var
+from .pipeline import Pipeline, StageLimits
+from .records import Record, counts, to_jsonl
+from .settings import Settings
+from .store import SOURCE_GENERATION_KEY, ResultStore, is_own_output
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MANIFEST_SUFFIX = ".batch.json"
+JSONL_TYPE = "application/x-ndjson"
+JSON_TYPE = "application/json"
+# Content types that say nothing about the bytes: sniff them instead.
+_UNTYPED = frozenset({"", "application/octet-stream", "binary/octet-stream"})
+
+
+@dataclass
+class Runtime:
+    """Process-wide resources, shared by every invocation and thread."""
+
+    settings: Settings
+    storage_client: storage.Client
+    gemini: GeminiConnector
+    io_executor: ThreadPoolExecutor = field(init=False)
+    cpu_executor: ThreadPoolExecutor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.io_executor = ThreadPoolExecutor(
+            max_workers=self.settings.download_concurrency, thread_name_prefix="describer-io"
+        )
+        self.cpu_executor = ThreadPoolExecutor(
+            max_workers=os.cpu_count() or 1, thread_name_prefix="describer-cpu"
+        )
+
+    @classmethod
+    def create(cls, settings: Settings) -> Runtime:
+        """Build the shared clients; the storage client honours STORAGE_EMULATOR_HOST itself."""
+        return cls(
+            settings=settings,
+            storage_client=storage.Client(),
+            gemini=GeminiConnector(settings.gemini),
+        )
+
+    def close(self) -> None:
+        self.io_executor.shutdown(wait=False)
+        self.cpu_executor.shutdown(wait=False)
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def error_reply(status: int, code: str, message: str, **headers: str) -> HttpReply:
+    return HttpReply(status, {"error": {"code": code, "message": message}}, headers)
+
+
+def handle_http(
+    runtime: Runtime,
+    *,
+    method: str,
+    content_type: str | None,
+    content_length: int | None,
+    read_body: Any,
+    headers: Mapping[str, str],
+) -> HttpReply:
+    """Answer one describe_http call; malformed requests get a 4xx, never an exception."""
+    settings = runtime.settings
+    batch_var.set(None)
+    trace_var.set(_trace(headers, settings.gemini.project))
+    if method.upper() != "POST":
+        return error_reply(
+            405, "method_not_allowed", f"Use POST, not {method}.", Allow="POST"
+        )
+    mime = (content_type or "").split(";", 1)[0].strip().lower()
+    if mime != JSON_TYPE and not (mime.startswith("application/") and mime.endswith("+json")):
+        return error_reply(
+            415, "unsupported_media_type",
+            f"Send Content-Type: application/json, not {content_type or 'nothing'}.",
+        )
+    if content_length is not None and content_length > MAX_REQUEST_BYTES:
+        return error_reply(
+            413, "request_too_large", f"The body is larger than {MAX_REQUEST_BYTES} bytes."
+        )
+    body: bytes = read_body()
+    if len(body) > MAX_REQUEST_BYTES:
+        return error_reply(
+            413, "request_too_large", f"The body is larger than {MAX_REQUEST_BYTES} bytes."
+        )
+    try:
+        request = parse_body(body, max_batch_size=settings.max_batch_size)
+        output = _http_output(request, settings)
+    except RequestError as exc:
+        return error_reply(exc.status, exc.code, exc.message)
+    batch_id = new_batch_id()
+    batch_var.set(batch_id)
+    allowed = settings.allowed_buckets | _present(settings.results_bucket)
+    prompt = request.prompt or settings.prompt
+    results_name = f"{output.prefix}batches/{batch_id}.jsonl"
+    log.info("batch received", extra={"count": len(request.images)})
+    try:
+        records = asyncio.run(
+            _describe_and_write(runtime, request.images, prompt, allowed, output.bucket, results_name)
+        )
+    except StorageUnavailable as exc:
+        log.error("results could not be written", extra={"uri": exc.uri})
+        return error_reply(503, "results_write_failed", str(exc))
+    results_uri = f"gs://{output.bucket}/{results_name}"
+    log.info("batch done", extra={"uri": results_uri, "count": len(records)})
+    return HttpReply(
+        200,
+        {
+            "batch_id": batch_id,
+            "results_uri": results_uri,
+            "counts": counts(records),
+            "results": [r.to_json() for r in records],
+        },
+    )
+
+
+def handle_storage_event(runtime: Runtime, data: Mapping[str, Any], *, event_id: str = "") -> str:
+    """Handle one object-finalized event; return what was done (for logs and tests).
+
+    Returns normally for anything a retry cannot fix; raises StorageUnavailable
+    when results could not be written, so the platform redelivers the event.
+    """
+    settings = runtime.settings
+    bucket = str(data.get("bucket") or "")
+    name = str(data.get("name") or "")
+    generation = str(data.get("generation") or "")
+    batch_var.set(f"{bucket}/{name}#{generation}" if bucket else event_id)
+    fields = {"bucket": bucket, "object": name, "event_id": event_id}
+    if not bucket or not name:
+        log.error("event without bucket or object name; ignored", extra=fields)
+        return "invalid_event"
+    results = Location(settings.results_bucket or bucket, settings.results_prefix)
+    if bucket == results.bucket and not results.prefix:
+        log.error(
+            "results would land in the triggering bucket with no RESULTS_PREFIX; refusing",
+            extra=fields,
+        )
+        return "refused_loop"
+    if bucket == results.bucket and name.startswith(results.prefix):
+        log.info("object is under the results prefix; ignored (loop guard)", extra=fields)
+        return "ignored_results"
+    if is_own_output(data.get("metadata")):
+        log.info("object was written by this function; ignored (loop guard)", extra=fields)
+        return "ignored_own_output"
+    if name.endswith(MANIFEST_SUFFIX):
+        return asyncio.run(_manifest(runtime, bucket, name, generation, results))
+    content_type = str(data.get("contentType") or "").split(";", 1)[0].strip().lower()
+    if not (content_type.startswith("image/") or content_type in _UNTYPED):
+        log.info(f"object of type {content_type} is not an image; ignored", extra=fields)
+        return "ignored_not_image"
+    return asyncio.run(
+        _upload(runtime, bucket, name, generation, results, sniffed=content_type in _UNTYPED)
+    )
+
+
+async def _describe_and_write(
+    runtime: Runtime,
+    uris: list[str],
+    prompt: str,
+    allowed: Collection[str],
+    bucket: str,
+    results_name: str,
+    source_generation: str | None = None,
+) -> list[Record]:
+    async with open_pipeline(runtime, prompt=prompt, allowed_buckets=allowed) as pipeline:
+        records = await pipeline.run(uris)
+    store = ResultStore(runtime.storage_client, runtime.io_executor)
+    await store.write(
+        bucket, results_name, to_jsonl(records), content_type=JSONL_TYPE,
+        source_generation=source_generation,
+    )
+    return records
+
+
+async def _upload(
+    runtime: Runtime, bucket: str, name: str, generation: str, results: Location, *, sniffed: bool
+) -> str:
+    settings = runtime.settings
+    store = ResultStore(runtime.storage_client, runtime.io_executor)
+    sidecar = f"{results.prefix}{name}.json"
+    existing, existing_generation = await store.read_json(results.bucket, sidecar)
+    if (
+        existing is not None
+        and existing.get("generation") == generation
+        and existing.get("model") == settings.model
+        and existing.get("prompt") == settings.prompt
+    ):
+        log.info("already described for this generation; skipped", extra={"uri": sidecar})
+        return "already_done"
+    source = f"gs://{bucket}/{name}"
+    allowed = settings.allowed_buckets | {bucket}
+    async with open_pipeline(runtime, prompt=settings.prompt, allowed_buckets=allowed) as pipeline:
+        (record,) = await pipeline.run([source])
+    if sniffed and record.error_code is Code.NOT_AN_IMAGE:
+        log.info("untyped object is not an image; ignored", extra={"object": name})
+        return "ignored_not_image"
+    written = await store.write(
+        results.bucket,
+        sidecar,
+        to_json_bytes(record.with_generation(generation).to_json()),
+        content_type=JSON_TYPE,
+        # Create-only, or replace exactly the sidecar we read: a concurrent
+        # delivery that wrote first wins and this one counts as done.
+        if_generation_match=existing_generation or 0,
+        source_generation=generation,
+    )
+    uri = results.uri(f"{name}.json")
+    if not written:
+        log.info("another delivery wrote the result first", extra={"uri": uri})
+        return "already_done"
+    log.info("described upload", extra={"uri": uri, "status": record.status})
+    return "described"
+
+
+async def _manifest(
+    runtime: Runtime, bucket: str, name: str, generation: str, results: Location
+) -> str:
+    settings = runtime.settings
+    store = ResultStore(runtime.storage_client, runtime.io_executor)
+    stem = name[: -len(MANIFEST_SUFFIX)]
+    manifest_uri = f"gs://{bucket}/{name}"
+    body = await _read_manifest(runtime, bucket, name)
+    if body is None:
+        log.warning("manifest vanished before it could be read", extra={"object": name})
+        return "manifest_missing"
+    try:
+        request = parse_body(body, max_batch_size=settings.max_batch_size)
+    except RequestError as exc:
+        error_name = f"{results.prefix}batches/{stem}.error.json"
+        report = {"manifest": manifest_uri, "generation": generation,
+                  "error": {"code": exc.code, "message": exc.message}}
+        await store.write(
+            results.bucket, error_name, to_json_bytes(report), content_type=JSON_TYPE,
+            source_generation=generation,
+        )
+        log.error(f"manifest rejected: {exc.message}", extra={"error_code": exc.code})
+        return "manifest_invalid"
+    output = request.output or results
+    results_name = f"{output.prefix}batches/{stem}.jsonl"
+    meta = await store.metadata(output.bucket, results_name)
+    if meta is not None and meta.get(SOURCE_GENERATION_KEY) == generation:
+        log.info("manifest already processed for this generation; skipped")
+        return "already_done"
+    prompt = request.prompt or settings.prompt
+    allowed = settings.allowed_buckets | {bucket} | _present(settings.results_bucket)
+    await _describe_and_write(
+        runtime, request.images, prompt, allowed, output.bucket, results_name, generation
+    )
+    log.info("manifest done", extra={"uri": output.uri(f"batches/{stem}.jsonl")})
+    return "described_manifest"
+
+
+async def _read_manifest(runtime: Runtime, bucket: str, name: str) -> bytes | None:
+    def read() -> bytes | None:
+        blob = runtime.storage_client.bucket(bucket).get_blob(name)
+        if blob is None:
+            return None
+        if blob.size is not None and blob.size > MAX_MANIFEST_BYTES:
+            return b"{}"  # rejected by validation with a clear error below
+        return bytes(blob.download_as_bytes())
+
+    try:
+        return await asyncio.get_running_loop().run_in_executor(runtime.io_executor, read)
+    except gexc.NotFound:
+        return None
+    except gexc.GoogleAPICallError as exc:
+        raise StorageUnavailable(f"gs://{bucket}/{name}", exc) from exc
+
+
+@asynccontextmanager
+async def open_pipeline(
+    runtime: Runtime, *, prompt: str, allowed_buckets: Collection[str]
+) -> AsyncIterator[Pipeline]:
+    """Open this invocation's loop-bound resources and close them all on the way out."""
+    settings = runtime.settings
+    async with (
+        open_http_session(settings, runtime.gemini.ssl_context) as http,
+        runtime.gemini.open_session() as model_session,
+    ):
+        client = runtime.gemini.client(model_session, timeout_s=settings.model_timeout_s)
+        try:
+            yield Pipeline(
+                fetcher=Fetcher(
+                    session=http,
+                    storage_client=runtime.storage_client,
+                    io_executor=runtime.io_executor,
+                    settings=settings,
+                    allowed_buckets=allowed_buckets,
+                ),
+                describer=Describer(
+                    client,
+                    model=settings.model,
+                    max_attempts=settings.model_max_attempts,
+                    backoff_s=settings.model_backoff_s,
+                ),
+                cpu_executor=runtime.cpu_executor,
+                limits=StageLimits(
+                    download_concurrency=settings.download_concurrency,
+                    model_concurrency=settings.model_concurrency,
+                    image_max_side=settings.image_max_side,
+                    max_image_pixels=settings.max_image_pixels,
+                ),
+                model=settings.model,
+                prompt=prompt,
+            )
+        finally:
+            await client.aio.aclose()
+
+
+def new_batch_id() -> str:
+    """Sortable by time, unique by its random tail."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:12]}"
+
+
+def to_json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, indent=1).encode()
+
+
+def _http_output(request: BatchRequest, settings: Settings) -> Location:
+    if request.output is not None:
+        return request.output
+    if settings.results_bucket:
+        return Location(settings.results_bucket, settings.results_prefix)
+    raise RequestError(
+        400, "output_required",
+        "RESULTS_BUCKET is not set on this function, so the request must name an 'output'.",
+    )
+
+
+def _present(value: str | None) -> set[str]:
+    return {value} if value else set()
+
+
+def _trace(headers: Mapping[str, str], project: str | None) -> str | None:
+    trace_id = None
+    cloud = headers.get("X-Cloud-Trace-Context")
+    if cloud:
+        trace_id = cloud.split("/", 1)[0].strip()
+    else:
+        parent = headers.get("traceparent", "").split("-")
+        if len(parent) == 4:
+            trace_id = parent[1]
+    if not trace_id or not trace_id.isalnum():
+        return None
+    return f"projects/{project}/traces/{trace_id}" if project else trace_id

@@ -1,0 +1,183 @@
+"""Settings, read once from the environment into one frozen, typed object.
+
+Nothing else in the package reads ``os.environ``: every function receives the
+values it needs from :class:`Settings`, so tests build one directly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+DEFAULT_MODEL = "gemini-3.5-flash-lite"
+DEFAULT_PROMPT = "Describe this image in just 3 words."
+DEFAULT_RESULTS_PREFIX = "descriptions/"
+DEFAULT_MAX_BATCH_SIZE = 1000
+DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+DEFAULT_DOWNLOAD_CONCURRENCY = 32
+DEFAULT_MODEL_CONCURRENCY = 16
+DEFAULT_IMAGE_MAX_SIDE = 1536
+# Pillow's own warning threshold is ~89 MP; a 100 MP cap still admits every
+# real camera photo while refusing decompression bombs before any decoding.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+DEFAULT_MODEL_MAX_ATTEMPTS = 5
+# A Gemini call on a large image rarely takes more than ~20 s; 60 s leaves room
+# for a slow answer without letting one stuck call hold a worker for minutes.
+DEFAULT_MODEL_TIMEOUT_S = 60.0
+# First backoff step for model retries; doubles per attempt (full jitter, 30 s cap).
+DEFAULT_MODEL_BACKOFF_S = 1.0
+DEFAULT_DOWNLOAD_TIMEOUT_S = 60.0
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_READ_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class GeminiAccess:
+    """How to reach Gemini: the SDK's own variables, read here once."""
+
+    api_key: str | None = None
+    use_vertexai: bool = False
+    project: str | None = None
+    location: str | None = None
+    base_url: str | None = None
+
+    @property
+    def configured(self) -> bool:
+        """True when a real endpoint or key is set up, so a call can succeed."""
+        return bool(self.api_key or self.use_vertexai or self.base_url)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything an invocation needs to know, with the documented defaults."""
+
+    model: str = DEFAULT_MODEL
+    prompt: str = DEFAULT_PROMPT
+    results_bucket: str | None = None
+    results_prefix: str = DEFAULT_RESULTS_PREFIX
+    allowed_buckets: frozenset[str] = field(default_factory=frozenset)
+    allow_private_urls: bool = False
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    download_concurrency: int = DEFAULT_DOWNLOAD_CONCURRENCY
+    model_concurrency: int = DEFAULT_MODEL_CONCURRENCY
+    image_max_side: int = DEFAULT_IMAGE_MAX_SIDE
+    model_max_attempts: int = DEFAULT_MODEL_MAX_ATTEMPTS
+    model_timeout_s: float = DEFAULT_MODEL_TIMEOUT_S
+    model_backoff_s: float = DEFAULT_MODEL_BACKOFF_S
+    download_timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    gemini: GeminiAccess = field(default_factory=GeminiAccess)
+    storage_emulator_host: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_batch_size",
+            "max_image_bytes",
+            "max_image_pixels",
+            "download_concurrency",
+            "model_concurrency",
+            "image_max_side",
+            "model_max_attempts",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.upper()} must be at least 1, got {getattr(self, name)}")
+        if not self.model.strip():
+            raise ConfigError("GEMINI_MODEL must not be empty")
+        if not self.prompt.strip():
+            raise ConfigError("DESCRIBE_PROMPT must not be empty")
+        # Results written with no prefix into the bucket that triggers us would
+        # re-trigger the function on its own output: refuse to start instead.
+        if not self.results_prefix and not self.results_bucket:
+            raise ConfigError(
+                "RESULTS_PREFIX is empty and RESULTS_BUCKET is unset, so uploads would be "
+                "described into the bucket that triggers the function with nothing to tell "
+                "results from inputs; set RESULTS_PREFIX or a separate RESULTS_BUCKET"
+            )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from environment variables (``os.environ`` by default)."""
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        return cls(
+            model=reader.text("GEMINI_MODEL", DEFAULT_MODEL),
+            prompt=reader.text("DESCRIBE_PROMPT", DEFAULT_PROMPT),
+            results_bucket=reader.text("RESULTS_BUCKET", "") or None,
+            results_prefix=normalize_prefix(reader.text("RESULTS_PREFIX", DEFAULT_RESULTS_PREFIX)),
+            allowed_buckets=frozenset(
+                b.strip() for b in reader.text("ALLOWED_BUCKETS", "").split(",") if b.strip()
+            ),
+            allow_private_urls=reader.flag("ALLOW_PRIVATE_URLS"),
+            max_batch_size=reader.integer("MAX_BATCH_SIZE", DEFAULT_MAX_BATCH_SIZE),
+            max_image_bytes=reader.integer("MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES),
+            max_image_pixels=reader.integer("MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS),
+            download_concurrency=reader.integer(
+                "DOWNLOAD_CONCURRENCY", DEFAULT_DOWNLOAD_CONCURRENCY
+            ),
+            model_concurrency=reader.integer("MODEL_CONCURRENCY", DEFAULT_MODEL_CONCURRENCY),
+            image_max_side=reader.integer("IMAGE_MAX_SIDE", DEFAULT_IMAGE_MAX_SIDE),
+            model_max_attempts=reader.integer("MODEL_MAX_ATTEMPTS", DEFAULT_MODEL_MAX_ATTEMPTS),
+            model_timeout_s=reader.number("MODEL_TIMEOUT_S", DEFAULT_MODEL_TIMEOUT_S),
+            model_backoff_s=reader.number("MODEL_BACKOFF_S", DEFAULT_MODEL_BACKOFF_S),
+            download_timeout_s=reader.number("DOWNLOAD_TIMEOUT_S", DEFAULT_DOWNLOAD_TIMEOUT_S),
+            gemini=GeminiAccess(
+                api_key=reader.text("GEMINI_API_KEY", "") or reader.text("GOOGLE_API_KEY", "") or None,
+                use_vertexai=reader.flag("GOOGLE_GENAI_USE_VERTEXAI"),
+                project=reader.text("GOOGLE_CLOUD_PROJECT", "") or None,
+                location=reader.text("GOOGLE_CLOUD_LOCATION", "") or None,
+                base_url=reader.text("GOOGLE_GEMINI_BASE_URL", "") or None,
+            ),
+            storage_emulator_host=reader.text("STORAGE_EMULATOR_HOST", "") or None,
+        )
+
+
+def normalize_prefix(prefix: str) -> str:
+    """An object prefix is a folder: ``out`` and ``out/`` both mean ``out/``."""
+    prefix = prefix.strip().lstrip("/")
+    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+class _Reader:
+    """Typed reads of a string mapping, each error naming the variable."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def text(self, name: str, default: str) -> str:
+        value = self._env.get(name)
+        return default if value is None else value.strip()
+
+    def flag(self, name: str) -> bool:
+        value = self._env.get(name, "").strip().lower()
+        if value in ("", "0", "false", "no", "off"):
+            return False
+        if value in ("1", "true", "yes", "on"):
+            return True
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+    def integer(self, name: str, default: int) -> int:
+        value = self._env.get(name, "").strip()
+        if not value:
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
+
+    def number(self, name: str, default: float) -> float:
+        value = self._env.get(name, "").strip()
+        if not value:
+            return default
+        try:
+            result = float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if not result > 0:
+            raise ConfigError(f"{name} must be positive, got {value!r}")
+        return result

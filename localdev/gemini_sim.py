@@ -1,0 +1,382 @@
+"""A Gemini simulator: a real HTTP server speaking generateContent's REST shape.
+
+Used by the tests, the local demo and the benchmark in place of the real API.
+It checks requests the way the real API does (an API key or bearer token; each
+inline image of a supported MIME type whose bytes decode as that type) and
+answers with descriptions that are deterministic and depend on the image, so a
+test can tell which image a description belongs to. It can be told to add
+latency, refuse calls above a number in flight, answer 429 with RetryInfo,
+500s, hang past the client's timeout, exhaust a daily quota, or block images.
+
+Run it alone:  python -m localdev.gemini_sim --port 8090 --latency-ms 500
+Control it:    POST /_sim/config {"latency_ms": 200, ...}, GET /_sim/stats, POST /_sim/reset
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import io
+import json
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from aiohttp import web
+from PIL import Image
+
+SUPPORTED = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP",
+             "image/heic": "HEIF", "image/heif": "HEIF"}
+_COLOURS = {
+    "red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200),
+    "yellow": (220, 200, 50), "orange": (220, 130, 40), "purple": (130, 60, 160),
+    "brown": (120, 80, 50), "grey": (128, 128, 128), "black": (20, 20, 20),
+    "white": (235, 235, 235), "pink": (230, 150, 170), "teal": (40, 150, 150),
+}
+
+
+@dataclass
+class SimConfig:
+    """What the simulator does; every field can be changed at run time."""
+
+    latency_ms: float = 0.0
+    api_key: str | None = None          # None: any non-empty key is accepted
+    known_models: list[str] | None = None  # None: every model name exists
+    max_in_flight: int | None = None    # above this many concurrent calls: 429
+    rate_429: float = 0.0               # share of calls answered 429 with RetryInfo
+    rate_500: float = 0.0
+    rate_hang: float = 0.0              # share of calls that hang for hang_ms
+    hang_ms: float = 120_000.0
+    retry_delay_s: float = 1.0          # RetryInfo.retryDelay in 429 answers
+    fail_first: int = 0                 # every distinct image gets this many 429s first
+    daily_quota_exhausted: bool = False
+    block_colours: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+@dataclass
+class SimStats:
+    calls: int = 0
+    ok: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    images: list[dict[str, Any]] = field(default_factory=list)
+
+    def count(self, status: int) -> None:
+        self.by_status[str(status)] = self.by_status.get(str(status), 0) + 1
+
+
+class GeminiSimulator:
+    """The aiohttp application and its state."""
+
+    def __init__(self, config: SimConfig | None = None) -> None:
+        self.config = config or SimConfig()
+        self.stats = SimStats()
+        self._rng = random.Random(self.config.seed)
+        self._failures: dict[str, int] = {}
+        self.app = web.Application(client_max_size=64 * 1024 * 1024)
+        self.app.router.add_post("/{version}/models/{call}", self._generate)
+        self.app.router.add_post(
+            "/{version}/projects/{project}/locations/{location}/publishers/google/models/{call}",
+            self._generate,
+        )
+        self.app.router.add_get("/_sim/stats", self._get_stats)
+        self.app.router.add_post("/_sim/config", self._set_config)
+        self.app.router.add_post("/_sim/reset", self._reset)
+
+    def reset(self, config: SimConfig | None = None) -> None:
+        self.config = config or SimConfig()
+        self.stats = SimStats()
+        self._rng = random.Random(self.config.seed)
+        self._failures = {}
+
+    async def _generate(self, request: web.Request) -> web.Response:
+        self.stats.calls += 1
+        self.stats.in_flight += 1
+        self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
+        try:
+            response = await self._answer(request)
+        finally:
+            self.stats.in_flight -= 1
+        self.stats.count(response.status)
+        if response.status == 200:
+            self.stats.ok += 1
+        return response
+
+    async def _answer(self, request: web.Request) -> web.Response:
+        cfg = self.config
+        version = request.match_info["version"]
+        model, _, method = request.match_info["call"].partition(":")
+        if method != "generateContent":
+            return _error(404, "NOT_FOUND", f"Method {method!r} is not simulated.")
+        vertex = "project" in request.match_info
+        if vertex:
+            if not request.headers.get("Authorization", "").startswith("Bearer "):
+                return _error(401, "UNAUTHENTICATED", "Request is missing a bearer token.")
+        else:
+            key = request.headers.get("x-goog-api-key") or request.query.get("key")
+            if not key:
+                return _error(
+                    403, "PERMISSION_DENIED",
+                    "Method doesn't allow unregistered callers. Please use an API key.",
+                )
+            if cfg.api_key is not None and key != cfg.api_key:
+                return _error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.")
+        if cfg.known_models is not None and model not in cfg.known_models:
+            return _error(
+                404, "NOT_FOUND",
+                f"models/{model} is not found for API version {version}, or is not supported "
+                "for generateContent.",
+            )
+        try:
+            body = await request.json()
+            images, text = _parse_contents(body)
+        except (ValueError, KeyError, TypeError) as exc:
+            return _error(400, "INVALID_ARGUMENT", f"Invalid JSON payload received. {exc}")
+        decoded = []
+        for mime, data in images:
+            if mime not in SUPPORTED:
+                return _error(400, "INVALID_ARGUMENT", f"Unsupported MIME type: {mime}")
+            try:
+                decoded.append(_decode(mime, data))
+            except ValueError as exc:
+                return _error(400, "INVALID_ARGUMENT", f"Provided image is not valid: {exc}")
+        if cfg.daily_quota_exhausted:
+            return _quota_error(cfg.retry_delay_s, per_day=True)
+        if cfg.max_in_flight is not None and self.stats.in_flight > cfg.max_in_flight:
+            return _quota_error(cfg.retry_delay_s)
+        fingerprint = decoded[0]["fingerprint"] if decoded else "text"
+        if cfg.fail_first and self._failures.get(fingerprint, 0) < cfg.fail_first:
+            self._failures[fingerprint] = self._failures.get(fingerprint, 0) + 1
+            return _quota_error(cfg.retry_delay_s)
+        roll = self._rng.random()
+        if roll < cfg.rate_429:
+            return _quota_error(cfg.retry_delay_s)
+        if roll < cfg.rate_429 + cfg.rate_500:
+            return _error(500, "INTERNAL", "An internal error has occurred. Please retry.")
+        if roll < cfg.rate_429 + cfg.rate_500 + cfg.rate_hang:
+            await asyncio.sleep(cfg.hang_ms / 1000)
+        if cfg.latency_ms:
+            await asyncio.sleep(cfg.latency_ms / 1000)
+        self.stats.images.extend(decoded)
+        prompt_tokens = 258 * len(decoded) + len(text.split())
+        if any(d["colour"] in cfg.block_colours for d in decoded):
+            return web.json_response({
+                "promptFeedback": {"blockReason": "SAFETY", "safetyRatings": [
+                    {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH",
+                     "blocked": True}]},
+                "usageMetadata": {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens},
+                "modelVersion": model,
+            })
+        answer = " / ".join(d["description"] for d in decoded) or f"Text: {text[:40]}"
+        output_tokens = len(answer.split())
+        return web.json_response({
+            "candidates": [{
+                "content": {"parts": [{"text": answer}], "role": "model"},
+                "finishReason": "STOP", "index": 0,
+            }],
+            "usageMetadata": {
+                "promptTokenCount": prompt_tokens,
+                "candidatesTokenCount": output_tokens,
+                "totalTokenCount": prompt_tokens + output_tokens,
+            },
+            "modelVersion": model,
+            "responseId": f"sim-{self.stats.calls}",
+        })
+
+    async def _get_stats(self, _request: web.Request) -> web.Response:
+        return web.json_response(asdict(self.stats))
+
+    async def _set_config(self, request: web.Request) -> web.Response:
+        changes = await request.json()
+        names = {f.name for f in fields(SimConfig)}
+        unknown = set(changes) - names
+        if unknown:
+            return _error(400, "INVALID_ARGUMENT", f"unknown settings {sorted(unknown)}")
+        self.reset(SimConfig(**{**asdict(self.config), **changes}))
+        return web.json_response(asdict(self.config))
+
+    async def _reset(self, _request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response(asdict(self.config))
+
+
+def describe_image(data: bytes) -> str:
+    """The simulator's description of an image: its colour, shape and a fingerprint."""
+    return _decode_pil(Image.open(io.BytesIO(data)))["description"]
+
+
+def _decode(mime: str, data: bytes) -> dict[str, Any]:
+    if SUPPORTED[mime] == "HEIF":
+        if data[4:8] != b"ftyp":
+            raise ValueError("the data is not a HEIF file")
+        return {"mime_type": mime, "width": None, "height": None, "bytes": len(data),
+                "colour": "unknown", "fingerprint": data[:16].hex(),
+                "description": "A HEIF photograph"}
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as exc:  # noqa: BLE001 - any decode failure is the caller's fault
+        raise ValueError(f"cannot decode as {mime}: {exc}") from None
+    if image.format != SUPPORTED[mime]:
+        raise ValueError(f"the data is {image.format}, not {mime}")
+    info = _decode_pil(image)
+    info.update(mime_type=mime, bytes=len(data))
+    return info
+
+
+def _decode_pil(image: Image.Image) -> dict[str, Any]:
+    width, height = image.size
+    rgb = image.convert("RGB")
+    small = rgb.resize((8, 8), Image.Resampling.BOX)
+    pixels = list(small.getdata())
+    mean = tuple(sum(p[i] for p in pixels) / len(pixels) for i in range(3))
+    colour = min(_COLOURS, key=lambda c: sum((a - b) ** 2 for a, b in zip(_COLOURS[c], mean, strict=True)))
+    grey = [sum(p) / 3 for p in pixels]
+    average = sum(grey) / len(grey)
+    fingerprint = f"{sum(1 << i for i, g in enumerate(grey) if g > average):016x}"
+    shape = "square" if abs(width - height) <= min(width, height) * 0.05 else (
+        "wide" if width > height else "tall")
+    return {"width": width, "height": height, "colour": colour, "fingerprint": fingerprint,
+            "description": f"Mostly {colour}, {shape} picture #{fingerprint}"}
+
+
+def _parse_contents(body: Any) -> tuple[list[tuple[str, bytes]], str]:
+    images: list[tuple[str, bytes]] = []
+    texts: list[str] = []
+    for content in body["contents"]:
+        for part in content["parts"]:
+            if "inlineData" in part or "inline_data" in part:
+                inline = part.get("inlineData") or part.get("inline_data")
+                mime = inline.get("mimeType") or inline.get("mime_type")
+                raw = inline["data"]
+                try:
+                    # The SDK may send the URL-safe alphabet; the API accepts both.
+                    data = base64.b64decode(raw.replace("-", "+").replace("_", "/"), validate=True)
+                except binascii.Error as exc:
+                    raise ValueError(f"inline data is not base64: {exc}") from None
+                images.append((mime, data))
+            elif "text" in part:
+                texts.append(part["text"])
+    return images, " ".join(texts)
+
+
+def _error(code: int, status: str, message: str, details: list[Any] | None = None) -> web.Response:
+    error: dict[str, Any] = {"code": code, "message": message, "status": status}
+    if details:
+        error["details"] = details
+    return web.json_response({"error": error}, status=code)
+
+
+def _quota_error(retry_delay_s: float, *, per_day: bool = False) -> web.Response:
+    quota_id = (
+        "GenerateRequestsPerDayPerProjectPerModel-FreeTier" if per_day
+        else "GenerateRequestsPerMinutePerProjectPerModel"
+    )
+    details: list[Any] = [
+        {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{
+            "quotaMetric": "generativelanguage.googleapis.com/generate_content_requests",
+            "quotaId": quota_id, "quotaDimensions": {"location": "global"}}]},
+        {"@type": "type.googleapis.com/google.rpc.Help", "links": [{
+            "description": "Learn more about Gemini API quotas",
+            "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]},
+    ]
+    if not per_day:
+        details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                        "retryDelay": f"{retry_delay_s:g}s"})
+    return _error(
+        429, "RESOURCE_EXHAUSTED",
+        "You exceeded your current quota, please check your plan and billing details.",
+        details,
+    )
+
+
+class RunningSimulator:
+    """A simulator serving on loopback from a background thread (for tests)."""
+
+    def __init__(self, simulator: GeminiSimulator, url: str, loop: asyncio.AbstractEventLoop,
+                 thread: threading.Thread, runner: web.AppRunner) -> None:
+        self.simulator = simulator
+        self.url = url
+        self._loop = loop
+        self._thread = thread
+        self._runner = runner
+
+    def configure(self, **changes: Any) -> None:
+        """Replace the configuration (defaults for what is not given) and clear the stats."""
+        self._call(lambda: self.simulator.reset(SimConfig(**changes)))
+
+    @property
+    def stats(self) -> SimStats:
+        return self.simulator.stats
+
+    def _call(self, fn: Any) -> None:
+        done = threading.Event()
+
+        def run() -> None:
+            fn()
+            done.set()
+
+        self._loop.call_soon_threadsafe(run)
+        done.wait(5)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def start_in_thread(config: SimConfig | None = None, host: str = "127.0.0.1") -> RunningSimulator:
+    simulator = GeminiSimulator(config)
+    loop = asyncio.new_event_loop()
+    started: dict[str, Any] = {}
+    ready = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        runner = web.AppRunner(simulator.app, access_log=None)
+        loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, host, 0)
+        loop.run_until_complete(site.start())
+        port = runner.addresses[0][1]
+        started.update(url=f"http://{host}:{port}", runner=runner)
+        ready.set()
+        loop.run_forever()
+        loop.close()
+
+    thread = threading.Thread(target=serve, name="gemini-sim", daemon=True)
+    thread.start()
+    if not ready.wait(10):
+        raise RuntimeError("the Gemini simulator did not start")
+    return RunningSimulator(simulator, started["url"], loop, thread, started["runner"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8090)
+    parser.add_argument("--config", default="{}", help="JSON object of SimConfig fields")
+    args = parser.parse_args()
+    simulator = GeminiSimulator(SimConfig(**json.loads(args.config)))
+
+    async def serve() -> None:
+        runner = web.AppRunner(simulator.app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, args.host, args.port).start()
+        print(f"Gemini simulator listening on http://{args.host}:{runner.addresses[0][1]}", flush=True)
+        while True:
+            await asyncio.sleep(3600)
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
