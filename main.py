@@ -7,6 +7,7 @@ describe_gcs    an object finalized in a bucket: describe an image or run a mani
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 import flask
@@ -34,12 +35,14 @@ def describe_http(request: flask.Request) -> flask.Response:
         content_type=request.content_type,
         content_length=request.content_length,
         read_body=lambda: request.get_data(cache=False),
-        headers=request.headers,
+        headers=dict(request.headers),
     )
-    response = flask.jsonify(reply.body)
-    response.status_code = reply.status
-    response.headers.update(reply.headers)
-    return response
+    return flask.Response(
+        json.dumps(reply.body, ensure_ascii=False),
+        status=reply.status,
+        headers=reply.headers,
+        mimetype="application/json",
+    )
 
 
 @functions_framework.cloud_event

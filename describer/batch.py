@@ -99,7 +99,9 @@ def parse_batch(data: Any, *, max_batch_size: int) -> BatchRequest:
     output = data.get("output")
     if output is not None:
         if not isinstance(output, str):
-            raise RequestError(400, "invalid_request", "'output' must be a gs://bucket/prefix/ URI.")
+            raise RequestError(
+                400, "invalid_request", "'output' must be a gs://bucket/prefix/ URI."
+            )
         output = parse_output(output)
     return BatchRequest(images=images, prompt=prompt, output=output)
 
@@ -116,7 +118,9 @@ def parse_output(uri: str) -> Location:
 def parse_source(uri: str) -> Source:
     """Classify one image URI; raise ``SourceError(invalid_source)`` if it is not usable."""
     if len(uri) > MAX_URI_LENGTH:
-        raise SourceError(Code.INVALID_SOURCE, f"The URI is longer than {MAX_URI_LENGTH} characters.")
+        raise SourceError(
+            Code.INVALID_SOURCE, f"The URI is longer than {MAX_URI_LENGTH} characters."
+        )
     if uri.startswith("gs://"):
         try:
             bucket, name = _split_gs(uri)

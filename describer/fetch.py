@@ -28,7 +28,9 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _USER_AGENT = "gemini-image-describer/1.0 (+https://cloud.google.com/functions)"
 
 
-def open_http_session(settings: Settings, ssl_context: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
+def open_http_session(
+    settings: Settings, ssl_context: ssl.SSLContext | None = None
+) -> aiohttp.ClientSession:
     """One session per invocation, guarded against private addresses unless allowed."""
     connector = aiohttp.TCPConnector(
         limit=settings.download_concurrency,
@@ -103,7 +105,9 @@ class Fetcher:
 
     async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
         if response.status in (404, 410):
-            raise SourceError(Code.NOT_FOUND, f"The server answered {response.status}: no such image.")
+            raise SourceError(
+                Code.NOT_FOUND, f"The server answered {response.status}: no such image."
+            )
         if response.status >= 400:
             raise SourceError(
                 Code.DOWNLOAD_FAILED, f"The server answered {response.status} {response.reason}."
@@ -139,7 +143,7 @@ class Fetcher:
             if blob.size is not None and blob.size > cap:
                 raise SourceError(Code.TOO_LARGE, _too_large(blob.size, cap))
             # Pin the generation we checked, so a replaced object cannot slip past the cap.
-            data = blob.download_as_bytes(
+            data: bytes = blob.download_as_bytes(
                 if_generation_match=blob.generation,
                 end=cap,
                 timeout=self._settings.download_timeout_s,
@@ -156,7 +160,9 @@ class Fetcher:
                 Code.DOWNLOAD_FAILED, "The object changed while it was being read; retry."
             ) from None
         except gexc.GoogleAPICallError as exc:
-            raise SourceError(Code.DOWNLOAD_FAILED, f"Cloud Storage failed: {exc.message}.") from None
+            raise SourceError(
+                Code.DOWNLOAD_FAILED, f"Cloud Storage failed: {exc.message}."
+            ) from None
         except (TimeoutError, OSError) as exc:
             raise SourceError(Code.DOWNLOAD_FAILED, f"Cloud Storage unreachable: {exc}.") from None
         if len(data) > cap:
@@ -170,4 +176,7 @@ def _too_large(size: int | None, cap: int) -> str:
 
 
 def _forbidden(exc: OSError) -> str:
-    return f"The source is not on the public internet ({exc}); set ALLOW_PRIVATE_URLS only for local tests."
+    return (
+        f"The source is not on the public internet ({exc}); "
+        "ALLOW_PRIVATE_URLS exists for local tests only."
+    )

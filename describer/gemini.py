@@ -114,7 +114,10 @@ class Describer:
         self.rate_limited = 0
 
     async def describe(self, image: PreparedImage, prompt: str) -> Described:
-        contents = [types.Part.from_bytes(data=image.data, mime_type=image.mime_type), prompt]
+        contents: list[types.PartUnion] = [
+            types.Part.from_bytes(data=image.data, mime_type=image.mime_type),
+            prompt,
+        ]
         for attempt in range(1, self._max_attempts + 1):
             try:
                 response = await self._client.aio.models.generate_content(
@@ -125,7 +128,8 @@ class Describer:
             except TimeoutError:
                 if attempt == self._max_attempts:
                     raise SourceError(
-                        Code.TIMEOUT, f"The model did not answer in time ({attempt} attempts).",
+                        Code.TIMEOUT,
+                        f"The model did not answer in time ({attempt} attempts).",
                         attempts=attempt,
                     ) from None
                 delay = self._backoff(attempt)
@@ -162,13 +166,15 @@ class Describer:
             ) from None
         if code not in _RETRY_STATUSES:
             raise SourceError(
-                Code.MODEL_ERROR, f"Gemini answered {code} {exc.status}: {exc.message}",
+                Code.MODEL_ERROR,
+                f"Gemini answered {code} {exc.status}: {exc.message}",
                 attempts=attempt,
             ) from None
         if attempt == self._max_attempts:
             final = Code.QUOTA_EXHAUSTED if code == 429 else Code.MODEL_ERROR
             raise SourceError(
-                final, f"Gemini answered {code} {exc.status} on all {attempt} attempts: {exc.message}",
+                final,
+                f"Gemini answered {code} {exc.status} on all {attempt} attempts: {exc.message}",
                 attempts=attempt,
             ) from None
         hinted = _retry_delay(exc.details)

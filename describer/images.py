@@ -7,7 +7,6 @@ event loop. The type comes from the bytes, not from the name or Content-Type.
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -15,15 +14,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import Code, SourceError
 
 # What Gemini accepts as inline image data.
-GEMINI_MIME_TYPES = frozenset(
-    {"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"}
-)
+GEMINI_MIME_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"})
 # Detail survives at 85 while the file is a fraction of the size at 95+.
 JPEG_QUALITY = 85
 _PIL_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "MPO": "image/jpeg"}
-_HEIF_BRANDS = {b"heic": "image/heic", b"heix": "image/heic", b"heim": "image/heic",
-                b"heis": "image/heic", b"mif1": "image/heif", b"msf1": "image/heif",
-                b"hevc": "image/heic", b"hevx": "image/heic"}
+_HEIF_BRANDS = {
+    b"heic": "image/heic",
+    b"heix": "image/heic",
+    b"heim": "image/heic",
+    b"heis": "image/heic",
+    b"mif1": "image/heif",
+    b"msf1": "image/heif",
+    b"hevc": "image/heic",
+    b"hevx": "image/heic",
+}
 
 
 @dataclass(frozen=True)
@@ -46,15 +50,15 @@ def prepare(data: bytes, *, max_side: int, max_pixels: int) -> PreparedImage:
         # Pillow cannot decode HEIF without a plugin; Gemini can, so pass it on.
         return PreparedImage(data, heif, heif, None, None, None, None)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise SourceError(Code.NOT_AN_IMAGE, _not_an_image_message(data)) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise SourceError(Code.TOO_LARGE, f"The image has too many pixels: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types on corrupt headers
-        raise SourceError(Code.UNSUPPORTED_IMAGE, f"The image header cannot be read: {exc}") from None
+        raise SourceError(
+            Code.UNSUPPORTED_IMAGE, f"The image header cannot be read: {exc}"
+        ) from None
     with image:
         return _prepare_open(image, data, max_side=max_side, max_pixels=max_pixels)
 
@@ -68,10 +72,15 @@ def _prepare_open(
     if width * height > max_pixels:
         raise SourceError(
             Code.TOO_LARGE,
-            f"The {fmt} image is {width}x{height} pixels, more than MAX_IMAGE_PIXELS ({max_pixels}).",
+            f"The {fmt} image is {width}x{height} pixels, "
+            f"more than MAX_IMAGE_PIXELS ({max_pixels}).",
         )
     supported = source_mime in GEMINI_MIME_TYPES and getattr(image, "n_frames", 1) == 1
-    if supported and max(width, height) <= max_side and image.mode in ("RGB", "RGBA", "L", "LA", "P"):
+    if (
+        supported
+        and max(width, height) <= max_side
+        and image.mode in ("RGB", "RGBA", "L", "LA", "P")
+    ):
         _verify(image, fmt)
         return PreparedImage(data, source_mime, source_mime, width, height, width, height)
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 

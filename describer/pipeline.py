@@ -98,7 +98,7 @@ class Pipeline:
             except SourceError as exc:
                 records[index] = self._failed(uri, exc, started)
                 continue
-            except Exception as exc:  # noqa: BLE001 - a bug must cost one record, not the batch
+            except Exception as exc:
                 log.exception("unexpected failure preparing a source")
                 records[index] = self._failed(
                     uri, SourceError(Code.DOWNLOAD_FAILED, f"Internal error: {exc!r}."), started
@@ -139,10 +139,12 @@ class Pipeline:
                 answer = await self._describer.describe(image, self._prompt)
             except SourceError as exc:
                 records[ready.index] = self._failed(uri, exc, ready.started, **known)
-            except Exception as exc:  # noqa: BLE001 - a bug must cost one record, not the batch
+            except Exception as exc:
                 log.exception("unexpected failure describing a source")
                 records[ready.index] = self._failed(
-                    uri, SourceError(Code.MODEL_ERROR, f"Internal error: {exc!r}."), ready.started,
+                    uri,
+                    SourceError(Code.MODEL_ERROR, f"Internal error: {exc!r}."),
+                    ready.started,
                     **known,
                 )
             else:
@@ -166,8 +168,12 @@ class Pipeline:
             exc.message, extra={"status": "error", "error_code": str(exc.code), "source": uri}
         )
         return Record.failed(
-            uri, exc, model=self._model, prompt=self._prompt,
-            latency_ms=_elapsed_ms(started), **known,
+            uri,
+            exc,
+            model=self._model,
+            prompt=self._prompt,
+            latency_ms=_elapsed_ms(started),
+            **known,
         )
 
 

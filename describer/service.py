@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -94,7 +94,7 @@ def handle_http(
     method: str,
     content_type: str | None,
     content_length: int | None,
-    read_body: Any,
+    read_body: Callable[[], bytes],
     headers: Mapping[str, str],
 ) -> HttpReply:
     """Answer one describe_http call; malformed requests get a 4xx, never an exception."""
@@ -102,26 +102,25 @@ def handle_http(
     batch_var.set(None)
     trace_var.set(_trace(headers, settings.gemini.project))
     if method.upper() != "POST":
-        return error_reply(
-            405, "method_not_allowed", f"Use POST, not {method}.", Allow="POST"
-        )
+        return error_reply(405, "method_not_allowed", f"Use POST, not {method}.", Allow="POST")
     mime = (content_type or "").split(";", 1)[0].strip().lower()
     if mime != JSON_TYPE and not (mime.startswith("application/") and mime.endswith("+json")):
         return error_reply(
-            415, "unsupported_media_type",
+            415,
+            "unsupported_media_type",
             f"Send Content-Type: application/json, not {content_type or 'nothing'}.",
         )
     if content_length is not None and content_length > MAX_REQUEST_BYTES:
         return error_reply(
             413, "request_too_large", f"The body is larger than {MAX_REQUEST_BYTES} bytes."
         )
-    body: bytes = read_body()
-    if len(body) > MAX_REQUEST_BYTES:
+    raw = read_body()
+    if len(raw) > MAX_REQUEST_BYTES:
         return error_reply(
             413, "request_too_large", f"The body is larger than {MAX_REQUEST_BYTES} bytes."
         )
     try:
-        request = parse_body(body, max_batch_size=settings.max_batch_size)
+        request = parse_body(raw, max_batch_size=settings.max_batch_size)
         output = _http_output(request, settings)
     except RequestError as exc:
         return error_reply(exc.status, exc.code, exc.message)
@@ -131,24 +130,24 @@ def handle_http(
     prompt = request.prompt or settings.prompt
     results_name = f"{output.prefix}batches/{batch_id}.jsonl"
     log.info("batch received", extra={"count": len(request.images)})
-    try:
-        records = asyncio.run(
-            _describe_and_write(runtime, request.images, prompt, allowed, output.bucket, results_name)
-        )
-    except StorageUnavailable as exc:
-        log.error("results could not be written", extra={"uri": exc.uri})
-        return error_reply(503, "results_write_failed", str(exc))
-    results_uri = f"gs://{output.bucket}/{results_name}"
-    log.info("batch done", extra={"uri": results_uri, "count": len(records)})
-    return HttpReply(
-        200,
-        {
-            "batch_id": batch_id,
-            "results_uri": results_uri,
-            "counts": counts(records),
-            "results": [r.to_json() for r in records],
-        },
+    records, write_error = asyncio.run(
+        _describe_and_write(runtime, request.images, prompt, allowed, output.bucket, results_name)
     )
+    body: dict[str, Any] = {
+        "batch_id": batch_id,
+        "results_uri": f"gs://{output.bucket}/{results_name}",
+        "counts": counts(records),
+        "results": [r.to_json() for r in records],
+    }
+    if write_error is not None:
+        # The descriptions are done and paid for: hand them back even though
+        # the results object could not be written.
+        log.error(str(write_error), extra={"uri": write_error.uri})
+        body["results_uri"] = None
+        body["error"] = {"code": "results_write_failed", "message": str(write_error)}
+        return HttpReply(503, body)
+    log.info("batch done", extra={"uri": body["results_uri"], "count": len(records)})
+    return HttpReply(200, body)
 
 
 def handle_storage_event(runtime: Runtime, data: Mapping[str, Any], *, event_id: str = "") -> str:
@@ -198,15 +197,22 @@ async def _describe_and_write(
     bucket: str,
     results_name: str,
     source_generation: str | None = None,
-) -> list[Record]:
+) -> tuple[list[Record], StorageUnavailable | None]:
+    """Describe every source, then write the batch JSONL once."""
     async with open_pipeline(runtime, prompt=prompt, allowed_buckets=allowed) as pipeline:
         records = await pipeline.run(uris)
     store = ResultStore(runtime.storage_client, runtime.io_executor)
-    await store.write(
-        bucket, results_name, to_jsonl(records), content_type=JSONL_TYPE,
-        source_generation=source_generation,
-    )
-    return records
+    try:
+        await store.write(
+            bucket,
+            results_name,
+            to_jsonl(records),
+            content_type=JSONL_TYPE,
+            source_generation=source_generation,
+        )
+    except StorageUnavailable as exc:
+        return records, exc
+    return records, None
 
 
 async def _upload(
@@ -256,18 +262,24 @@ async def _manifest(
     store = ResultStore(runtime.storage_client, runtime.io_executor)
     stem = name[: -len(MANIFEST_SUFFIX)]
     manifest_uri = f"gs://{bucket}/{name}"
-    body = await _read_manifest(runtime, bucket, name)
-    if body is None:
-        log.warning("manifest vanished before it could be read", extra={"object": name})
-        return "manifest_missing"
     try:
+        body = await _read_manifest(runtime, bucket, name)
+        if body is None:
+            log.warning("manifest vanished before it could be read", extra={"object": name})
+            return "manifest_missing"
         request = parse_body(body, max_batch_size=settings.max_batch_size)
     except RequestError as exc:
         error_name = f"{results.prefix}batches/{stem}.error.json"
-        report = {"manifest": manifest_uri, "generation": generation,
-                  "error": {"code": exc.code, "message": exc.message}}
+        report = {
+            "manifest": manifest_uri,
+            "generation": generation,
+            "error": {"code": exc.code, "message": exc.message},
+        }
         await store.write(
-            results.bucket, error_name, to_json_bytes(report), content_type=JSON_TYPE,
+            results.bucket,
+            error_name,
+            to_json_bytes(report),
+            content_type=JSON_TYPE,
             source_generation=generation,
         )
         log.error(f"manifest rejected: {exc.message}", extra={"error_code": exc.code})
@@ -280,9 +292,11 @@ async def _manifest(
         return "already_done"
     prompt = request.prompt or settings.prompt
     allowed = settings.allowed_buckets | {bucket} | _present(settings.results_bucket)
-    await _describe_and_write(
+    _, write_error = await _describe_and_write(
         runtime, request.images, prompt, allowed, output.bucket, results_name, generation
     )
+    if write_error is not None:
+        raise write_error  # transient: let the platform redeliver the event
     log.info("manifest done", extra={"uri": output.uri(f"batches/{stem}.jsonl")})
     return "described_manifest"
 
@@ -293,7 +307,11 @@ async def _read_manifest(runtime: Runtime, bucket: str, name: str) -> bytes | No
         if blob is None:
             return None
         if blob.size is not None and blob.size > MAX_MANIFEST_BYTES:
-            return b"{}"  # rejected by validation with a clear error below
+            raise RequestError(
+                413,
+                "batch_too_large",
+                f"The manifest is {blob.size} bytes, more than {MAX_MANIFEST_BYTES}.",
+            )
         return bytes(blob.download_as_bytes())
 
     try:
@@ -359,7 +377,8 @@ def _http_output(request: BatchRequest, settings: Settings) -> Location:
     if settings.results_bucket:
         return Location(settings.results_bucket, settings.results_prefix)
     raise RequestError(
-        400, "output_required",
+        400,
+        "output_required",
         "RESULTS_BUCKET is not set on this function, so the request must name an 'output'.",
     )
 

@@ -32,7 +32,9 @@ def is_own_output(metadata: Mapping[str, Any] | None) -> bool:
 class ResultStore:
     """Result objects in Cloud Storage, written create-only where it matters."""
 
-    def __init__(self, client: storage.Client, io_executor: Executor, *, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, client: storage.Client, io_executor: Executor, *, timeout_s: float = 60.0
+    ) -> None:
         self._client = client
         self._io = io_executor
         self._timeout = timeout_s

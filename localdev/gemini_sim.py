@@ -18,24 +18,37 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import json
 import random
 import threading
-import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from aiohttp import web
 from PIL import Image
 
-SUPPORTED = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP",
-             "image/heic": "HEIF", "image/heif": "HEIF"}
+SUPPORTED = {
+    "image/png": "PNG",
+    "image/jpeg": "JPEG",
+    "image/webp": "WEBP",
+    "image/heic": "HEIF",
+    "image/heif": "HEIF",
+}
 _COLOURS = {
-    "red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200),
-    "yellow": (220, 200, 50), "orange": (220, 130, 40), "purple": (130, 60, 160),
-    "brown": (120, 80, 50), "grey": (128, 128, 128), "black": (20, 20, 20),
-    "white": (235, 235, 235), "pink": (230, 150, 170), "teal": (40, 150, 150),
+    "red": (200, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 70, 200),
+    "yellow": (220, 200, 50),
+    "orange": (220, 130, 40),
+    "purple": (130, 60, 160),
+    "brown": (120, 80, 50),
+    "grey": (128, 128, 128),
+    "black": (20, 20, 20),
+    "white": (235, 235, 235),
+    "pink": (230, 150, 170),
+    "teal": (40, 150, 150),
 }
 
 
@@ -44,15 +57,15 @@ class SimConfig:
     """What the simulator does; every field can be changed at run time."""
 
     latency_ms: float = 0.0
-    api_key: str | None = None          # None: any non-empty key is accepted
+    api_key: str | None = None  # None: any non-empty key is accepted
     known_models: list[str] | None = None  # None: every model name exists
-    max_in_flight: int | None = None    # above this many concurrent calls: 429
-    rate_429: float = 0.0               # share of calls answered 429 with RetryInfo
+    max_in_flight: int | None = None  # above this many concurrent calls: 429
+    rate_429: float = 0.0  # share of calls answered 429 with RetryInfo
     rate_500: float = 0.0
-    rate_hang: float = 0.0              # share of calls that hang for hang_ms
+    rate_hang: float = 0.0  # share of calls that hang for hang_ms
     hang_ms: float = 120_000.0
-    retry_delay_s: float = 1.0          # RetryInfo.retryDelay in 429 answers
-    fail_first: int = 0                 # every distinct image gets this many 429s first
+    retry_delay_s: float = 1.0  # RetryInfo.retryDelay in 429 answers
+    fail_first: int = 0  # every distinct image gets this many 429s first
     daily_quota_exhausted: bool = False
     block_colours: list[str] = field(default_factory=list)
     seed: int = 0
@@ -122,14 +135,18 @@ class GeminiSimulator:
             key = request.headers.get("x-goog-api-key") or request.query.get("key")
             if not key:
                 return _error(
-                    403, "PERMISSION_DENIED",
+                    403,
+                    "PERMISSION_DENIED",
                     "Method doesn't allow unregistered callers. Please use an API key.",
                 )
             if cfg.api_key is not None and key != cfg.api_key:
-                return _error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.")
+                return _error(
+                    400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key."
+                )
         if cfg.known_models is not None and model not in cfg.known_models:
             return _error(
-                404, "NOT_FOUND",
+                404,
+                "NOT_FOUND",
                 f"models/{model} is not found for API version {version}, or is not supported "
                 "for generateContent.",
             )
@@ -166,28 +183,45 @@ class GeminiSimulator:
         self.stats.images.extend(decoded)
         prompt_tokens = 258 * len(decoded) + len(text.split())
         if any(d["colour"] in cfg.block_colours for d in decoded):
-            return web.json_response({
-                "promptFeedback": {"blockReason": "SAFETY", "safetyRatings": [
-                    {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH",
-                     "blocked": True}]},
-                "usageMetadata": {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens},
-                "modelVersion": model,
-            })
+            return web.json_response(
+                {
+                    "promptFeedback": {
+                        "blockReason": "SAFETY",
+                        "safetyRatings": [
+                            {
+                                "category": "HARM_CATEGORY_DANGEROUS_CONTENT",
+                                "probability": "HIGH",
+                                "blocked": True,
+                            }
+                        ],
+                    },
+                    "usageMetadata": {
+                        "promptTokenCount": prompt_tokens,
+                        "totalTokenCount": prompt_tokens,
+                    },
+                    "modelVersion": model,
+                }
+            )
         answer = " / ".join(d["description"] for d in decoded) or f"Text: {text[:40]}"
         output_tokens = len(answer.split())
-        return web.json_response({
-            "candidates": [{
-                "content": {"parts": [{"text": answer}], "role": "model"},
-                "finishReason": "STOP", "index": 0,
-            }],
-            "usageMetadata": {
-                "promptTokenCount": prompt_tokens,
-                "candidatesTokenCount": output_tokens,
-                "totalTokenCount": prompt_tokens + output_tokens,
-            },
-            "modelVersion": model,
-            "responseId": f"sim-{self.stats.calls}",
-        })
+        return web.json_response(
+            {
+                "candidates": [
+                    {
+                        "content": {"parts": [{"text": answer}], "role": "model"},
+                        "finishReason": "STOP",
+                        "index": 0,
+                    }
+                ],
+                "usageMetadata": {
+                    "promptTokenCount": prompt_tokens,
+                    "candidatesTokenCount": output_tokens,
+                    "totalTokenCount": prompt_tokens + output_tokens,
+                },
+                "modelVersion": model,
+                "responseId": f"sim-{self.stats.calls}",
+            }
+        )
 
     async def _get_stats(self, _request: web.Request) -> web.Response:
         return web.json_response(asdict(self.stats))
@@ -215,9 +249,15 @@ def _decode(mime: str, data: bytes) -> dict[str, Any]:
     if SUPPORTED[mime] == "HEIF":
         if data[4:8] != b"ftyp":
             raise ValueError("the data is not a HEIF file")
-        return {"mime_type": mime, "width": None, "height": None, "bytes": len(data),
-                "colour": "unknown", "fingerprint": data[:16].hex(),
-                "description": "A HEIF photograph"}
+        return {
+            "mime_type": mime,
+            "width": None,
+            "height": None,
+            "bytes": len(data),
+            "colour": "unknown",
+            "fingerprint": data[:16].hex(),
+            "description": "A HEIF photograph",
+        }
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
@@ -234,16 +274,27 @@ def _decode_pil(image: Image.Image) -> dict[str, Any]:
     width, height = image.size
     rgb = image.convert("RGB")
     small = rgb.resize((8, 8), Image.Resampling.BOX)
-    pixels = list(small.getdata())
+    raw = small.tobytes()
+    pixels = [tuple(raw[i : i + 3]) for i in range(0, len(raw), 3)]
     mean = tuple(sum(p[i] for p in pixels) / len(pixels) for i in range(3))
-    colour = min(_COLOURS, key=lambda c: sum((a - b) ** 2 for a, b in zip(_COLOURS[c], mean, strict=True)))
+    colour = min(
+        _COLOURS, key=lambda c: sum((a - b) ** 2 for a, b in zip(_COLOURS[c], mean, strict=True))
+    )
     grey = [sum(p) / 3 for p in pixels]
     average = sum(grey) / len(grey)
     fingerprint = f"{sum(1 << i for i, g in enumerate(grey) if g > average):016x}"
-    shape = "square" if abs(width - height) <= min(width, height) * 0.05 else (
-        "wide" if width > height else "tall")
-    return {"width": width, "height": height, "colour": colour, "fingerprint": fingerprint,
-            "description": f"Mostly {colour}, {shape} picture #{fingerprint}"}
+    shape = (
+        "square"
+        if abs(width - height) <= min(width, height) * 0.05
+        else ("wide" if width > height else "tall")
+    )
+    return {
+        "width": width,
+        "height": height,
+        "colour": colour,
+        "fingerprint": fingerprint,
+        "description": f"Mostly {colour}, {shape} picture #{fingerprint}",
+    }
 
 
 def _parse_contents(body: Any) -> tuple[list[tuple[str, bytes]], str]:
@@ -275,22 +326,41 @@ def _error(code: int, status: str, message: str, details: list[Any] | None = Non
 
 def _quota_error(retry_delay_s: float, *, per_day: bool = False) -> web.Response:
     quota_id = (
-        "GenerateRequestsPerDayPerProjectPerModel-FreeTier" if per_day
+        "GenerateRequestsPerDayPerProjectPerModel-FreeTier"
+        if per_day
         else "GenerateRequestsPerMinutePerProjectPerModel"
     )
     details: list[Any] = [
-        {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{
-            "quotaMetric": "generativelanguage.googleapis.com/generate_content_requests",
-            "quotaId": quota_id, "quotaDimensions": {"location": "global"}}]},
-        {"@type": "type.googleapis.com/google.rpc.Help", "links": [{
-            "description": "Learn more about Gemini API quotas",
-            "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]},
+        {
+            "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+            "violations": [
+                {
+                    "quotaMetric": "generativelanguage.googleapis.com/generate_content_requests",
+                    "quotaId": quota_id,
+                    "quotaDimensions": {"location": "global"},
+                }
+            ],
+        },
+        {
+            "@type": "type.googleapis.com/google.rpc.Help",
+            "links": [
+                {
+                    "description": "Learn more about Gemini API quotas",
+                    "url": "https://ai.google.dev/gemini-api/docs/rate-limits",
+                }
+            ],
+        },
     ]
     if not per_day:
-        details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo",
-                        "retryDelay": f"{retry_delay_s:g}s"})
+        details.append(
+            {
+                "@type": "type.googleapis.com/google.rpc.RetryInfo",
+                "retryDelay": f"{retry_delay_s:g}s",
+            }
+        )
     return _error(
-        429, "RESOURCE_EXHAUSTED",
+        429,
+        "RESOURCE_EXHAUSTED",
         "You exceeded your current quota, please check your plan and billing details.",
         details,
     )
@@ -299,8 +369,14 @@ def _quota_error(retry_delay_s: float, *, per_day: bool = False) -> web.Response
 class RunningSimulator:
     """A simulator serving on loopback from a background thread (for tests)."""
 
-    def __init__(self, simulator: GeminiSimulator, url: str, loop: asyncio.AbstractEventLoop,
-                 thread: threading.Thread, runner: web.AppRunner) -> None:
+    def __init__(
+        self,
+        simulator: GeminiSimulator,
+        url: str,
+        loop: asyncio.AbstractEventLoop,
+        thread: threading.Thread,
+        runner: web.AppRunner,
+    ) -> None:
         self.simulator = simulator
         self.url = url
         self._loop = loop
@@ -368,14 +444,14 @@ def main() -> None:
         runner = web.AppRunner(simulator.app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, args.host, args.port).start()
-        print(f"Gemini simulator listening on http://{args.host}:{runner.addresses[0][1]}", flush=True)
+        print(
+            f"Gemini simulator listening on http://{args.host}:{runner.addresses[0][1]}", flush=True
+        )
         while True:
             await asyncio.sleep(3600)
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve())
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

@@ -1,0 +1,163 @@
+"""The local demo: the whole path on a laptop, against local stand-ins.
+
+Starts the Cloud Storage emulator, the Gemini simulator (unless a real key or
+Vertex AI is configured), a loopback image server and functions-framework
+with both targets; uploads the sample images; calls describe_http with a
+batch; sends finalize CloudEvents to describe_gcs for an upload and for a
+manifest; then prints each description and where it was written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+from google.cloud import storage
+
+from localdev import procs
+from localdev.gemini_sim import SimConfig, start_in_thread
+
+SAMPLES = procs.ROOT / "samples"
+UPLOADS = "demo-uploads"
+RESULTS = "demo-results"
+
+
+def main() -> int:
+    real = bool(
+        os.environ.get("GEMINI_API_KEY")
+        or os.environ.get("GOOGLE_API_KEY")
+        or os.environ.get("GOOGLE_GENAI_USE_VERTEXAI", "").lower() in ("1", "true")
+    )
+    logs = Path(tempfile.mkdtemp(prefix="describer-demo-"))
+    started: list[Any] = []
+    try:
+        storage_port = procs.free_port()
+        started.append(procs.start_storage_emulator(storage_port, logs / "storage.log"))
+        emulator = f"http://127.0.0.1:{storage_port}"
+        env = {
+            "STORAGE_EMULATOR_HOST": emulator,
+            "RESULTS_BUCKET": RESULTS,
+            "ALLOWED_BUCKETS": UPLOADS,
+            # The demo serves its images from loopback; never set this in production.
+            "ALLOW_PRIVATE_URLS": "true",
+        }
+        if real:
+            print("Gemini: the real API (credentials found in the environment).")
+        else:
+            sim = start_in_thread(SimConfig(latency_ms=300))
+            env |= {"GOOGLE_GEMINI_BASE_URL": sim.url, "GEMINI_API_KEY": "demo-key"}
+            print("Gemini: the local SIMULATOR (no GEMINI_API_KEY or Vertex AI set), so the")
+            print(
+                "descriptions below are synthetic: colour, shape and a fingerprint of each image."
+            )
+        os.environ["STORAGE_EMULATOR_HOST"] = emulator
+        client = storage.Client()
+        for bucket in (UPLOADS, RESULTS):
+            client.create_bucket(bucket)
+        images = sorted(p for p in SAMPLES.iterdir() if p.suffix in (".png", ".jpg"))
+        for path in images:
+            client.bucket(UPLOADS).blob(f"photos/{path.name}").upload_from_filename(str(path))
+        server, base = procs.serve_directory(SAMPLES)
+        http_port, gcs_port = procs.free_port(), procs.free_port()
+        started.append(
+            procs.start_function(
+                "describe_http", http_port, env, log_path=logs / "describe_http.log"
+            )
+        )
+        started.append(
+            procs.start_function(
+                "describe_gcs", gcs_port, env, cloudevent=True, log_path=logs / "describe_gcs.log"
+            )
+        )
+        print(
+            f"Storage emulator {emulator}; functions on :{http_port} (http) and :{gcs_port} "
+            f"(cloudevent); logs in {logs}\n"
+        )
+
+        batch = [f"{base}/{p.name}" for p in images[:3]] + [
+            f"gs://{UPLOADS}/photos/{p.name}" for p in images[3:]
+        ]
+        print(f"1. POST describe_http with {len(batch)} images")
+        reply = _post_json(f"http://127.0.0.1:{http_port}/", {"images": batch})
+        for record in reply["results"]:
+            _print_record(record)
+        print(f"   counts {reply['counts']}; written to {reply['results_uri']}\n")
+
+        upload = f"photos/{images[0].name}"
+        print(f"2. Upload event for gs://{UPLOADS}/{upload} -> describe_gcs")
+        blob = client.bucket(UPLOADS).get_blob(upload)
+        _send_event(gcs_port, blob)
+        sidecar = f"descriptions/{upload}.json"
+        _print_record(json.loads(client.bucket(RESULTS).blob(sidecar).download_as_bytes()))
+        print(f"   written to gs://{RESULTS}/{sidecar}\n")
+
+        manifest = client.bucket(UPLOADS).blob("demo.batch.json")
+        manifest.upload_from_string(
+            json.dumps({"images": [f"gs://{UPLOADS}/photos/{p.name}" for p in images]}),
+            content_type="application/json",
+        )
+        manifest.reload()
+        print(f"3. Manifest event for gs://{UPLOADS}/{manifest.name} -> describe_gcs")
+        _send_event(gcs_port, manifest)
+        jsonl = "descriptions/batches/demo.jsonl"
+        for line in client.bucket(RESULTS).blob(jsonl).download_as_text().splitlines():
+            _print_record(json.loads(line))
+        print(f"   written to gs://{RESULTS}/{jsonl}")
+        server.shutdown()
+        return 0
+    finally:
+        for proc in reversed(started):
+            procs.stop(proc)
+
+
+def _post_json(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+def _send_event(port: int, blob: storage.Blob) -> None:
+    """A binary-mode CloudEvent, as Eventarc delivers object.v1.finalized."""
+    data = {
+        "bucket": blob.bucket.name,
+        "name": blob.name,
+        "generation": str(blob.generation),
+        "contentType": blob.content_type,
+        "size": str(blob.size),
+        "metadata": blob.metadata or {},
+    }
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/",
+        data=json.dumps(data).encode(),
+        headers={
+            "Content-Type": "application/json",
+            "ce-id": uuid.uuid4().hex,
+            "ce-specversion": "1.0",
+            "ce-type": "google.cloud.storage.object.v1.finalized",
+            "ce-source": f"//storage.googleapis.com/projects/_/buckets/{blob.bucket.name}",
+            "ce-subject": f"objects/{blob.name}",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=300) as response:
+        response.read()
+
+
+def _print_record(record: dict[str, Any]) -> None:
+    what = (
+        record.get("description")
+        if record["status"] == "ok"
+        else (f"ERROR {record['error']['code']}: {record['error']['message']}")
+    )
+    print(f"   {record['source']}\n      -> {what}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

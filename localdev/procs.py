@@ -1,0 +1,116 @@
+"""Starting the local stand-ins as real processes: storage emulator, functions, image server.
+
+Shared by the demo, the tests and the benchmark, so all three run the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(
+    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30
+) -> None:
+    """Poll until something accepts connections on the port (or the process dies)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listened on port {port} within {timeout} s")
+
+
+def start_storage_emulator(port: int, log_path: Path | None = None) -> subprocess.Popen[bytes]:
+    """gcp-storage-emulator, in memory, on loopback."""
+    out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            str(BIN / "gcp-storage-emulator"),
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--in-memory",
+            "-q",
+        ],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    wait_for_port(port, proc)
+    return proc
+
+
+def start_function(
+    target: str,
+    port: int,
+    env: Mapping[str, str],
+    *,
+    cloudevent: bool = False,
+    log_path: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """functions-framework serving one target of main.py, as it runs in Cloud Run."""
+    args = [
+        str(BIN / "functions-framework"),
+        "--target",
+        target,
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--source",
+        str(ROOT / "main.py"),
+    ]
+    if cloudevent:
+        args += ["--signature-type", "cloudevent"]
+    out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
+    )
+    wait_for_port(port, proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+def serve_directory(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """A static file server on loopback, in a background thread; returns it and its URL."""
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"

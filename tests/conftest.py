@@ -1,0 +1,243 @@
+"""Fixtures: real servers (storage emulator, Gemini simulator, image server, functions).
+
+Every test talks to real processes over HTTP: gcp-storage-emulator through the
+real google-cloud-storage client, the project's Gemini simulator through the
+real google-genai client, and functions-framework serving main.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+from PIL import Image
+
+from describer import Runtime, Settings
+from describer.gemini import GeminiConnector
+from describer.settings import GeminiAccess
+from localdev import procs
+from localdev.gemini_sim import RunningSimulator, start_in_thread
+
+SAMPLES = procs.ROOT / "samples"
+API_KEY = "test-key"
+RESULTS_BUCKET = "results"
+INPUT_BUCKET = "inputs"
+
+
+@pytest.fixture(scope="session")
+def emulator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = procs.free_port()
+    proc = procs.start_storage_emulator(port, tmp_path_factory.mktemp("logs") / "storage.log")
+    yield f"http://127.0.0.1:{port}"
+    procs.stop(proc)
+
+
+@pytest.fixture(scope="session")
+def gcs(emulator_url: str) -> storage.Client:
+    """The real storage client, pointed at the emulator."""
+    client = storage.Client(
+        project="test",
+        credentials=AnonymousCredentials(),
+        client_options={"api_endpoint": emulator_url},
+    )
+    for name in (RESULTS_BUCKET, INPUT_BUCKET):
+        client.create_bucket(name)
+    return client
+
+
+@pytest.fixture(scope="session")
+def sim_server() -> Iterator[RunningSimulator]:
+    sim = start_in_thread()
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture
+def sim(sim_server: RunningSimulator) -> RunningSimulator:
+    """The Gemini simulator, reset to defaults (and empty stats) for each test."""
+    sim_server.configure(api_key=API_KEY)
+    return sim_server
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("images")
+    for path in SAMPLES.iterdir():
+        shutil.copy(path, directory / path.name)
+    (directory / "notes.txt").write_text("not an image at all")
+    (directory / "page.html").write_text("<!doctype html><html><body>hi</body></html>")
+    (directory / "big.jpg").write_bytes(make_image(3000, 2000, "blue", "JPEG"))
+    (directory / "anim.gif").write_bytes(make_image(64, 48, "red", "GIF"))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def image_server(image_dir: Path) -> Iterator[str]:
+    """A static file server on loopback holding the sample photos and a few odd files."""
+    server, url = procs.serve_directory(image_dir)
+    yield url
+    server.shutdown()
+
+
+@pytest.fixture
+def bucket(gcs: storage.Client) -> storage.Bucket:
+    """A fresh, empty bucket for one test."""
+    return gcs.create_bucket(f"t-{uuid.uuid4().hex[:16]}")
+
+
+def function_env(emulator_url: str, sim_url: str, **extra: str) -> dict[str, str]:
+    return {
+        "STORAGE_EMULATOR_HOST": emulator_url,
+        "GOOGLE_GEMINI_BASE_URL": sim_url,
+        "GEMINI_API_KEY": API_KEY,
+        "ALLOW_PRIVATE_URLS": "true",
+        "MODEL_BACKOFF_S": "0.01",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def function_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the served functions' stdout (their JSON log lines) goes."""
+    return tmp_path_factory.mktemp("function-logs")
+
+
+@pytest.fixture(scope="session")
+def http_function(
+    emulator_url: str, sim_server: RunningSimulator, gcs: storage.Client, function_logs: Path
+) -> Iterator[str]:
+    """describe_http served by functions-framework, results to the 'results' bucket."""
+    port = procs.free_port()
+    env = function_env(
+        emulator_url, sim_server.url, RESULTS_BUCKET=RESULTS_BUCKET, ALLOWED_BUCKETS=INPUT_BUCKET
+    )
+    proc = procs.start_function(
+        "describe_http", port, env, log_path=function_logs / "describe_http.log"
+    )
+    yield f"http://127.0.0.1:{port}/"
+    procs.stop(proc)
+
+
+@pytest.fixture(scope="session")
+def gcs_function(
+    emulator_url: str, sim_server: RunningSimulator, gcs: storage.Client, function_logs: Path
+) -> Iterator[str]:
+    """describe_gcs served by functions-framework; results go to the event's bucket."""
+    port = procs.free_port()
+    env = function_env(emulator_url, sim_server.url)
+    proc = procs.start_function(
+        "describe_gcs",
+        port,
+        env,
+        cloudevent=True,
+        log_path=function_logs / "describe_gcs.log",
+    )
+    yield f"http://127.0.0.1:{port}/"
+    procs.stop(proc)
+
+
+def send_event(url: str, blob: storage.Blob, **overrides: Any) -> requests.Response:
+    """POST a binary-mode object.v1.finalized CloudEvent for ``blob``, as Eventarc does."""
+    data = {
+        "bucket": blob.bucket.name,
+        "name": blob.name,
+        "generation": str(blob.generation),
+        "metageneration": "1",
+        "contentType": blob.content_type,
+        "size": str(blob.size),
+        "metadata": blob.metadata or {},
+        **overrides,
+    }
+    headers = {
+        "Content-Type": "application/json",
+        "ce-id": uuid.uuid4().hex,
+        "ce-specversion": "1.0",
+        "ce-type": "google.cloud.storage.object.v1.finalized",
+        "ce-source": f"//storage.googleapis.com/projects/_/buckets/{data['bucket']}",
+        "ce-subject": f"objects/{data['name']}",
+        "ce-time": "2026-11-26T12:00:00Z",
+    }
+    return requests.post(url, data=json.dumps(data), headers=headers, timeout=120)
+
+
+def upload(
+    bucket: storage.Bucket, name: str, data: bytes, content_type: str | None
+) -> storage.Blob:
+    blob = bucket.blob(name)
+    blob.upload_from_string(data, content_type=content_type or "application/octet-stream")
+    fresh = bucket.get_blob(name)
+    assert fresh is not None
+    return fresh
+
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 210), "green": (40, 160, 60)}
+
+
+def make_image(width: int, height: int, colour: str, fmt: str, mode: str = "RGB") -> bytes:
+    """A synthetic image with a gradient (so fingerprints differ) over a base colour."""
+    base = COLOURS[colour]
+    image = Image.new("RGB", (width, height), base)
+    pixels = image.load()
+    assert pixels is not None
+    step = max(1, width // 16)
+    for x in range(0, width, step):
+        for y in range(0, height, max(1, height // 16)):
+            shade = (x * 40 // max(width, 1)) - 20
+            pixels[x, y] = tuple(max(0, min(255, c + shade)) for c in base)  # type: ignore[index]
+    if mode != "RGB":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def make_runtime(gcs: storage.Client, sim: RunningSimulator) -> Iterator[Callable[..., Runtime]]:
+    """Build a Runtime with given settings; clients are passed in, nothing global is patched."""
+    made: list[Runtime] = []
+
+    def build(**overrides: Any) -> Runtime:
+        settings = replace(
+            Settings(
+                results_bucket=RESULTS_BUCKET,
+                allowed_buckets=frozenset({INPUT_BUCKET}),
+                allow_private_urls=True,
+                model_backoff_s=0.01,
+                gemini=GeminiAccess(api_key=API_KEY, base_url=sim.url),
+            ),
+            **overrides,
+        )
+        runtime = Runtime(
+            settings=settings, storage_client=gcs, gemini=GeminiConnector(settings.gemini)
+        )
+        made.append(runtime)
+        return runtime
+
+    yield build
+    for runtime in made:
+        runtime.close()
+
+
+def post_batch(runtime: Runtime, body: Any, **kwargs: Any) -> Any:
+    """Call handle_http in-process the way main.describe_http does."""
+    from describer import handle_http
+
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return handle_http(
+        runtime,
+        method=kwargs.get("method", "POST"),
+        content_type=kwargs.get("content_type", "application/json"),
+        content_length=len(raw),
+        read_body=lambda: raw,
+        headers=kwargs.get("headers", {}),
+    )

@@ -1,0 +1,257 @@
+"""Invocations run in the test process, with real clients handed in (nothing patched).
+
+These cover what needs settings other than the served functions': concurrency
+bounds, retries and model failures, downscaling, private-address refusal, and
+resources that must not leak across hundreds of invocations.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from google.cloud import storage
+
+from describer import Runtime
+from localdev.gemini_sim import RunningSimulator
+
+from .conftest import RESULTS_BUCKET, post_batch
+
+
+def _records(reply: object) -> list[dict[str, object]]:
+    body = reply.body  # type: ignore[attr-defined]
+    assert reply.status == 200, body  # type: ignore[attr-defined]
+    return body["results"]  # type: ignore[no-any-return]
+
+
+def test_model_calls_in_flight_never_exceed_model_concurrency(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    # GIVEN a slow model and MODEL_CONCURRENCY=3
+    sim.configure(api_key="test-key", latency_ms=60)
+    runtime = make_runtime(model_concurrency=3, download_concurrency=5)
+    images = [f"{image_server}/chelsea.png", f"{image_server}/coffee.png"] * 10
+    # WHEN a batch of 20 is described
+    records = _records(post_batch(runtime, {"images": images}))
+    # THEN all are described, concurrently but never more than 3 at once
+    assert all(r["status"] == "ok" for r in records)
+    assert sim.stats.max_in_flight == 3
+    assert sim.stats.calls == 20
+
+
+def test_rate_limits_are_retried_and_counted(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    # GIVEN a model that answers 429 with a RetryInfo twice for every image
+    sim.configure(api_key="test-key", fail_first=2, retry_delay_s=0.01)
+    runtime = make_runtime()
+    # WHEN two images are described
+    records = _records(
+        post_batch(
+            runtime, {"images": [f"{image_server}/chelsea.png", f"{image_server}/rocket.jpg"]}
+        )
+    )
+    # THEN both end ok on their third attempt
+    assert [(r["status"], r["attempts"]) for r in records] == [("ok", 3), ("ok", 3)]
+    assert sim.stats.by_status == {"429": 4, "200": 2}
+
+
+def test_attempts_are_bounded_by_model_max_attempts(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    # GIVEN a model that always fails with 500 and MODEL_MAX_ATTEMPTS=3
+    sim.configure(api_key="test-key", rate_500=1.0)
+    runtime = make_runtime(model_max_attempts=3)
+    # WHEN an image is described THEN it fails after exactly 3 calls
+    (record,) = _records(post_batch(runtime, {"images": [f"{image_server}/chelsea.png"]}))
+    assert record["error"]["code"] == "model_error"  # type: ignore[index]
+    assert record["attempts"] == 3
+    assert sim.stats.calls == 3
+
+
+def test_daily_quota_is_not_retried(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    # GIVEN a model whose per-day quota is exhausted
+    sim.configure(api_key="test-key", daily_quota_exhausted=True)
+    # WHEN an image is described THEN it is quota_exhausted after one call
+    (record,) = _records(post_batch(make_runtime(), {"images": [f"{image_server}/coffee.png"]}))
+    assert record["error"]["code"] == "quota_exhausted"  # type: ignore[index]
+    assert record["attempts"] == 1
+    assert sim.stats.calls == 1
+
+
+def test_unknown_model_is_a_model_error_naming_it(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    # GIVEN a GEMINI_MODEL the API does not know
+    sim.configure(api_key="test-key", known_models=["gemini-3.5-flash-lite"])
+    runtime = make_runtime(model="gemini-0-imaginary")
+    # WHEN an image is described THEN the error names the model and is not retried
+    (record,) = _records(post_batch(runtime, {"images": [f"{image_server}/coffee.png"]}))
+    assert record["error"]["code"] == "model_error"  # type: ignore[index]
+    assert "gemini-0-imaginary" in record["error"]["message"]  # type: ignore[index]
+    assert sim.stats.calls == 1
+
+
+def test_a_blocked_image_is_reported_with_its_reason(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    # GIVEN a model that blocks blue images
+    sim.configure(api_key="test-key", block_colours=["blue"])
+    images = [f"{image_server}/big.jpg", f"{image_server}/chelsea.png"]
+    # WHEN the blue image and another are described
+    records = _records(post_batch(make_runtime(), {"images": images}))
+    # THEN the blue one is blocked with the reason, the other is described
+    assert records[0]["error"]["code"] == "blocked"  # type: ignore[index]
+    assert "SAFETY" in records[0]["error"]["message"]  # type: ignore[index]
+    assert records[1]["status"] == "ok"
+
+
+def test_a_wrong_api_key_is_a_model_error(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    # GIVEN the simulator expects another key than the one configured
+    sim.configure(api_key="the-right-key")
+    (record,) = _records(post_batch(make_runtime(), {"images": [f"{image_server}/coffee.png"]}))
+    # THEN the record says so and nothing is retried
+    assert record["error"]["code"] == "model_error"  # type: ignore[index]
+    assert "API key not valid" in record["error"]["message"]  # type: ignore[index]
+    assert sim.stats.calls == 1
+
+
+def test_large_images_are_downscaled_before_sending(
+    make_runtime: Callable[..., Runtime],
+    image_server: str,
+    image_dir: Path,
+    sim: RunningSimulator,
+) -> None:
+    # GIVEN a 3000x2000 JPEG and IMAGE_MAX_SIDE=1000
+    runtime = make_runtime(image_max_side=1000)
+    # WHEN it is described
+    (record,) = _records(post_batch(runtime, {"images": [f"{image_server}/big.jpg"]}))
+    # THEN the record gives the source's size, and the model saw at most 1000 px, as JPEG
+    assert (record["width"], record["height"]) == (3000, 2000)
+    (seen,) = sim.stats.images
+    assert (seen["width"], seen["height"]) == (1000, 667)
+    assert seen["mime_type"] == "image/jpeg"
+    assert seen["bytes"] < (image_dir / "big.jpg").stat().st_size
+
+
+def test_small_supported_images_are_sent_unchanged(
+    make_runtime: Callable[..., Runtime],
+    image_server: str,
+    image_dir: Path,
+    sim: RunningSimulator,
+) -> None:
+    # GIVEN a small PNG WHEN it is described THEN the model got exactly its bytes
+    _records(post_batch(make_runtime(), {"images": [f"{image_server}/chelsea.png"]}))
+    (seen,) = sim.stats.images
+    assert seen["bytes"] == (image_dir / "chelsea.png").stat().st_size
+    assert seen["mime_type"] == "image/png"
+
+
+def test_a_gif_is_converted_to_a_type_gemini_accepts(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    # GIVEN a GIF, which Gemini does not accept WHEN it is described
+    (record,) = _records(post_batch(make_runtime(), {"images": [f"{image_server}/anim.gif"]}))
+    # THEN the record names the source type, and the model received a supported one
+    assert record["status"] == "ok"
+    assert record["mime_type"] == "image/gif"
+    assert sim.stats.images[0]["mime_type"] in ("image/png", "image/jpeg")
+
+
+def test_sources_over_max_image_bytes_are_too_large(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    # GIVEN MAX_IMAGE_BYTES below the size of a sample
+    runtime = make_runtime(max_image_bytes=100_000)
+    images = [f"{image_server}/astronaut.png", f"{image_server}/grace_hopper.jpg"]
+    # WHEN both are described THEN only the larger is refused
+    records = _records(post_batch(runtime, {"images": images}))
+    assert records[0]["error"]["code"] == "too_large"  # type: ignore[index]
+    assert records[1]["status"] == "ok"
+
+
+def test_private_addresses_are_refused_unless_allowed(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    # GIVEN the default ALLOW_PRIVATE_URLS=false
+    runtime = make_runtime(allow_private_urls=False)
+    port = image_server.rsplit(":", 1)[1]
+    images = [
+        f"{image_server}/chelsea.png",
+        f"http://localhost:{port}/chelsea.png",
+        f"http://[::1]:{port}/chelsea.png",
+        "http://169.254.169.254/computeMetadata/v1/",
+        "http://metadata.google.internal/computeMetadata/v1/",
+    ]
+    # WHEN loopback, link-local and metadata sources are given
+    records = _records(post_batch(runtime, {"images": images}))
+    # THEN each is forbidden_source and nothing reaches the model
+    assert [r["error"]["code"] for r in records] == ["forbidden_source"] * 5  # type: ignore[index]
+    assert sim.stats.calls == 0
+
+
+def test_request_without_output_needs_results_bucket(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    # GIVEN no RESULTS_BUCKET WHEN a request names no output THEN it is a 400 saying so
+    reply = post_batch(make_runtime(results_bucket=None), {"images": [f"{image_server}/a.png"]})
+    assert reply.status == 400
+    assert reply.body["error"]["code"] == "output_required"
+
+
+def test_unwritable_results_return_the_descriptions_with_a_503(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    # GIVEN an output bucket that does not exist
+    body = {"images": [f"{image_server}/coffee.png"], "output": "gs://no-such-bucket-here/x/"}
+    # WHEN the batch is described
+    reply = post_batch(make_runtime(), body)
+    # THEN the reply is a 503 that still carries the finished description
+    assert reply.status == 503
+    assert reply.body["error"]["code"] == "results_write_failed"
+    assert reply.body["results"][0]["status"] == "ok"
+    assert reply.body["results_uri"] is None
+
+
+def _open_fds() -> int:
+    return len(os.listdir(f"/proc/{os.getpid()}/fd"))
+
+
+def test_hundreds_of_invocations_leak_no_sockets(
+    make_runtime: Callable[..., Runtime],
+    image_server: str,
+    gcs: storage.Client,
+    sim: RunningSimulator,
+) -> None:
+    # GIVEN one process-wide runtime, warmed up by a few invocations
+    runtime = make_runtime()
+    body = {"images": [f"{image_server}/chelsea.png"]}
+    for _ in range(5):
+        _records(post_batch(runtime, body))
+    # Sockets must be closed by the invocation itself, not whenever the
+    # garbage collector happens to break a reference cycle.
+    gc.disable()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            before = _open_fds()
+            # WHEN 300 more invocations run, each with its own event loop
+            for _ in range(300):
+                _records(post_batch(runtime, body))
+            # THEN open file descriptors stay flat (a leaked session per call would add 300)
+            after = _open_fds()
+    finally:
+        gc.enable()
+    # AND every aiohttp session was closed by its invocation, not left to the collector
+    unclosed = [w for w in caught if "Unclosed" in str(w.message)]
+    assert not unclosed, unclosed[:3]
+    assert after - before <= 5, (before, after)
+    assert sim.stats.calls == 305
+    assert len(list(gcs.bucket(RESULTS_BUCKET).list_blobs(prefix="descriptions/batches/"))) >= 305
