@@ -1,4 +1,4 @@
-"""The Gemini simulator checks requests as the real API does, through the real google-genai client."""
+"""The Gemini simulator checks requests as the real API does (through the real google-genai)."""
 
 from __future__ import annotations
 
