@@ -38,7 +38,7 @@ def describe_http(request: flask.Request) -> flask.Response:
         headers=dict(request.headers),
     )
     return flask.Response(
-        json.dumps(reply.body, ensure_ascii=False),
+        json.dumps(reply.body),
         status=reply.status,
         headers=reply.headers,
         mimetype="application/json",

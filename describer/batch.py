@@ -57,7 +57,7 @@ def parse_body(body: bytes, *, max_batch_size: int) -> BatchRequest:
     """Validate a request or manifest body; raise :class:`RequestError` on any flaw."""
     try:
         data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise RequestError(400, "invalid_json", "The body is not valid UTF-8 JSON.") from None
     return parse_batch(data, max_batch_size=max_batch_size)
 
@@ -92,6 +92,8 @@ def parse_batch(data: Any, *, max_batch_size: int) -> BatchRequest:
     if prompt is not None:
         if not isinstance(prompt, str) or not prompt.strip():
             raise RequestError(400, "invalid_request", "'prompt' must be a non-empty string.")
+        if not _encodable(prompt):
+            raise RequestError(400, "invalid_request", "'prompt' is not valid Unicode text.")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise RequestError(
                 400, "invalid_request", f"'prompt' is longer than {MAX_PROMPT_CHARS} characters."
@@ -121,6 +123,12 @@ def parse_source(uri: str) -> Source:
         raise SourceError(
             Code.INVALID_SOURCE, f"The URI is longer than {MAX_URI_LENGTH} characters."
         )
+    if not uri.isascii():
+        # Non-ASCII hosts are normalised differently by each parser (fullwidth
+        # digits become 127.0.0.1 in yarl but not in ipaddress): refuse them.
+        raise SourceError(
+            Code.INVALID_SOURCE, "The URI has non-ASCII characters; percent-encode them."
+        )
     if uri.startswith("gs://"):
         try:
             bucket, name = _split_gs(uri)
@@ -129,7 +137,10 @@ def parse_source(uri: str) -> Source:
         if not name or name.endswith("/"):
             raise SourceError(Code.INVALID_SOURCE, "The gs:// URI names a folder, not an object.")
         return GcsSource(uri=uri, bucket=bucket, name=name)
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        raise SourceError(Code.INVALID_SOURCE, "The URI is malformed.") from None
     if parts.scheme.lower() not in ("http", "https"):
         raise SourceError(
             Code.INVALID_SOURCE,
@@ -147,6 +158,14 @@ def parse_source(uri: str) -> Source:
     if any(c.isspace() for c in uri):
         raise SourceError(Code.INVALID_SOURCE, "The URI contains whitespace.")
     return HttpSource(uri=uri)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _split_gs(uri: str) -> tuple[str, str]:

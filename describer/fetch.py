@@ -14,6 +14,7 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import certifi
+import yarl
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 
@@ -77,12 +78,15 @@ class Fetcher:
         url = source.uri
         try:
             for _hop in range(MAX_REDIRECTS + 1):
+                # Check the host exactly as aiohttp will connect to it (yarl's
+                # normalisation), not as another parser reads the string.
+                target = yarl.URL(url)
                 if not self._settings.allow_private_urls:
-                    check_literal_host(urlsplit(url).hostname or "")
-                async with self._session.get(url, allow_redirects=False) as response:
+                    check_literal_host(target.host or "")
+                async with self._session.get(target, allow_redirects=False) as response:
                     if response.status in _REDIRECTS and "Location" in response.headers:
                         url = urljoin(url, response.headers["Location"])
-                        if urlsplit(url).scheme not in ("http", "https"):
+                        if urlsplit(url).scheme.lower() not in ("http", "https"):
                             raise SourceError(
                                 Code.FORBIDDEN_SOURCE,
                                 f"The source redirected to a non-http(s) URL ({url[:100]}).",
@@ -100,7 +104,7 @@ class Fetcher:
             raise SourceError(Code.DOWNLOAD_FAILED, f"Could not connect: {exc.os_error}.") from None
         except TimeoutError:
             raise SourceError(Code.TIMEOUT, "The download timed out.") from None
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, ValueError) as exc:
             raise SourceError(Code.DOWNLOAD_FAILED, f"The download failed: {exc!r}.") from None
 
     async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:

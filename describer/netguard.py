@@ -45,9 +45,21 @@ def check_literal_host(host: str) -> None:
     try:
         ipaddress.ip_address(bare.split("%", 1)[0])
     except ValueError:
-        return  # a name: the resolver checks what it resolves to
+        bare = _legacy_ipv4(bare)
+        if not bare:
+            return  # a name: the resolver checks what it resolves to
     if not is_public(bare):
         raise ForbiddenAddress(f"{host} is not a public address")
+
+
+def _legacy_ipv4(host: str) -> str:
+    """Decimal, hex and octal spellings (``2130706433``, ``0x7f.1``) as dotted quads, or ''."""
+    if not host or any(c not in "0123456789abcdefx." for c in host):
+        return ""
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        return ""
 
 
 class GuardedResolver(AbstractResolver):

@@ -103,6 +103,5 @@ def counts(records: Iterable[Record]) -> dict[str, int]:
 def to_jsonl(records: Iterable[Record]) -> bytes:
     """One compact JSON object per line, in input order."""
     return b"".join(
-        json.dumps(r.to_json(), ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-        for r in records
+        json.dumps(r.to_json(), separators=(",", ":")).encode() + b"\n" for r in records
     )

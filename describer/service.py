@@ -368,7 +368,7 @@ def new_batch_id() -> str:
 
 
 def to_json_bytes(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, indent=1).encode()
+    return json.dumps(obj, indent=1).encode()
 
 
 def _http_output(request: BatchRequest, settings: Settings) -> Location:

@@ -49,13 +49,15 @@ class ResultStore:
             blob = self._client.bucket(bucket).get_blob(name, timeout=self._timeout)
             if blob is None:
                 return None, None
+            # Keep the generation from the metadata read: a download may reset it.
+            generation = blob.generation
             try:
                 data = json.loads(blob.download_as_bytes(timeout=self._timeout))
             except gexc.NotFound:
                 return None, None
             except ValueError:
                 data = None
-            return (data if isinstance(data, dict) else None), blob.generation
+            return (data if isinstance(data, dict) else None), generation
 
         try:
             return await self._run(read)

@@ -189,11 +189,13 @@ def test_private_addresses_are_refused_unless_allowed(
         f"http://[::1]:{port}/chelsea.png",
         "http://169.254.169.254/computeMetadata/v1/",
         "http://metadata.google.internal/computeMetadata/v1/",
+        f"http://2130706433:{port}/chelsea.png",
+        f"http://0x7f.1:{port}/chelsea.png",
     ]
     # WHEN loopback, link-local and metadata sources are given
     records = _records(post_batch(runtime, {"images": images}))
     # THEN each is forbidden_source and nothing reaches the model
-    assert [r["error"]["code"] for r in records] == ["forbidden_source"] * 5  # type: ignore[index]
+    assert [r["error"]["code"] for r in records] == ["forbidden_source"] * 7  # type: ignore[index]
     assert sim.stats.calls == 0
 
 

@@ -36,6 +36,8 @@ def test_a_valid_body_parses_with_its_optional_fields() -> None:
     ("body", "status", "code"),
     [
         (b"", 400, "invalid_json"),
+        (b"[" * 100_000, 400, "invalid_json"),
+        (b'{"images": ["a"], "prompt": "\\ud800"}', 400, "invalid_request"),
         (b"null", 400, "invalid_request"),
         (b'{"images": null}', 400, "invalid_request"),
         (b'{"images": [], "prompt": "x"}', 400, "invalid_request"),
@@ -72,6 +74,10 @@ def test_sources_are_classified_by_scheme() -> None:
         "http://example.com:99999/a.png",
         "http://example.com/a b.png",
         "https://example.com/" + "a" * 2100,
+        "http://[::1/x.png",
+        "http://\uff11\uff12\uff17.0.0.1/x.png",
+        "http://127\u30020\u30020\u30021/x.png",
+        "http://\ud800.example/x.png",
     ],
 )
 def test_unusable_uris_are_invalid_sources(uri: str) -> None:
