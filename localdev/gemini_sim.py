@@ -1,6 +1,6 @@
 """A Gemini simulator: a real HTTP server speaking generateContent's REST shape.
 
-Used by the tests, the local demo and the benchmark in place of the real API.
+Used by the tests and the local demo in place of the real API.
 It checks requests the way the real API does (an API key or bearer token; each
 inline image of a supported MIME type whose bytes decode as that type) and
 answers with descriptions that are deterministic and depend on the image, so a

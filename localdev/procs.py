@@ -1,6 +1,6 @@
 """Starting the local stand-ins as real processes: storage emulator, functions, image server.
 
-Shared by the demo, the tests and the benchmark, so all three run the same way.
+Shared by the demo and the tests, so both run the same way.
 """
 
 from __future__ import annotations
