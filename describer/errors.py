@@ -4,7 +4,8 @@
     ├── ConfigError              the settings cannot work; the function refuses to start
     ├── RequestError             a whole HTTP request is malformed (carries the 4xx status)
     ├── SourceError              one source failed; becomes an error record, never escapes a batch
-    └── StorageUnavailable       results could not be written; a retry may fix it
+    ├── StorageUnavailable       results could not be written; a retry may fix it
+    └── TransientFailure         an upload could not be described for a passing cause
 
 Per-source failures are data (:class:`SourceError` turns into a record), so only
 ``ConfigError`` and ``StorageUnavailable`` ever end an invocation.
@@ -53,11 +54,16 @@ class RequestError(DescriberError):
 class SourceError(DescriberError):
     """One source could not be described; carries the stable code and a sentence."""
 
-    def __init__(self, code: Code, message: str, *, attempts: int = 0) -> None:
+    def __init__(
+        self, code: Code, message: str, *, attempts: int = 0, transient: bool = False
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.attempts = attempts
+        # True when the cause may pass (rate limits, 5xx, timeouts): an upload
+        # event is then redelivered instead of recording the failure for good.
+        self.transient = transient
 
 
 class StorageUnavailable(DescriberError):
@@ -66,3 +72,11 @@ class StorageUnavailable(DescriberError):
     def __init__(self, uri: str, cause: BaseException) -> None:
         super().__init__(f"could not write {uri}: {cause}")
         self.uri = uri
+
+
+class TransientFailure(DescriberError):
+    """An upload failed for a cause that may pass; the event should be redelivered."""
+
+    def __init__(self, source: str, message: str) -> None:
+        super().__init__(f"{source}: {message}")
+        self.source = source

@@ -131,6 +131,7 @@ class Describer:
                         Code.TIMEOUT,
                         f"The model did not answer in time ({attempt} attempts).",
                         attempts=attempt,
+                        transient=True,
                     ) from None
                 delay = self._backoff(attempt)
             except aiohttp.ClientError as exc:
@@ -139,6 +140,7 @@ class Describer:
                         Code.MODEL_ERROR,
                         f"The model could not be reached after {attempt} attempts: {exc!r}.",
                         attempts=attempt,
+                        transient=True,
                     ) from None
                 delay = self._backoff(attempt)
             else:
@@ -176,6 +178,7 @@ class Describer:
                 final,
                 f"Gemini answered {code} {exc.status} on all {attempt} attempts: {exc.message}",
                 attempts=attempt,
+                transient=True,
             ) from None
         hinted = _retry_delay(exc.details)
         if hinted is not None:

@@ -39,6 +39,8 @@ class Record:
     error_code: Code | None = None
     error_message: str | None = None
     generation: str | None = None
+    # Not serialised: whether a later retry could turn this error into a description.
+    transient: bool = False
 
     @classmethod
     def failed(
@@ -53,6 +55,7 @@ class Record:
             prompt=prompt,
             error_code=error.code,
             error_message=error.message,
+            transient=error.transient,
             **known,
         )
 

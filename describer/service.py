@@ -25,7 +25,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import storage
 
 from .batch import BatchRequest, Location, parse_body
-from .errors import Code, RequestError, StorageUnavailable
+from .errors import Code, RequestError, StorageUnavailable, TransientFailure
 from .fetch import Fetcher, open_http_session
 from .gemini import Describer, GeminiConnector
 from .logs import batch_var, trace_var
@@ -234,6 +234,10 @@ async def _upload(
     allowed = settings.allowed_buckets | {bucket}
     async with open_pipeline(runtime, prompt=settings.prompt, allowed_buckets=allowed) as pipeline:
         (record,) = await pipeline.run([source])
+    if record.transient:
+        # A rate limit or outage outlasted our retries: raise so the platform
+        # redelivers the event later, rather than record a failure for good.
+        raise TransientFailure(record.source, record.error_message or "transient failure")
     if sniffed and record.error_code is Code.NOT_AN_IMAGE:
         log.info("untyped object is not an image; ignored", extra={"object": name})
         return "ignored_not_image"

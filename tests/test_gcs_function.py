@@ -185,3 +185,23 @@ def test_an_invalid_manifest_leaves_an_error_report(
     assert body["error"]["code"] == "invalid_request"
     assert body["manifest"] == f"gs://{bucket.name}/bad.batch.json"
     assert sim.stats.calls == 0
+
+
+def test_an_outage_outlasting_retries_asks_for_redelivery_and_writes_nothing(
+    gcs_function: str, bucket: storage.Bucket, sim: RunningSimulator
+) -> None:
+    # GIVEN a model answering 500 to every call
+    sim.configure(api_key="test-key", rate_500=1.0)
+    blob = upload(bucket, "later.png", make_image(40, 40, "green", "PNG"), "image/png")
+    # WHEN the upload's event arrives
+    response = send_event(gcs_function, blob)
+    # THEN the function fails the delivery (so Eventarc retries) and records nothing final
+    assert response.status_code == 500
+    assert _sidecar(bucket, "later.png") is None
+    assert sim.stats.calls == 5
+    # AND once the model recovers, the redelivered event is described
+    sim.configure(api_key="test-key")
+    assert send_event(gcs_function, blob).status_code == 200
+    sidecar = _sidecar(bucket, "later.png")
+    assert sidecar is not None
+    assert json.loads(sidecar.download_as_bytes())["status"] == "ok"
