@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from concurrent.futures import Executor
 from urllib.parse import urljoin, urlsplit
 
@@ -62,12 +62,15 @@ class Fetcher:
         io_executor: Executor,
         settings: Settings,
         allowed_buckets: Collection[str],
+        pinned_generations: Mapping[str, str] | None = None,
     ) -> None:
         self._session = session
         self._storage = storage_client
         self._io = io_executor
         self._settings = settings
         self._allowed = frozenset(allowed_buckets)
+        # gs:// URI -> the generation an event named, so a late event reads its own bytes.
+        self._pinned = dict(pinned_generations or {})
 
     async def fetch(self, source: Source) -> bytes:
         if isinstance(source, GcsSource):
@@ -139,8 +142,11 @@ class Fetcher:
     def _read_gcs_blocking(self, source: GcsSource) -> bytes:
         cap = self._settings.max_image_bytes
         try:
+            pinned = self._pinned.get(source.uri)
             blob = self._storage.bucket(source.bucket).get_blob(
-                source.name, timeout=self._settings.download_timeout_s
+                source.name,
+                generation=int(pinned) if pinned and pinned.isdigit() else None,
+                timeout=self._settings.download_timeout_s,
             )
             if blob is None:
                 raise SourceError(Code.NOT_FOUND, "No such object.")

@@ -224,7 +224,7 @@ async def _upload(
     existing, existing_generation = await store.read_json(results.bucket, sidecar)
     if (
         existing is not None
-        and existing.get("generation") == generation
+        and _generation(existing.get("generation")) >= _generation(generation)
         and existing.get("model") == settings.model
         and existing.get("prompt") == settings.prompt
     ):
@@ -232,8 +232,18 @@ async def _upload(
         return "already_done"
     source = f"gs://{bucket}/{name}"
     allowed = settings.allowed_buckets | {bucket}
-    async with open_pipeline(runtime, prompt=settings.prompt, allowed_buckets=allowed) as pipeline:
+    async with open_pipeline(
+        runtime,
+        prompt=settings.prompt,
+        allowed_buckets=allowed,
+        pinned_generations={source: generation},
+    ) as pipeline:
         (record,) = await pipeline.run([source])
+    if record.error_code is Code.NOT_FOUND:
+        # That generation is gone: the object was replaced or deleted, and a
+        # newer event (if any) describes what is there now.
+        log.info("the event's generation no longer exists; ignored", extra={"object": name})
+        return "superseded"
     if record.transient:
         # A rate limit or outage outlasted our retries: raise so the platform
         # redelivers the event later, rather than record a failure for good.
@@ -328,7 +338,11 @@ async def _read_manifest(runtime: Runtime, bucket: str, name: str) -> bytes | No
 
 @asynccontextmanager
 async def open_pipeline(
-    runtime: Runtime, *, prompt: str, allowed_buckets: Collection[str]
+    runtime: Runtime,
+    *,
+    prompt: str,
+    allowed_buckets: Collection[str],
+    pinned_generations: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Pipeline]:
     """Open this invocation's loop-bound resources and close them all on the way out."""
     settings = runtime.settings
@@ -345,6 +359,7 @@ async def open_pipeline(
                     io_executor=runtime.io_executor,
                     settings=settings,
                     allowed_buckets=allowed_buckets,
+                    pinned_generations=pinned_generations,
                 ),
                 describer=Describer(
                     client,
@@ -385,6 +400,14 @@ def _http_output(request: BatchRequest, settings: Settings) -> Location:
         "output_required",
         "RESULTS_BUCKET is not set on this function, so the request must name an 'output'.",
     )
+
+
+def _generation(value: object) -> int:
+    """Generations compare as integers; anything unreadable sorts first."""
+    try:
+        return int(str(value))
+    except ValueError:
+        return -1
 
 
 def _present(value: str | None) -> set[str]:

@@ -205,3 +205,22 @@ def test_an_outage_outlasting_retries_asks_for_redelivery_and_writes_nothing(
     sidecar = _sidecar(bucket, "later.png")
     assert sidecar is not None
     assert json.loads(sidecar.download_as_bytes())["status"] == "ok"
+
+
+def test_a_late_event_for_an_older_generation_leaves_the_newer_result(
+    gcs_function: str, bucket: storage.Bucket, sim: RunningSimulator
+) -> None:
+    # GIVEN an object replaced once, whose newer generation was described first
+    old = upload(bucket, "late.png", make_image(64, 64, "red", "PNG"), "image/png")
+    new_data = make_image(90, 30, "blue", "PNG")
+    new = upload(bucket, "late.png", new_data, "image/png")
+    assert send_event(gcs_function, new).status_code == 200
+    # WHEN the older generation's event arrives late
+    assert send_event(gcs_function, old).status_code == 200
+    # THEN no model call is made and the sidecar still describes the newer generation
+    assert sim.stats.calls == 1
+    sidecar = _sidecar(bucket, "late.png")
+    assert sidecar is not None
+    record = json.loads(sidecar.download_as_bytes())
+    assert record["generation"] == str(new.generation)
+    assert record["description"] == describe_image(new_data)
