@@ -6,8 +6,8 @@ describe_gcs    an object finalized in a bucket: describe an image or run a mani
 
 from __future__ import annotations
 
-import functools
 import json
+import threading
 from typing import Any
 
 import flask
@@ -22,9 +22,16 @@ describer.configure_logging()
 SETTINGS = describer.Settings.from_env()
 
 
-@functools.cache
+_lock = threading.Lock()
+_runtimes: list[describer.Runtime] = []
+
+
 def _runtime() -> describer.Runtime:
-    return describer.Runtime.create(SETTINGS)
+    # Concurrent first requests run on several threads: build the runtime once.
+    with _lock:
+        if not _runtimes:
+            _runtimes.append(describer.Runtime.create(SETTINGS))
+        return _runtimes[0]
 
 
 @functions_framework.http

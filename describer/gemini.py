@@ -65,7 +65,8 @@ class GeminiConnector:
         """A client bound to ``session``: cheap, because the TLS context is reused."""
         access = self._access
         options = types.HttpOptions(
-            base_url=access.base_url,
+            # GOOGLE_GEMINI_BASE_URL is the Developer API's override, not Vertex AI's.
+            base_url=None if access.use_vertexai else access.base_url,
             timeout=int(timeout_s * 1000),
             aiohttp_client=session,
             client_args={"verify": self._ssl},

@@ -60,7 +60,9 @@ class Runtime:
             max_workers=self.settings.download_concurrency, thread_name_prefix="describer-io"
         )
         self.cpu_executor = ThreadPoolExecutor(
-            max_workers=os.cpu_count() or 1, thread_name_prefix="describer-cpu"
+            # The CPUs this process may run on (the instance's vCPUs on Cloud Run), not the host's.
+            max_workers=len(os.sched_getaffinity(0)) or 1,
+            thread_name_prefix="describer-cpu",
         )
 
     @classmethod

@@ -127,8 +127,9 @@ class Settings:
             model_backoff_s=reader.number("MODEL_BACKOFF_S", DEFAULT_MODEL_BACKOFF_S),
             download_timeout_s=reader.number("DOWNLOAD_TIMEOUT_S", DEFAULT_DOWNLOAD_TIMEOUT_S),
             gemini=GeminiAccess(
-                api_key=reader.text("GEMINI_API_KEY", "")
-                or reader.text("GOOGLE_API_KEY", "")
+                # The SDK's own precedence: GOOGLE_API_KEY wins when both are set.
+                api_key=reader.text("GOOGLE_API_KEY", "")
+                or reader.text("GEMINI_API_KEY", "")
                 or None,
                 use_vertexai=reader.flag("GOOGLE_GENAI_USE_VERTEXAI"),
                 project=reader.text("GOOGLE_CLOUD_PROJECT", "") or None,

@@ -183,6 +183,8 @@ def test_settings_read_every_variable() -> None:
     assert (settings.download_concurrency, settings.model_concurrency) == (2, 3)
     assert settings.image_max_side == 64
     assert (settings.gemini.api_key, settings.gemini.base_url) == ("k", "http://x")
+    both = Settings.from_env({"GEMINI_API_KEY": "g", "GOOGLE_API_KEY": "k"})
+    assert both.gemini.api_key == "k"  # the SDK's own precedence
 
 
 @pytest.mark.parametrize(
