@@ -111,8 +111,6 @@ class Describer:
         self._max_attempts = max_attempts
         self._backoff_s = backoff_s
         self._rng = rng or random.Random()
-        self.retries = 0
-        self.rate_limited = 0
 
     async def describe(self, image: PreparedImage, prompt: str) -> Described:
         contents: list[types.PartUnion] = [
@@ -146,21 +144,18 @@ class Describer:
                 delay = self._backoff(attempt)
             else:
                 return _answer(response, attempt)
-            self.retries += 1
             await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _classify(self, exc: genai_errors.APIError, attempt: int) -> float:
         """Return how long to wait before retrying, or raise the final SourceError."""
         code = exc.code
-        if code == 429:
-            self.rate_limited += 1
-            if _is_daily_quota(exc.details):
-                raise SourceError(
-                    Code.QUOTA_EXHAUSTED,
-                    f"The daily Gemini quota for {self._model} is used up: {exc.message}",
-                    attempts=attempt,
-                ) from None
+        if code == 429 and _is_daily_quota(exc.details):
+            raise SourceError(
+                Code.QUOTA_EXHAUSTED,
+                f"The daily Gemini quota for {self._model} is used up: {exc.message}",
+                attempts=attempt,
+            ) from None
         if code == 404:
             raise SourceError(
                 Code.MODEL_ERROR,

@@ -62,10 +62,6 @@ class Record:
     def with_generation(self, generation: str) -> Record:
         return replace(self, generation=generation)
 
-    @property
-    def ok(self) -> bool:
-        return self.status == OK
-
     def to_json(self) -> dict[str, Any]:
         """The documented JSON shape: optional facts appear only when known."""
         out: dict[str, Any] = {"source": self.source, "status": self.status}

@@ -44,11 +44,6 @@ class GeminiAccess:
     location: str | None = None
     base_url: str | None = None
 
-    @property
-    def configured(self) -> bool:
-        """True when a real endpoint or key is set up, so a call can succeed."""
-        return bool(self.api_key or self.use_vertexai or self.base_url)
-
 
 @dataclass(frozen=True)
 class Settings:

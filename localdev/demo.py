@@ -14,13 +14,13 @@ import os
 import sys
 import tempfile
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
 from google.cloud import storage
 
 from localdev import procs
+from localdev.events import finalized_event
 from localdev.gemini_sim import SimConfig, start_in_thread
 
 SAMPLES = procs.ROOT / "samples"
@@ -126,26 +126,8 @@ def _post_json(url: str, body: dict[str, Any]) -> dict[str, Any]:
 
 def _send_event(port: int, blob: storage.Blob) -> None:
     """A binary-mode CloudEvent, as Eventarc delivers object.v1.finalized."""
-    data = {
-        "bucket": blob.bucket.name,
-        "name": blob.name,
-        "generation": str(blob.generation),
-        "contentType": blob.content_type,
-        "size": str(blob.size),
-        "metadata": blob.metadata or {},
-    }
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/",
-        data=json.dumps(data).encode(),
-        headers={
-            "Content-Type": "application/json",
-            "ce-id": uuid.uuid4().hex,
-            "ce-specversion": "1.0",
-            "ce-type": "google.cloud.storage.object.v1.finalized",
-            "ce-source": f"//storage.googleapis.com/projects/_/buckets/{blob.bucket.name}",
-            "ce-subject": f"objects/{blob.name}",
-        },
-    )
+    headers, body = finalized_event(blob)
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/", data=body, headers=headers)
     with urllib.request.urlopen(request, timeout=300) as response:
         response.read()
 

@@ -26,6 +26,7 @@ from describer import Runtime, Settings
 from describer.gemini import GeminiConnector
 from describer.settings import GeminiAccess
 from localdev import procs
+from localdev.events import finalized_event
 from localdev.gemini_sim import RunningSimulator, start_in_thread
 
 SAMPLES = procs.ROOT / "samples"
@@ -148,26 +149,8 @@ def gcs_function(
 
 def send_event(url: str, blob: storage.Blob, **overrides: Any) -> requests.Response:
     """POST a binary-mode object.v1.finalized CloudEvent for ``blob``, as Eventarc does."""
-    data = {
-        "bucket": blob.bucket.name,
-        "name": blob.name,
-        "generation": str(blob.generation),
-        "metageneration": "1",
-        "contentType": blob.content_type,
-        "size": str(blob.size),
-        "metadata": blob.metadata or {},
-        **overrides,
-    }
-    headers = {
-        "Content-Type": "application/json",
-        "ce-id": uuid.uuid4().hex,
-        "ce-specversion": "1.0",
-        "ce-type": "google.cloud.storage.object.v1.finalized",
-        "ce-source": f"//storage.googleapis.com/projects/_/buckets/{data['bucket']}",
-        "ce-subject": f"objects/{data['name']}",
-        "ce-time": "2026-11-26T12:00:00Z",
-    }
-    return requests.post(url, data=json.dumps(data), headers=headers, timeout=120)
+    headers, body = finalized_event(blob, **overrides)
+    return requests.post(url, data=body, headers=headers, timeout=120)
 
 
 def upload(

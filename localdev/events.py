@@ -1,0 +1,35 @@
+"""Storage finalize CloudEvents in binary mode, as Eventarc delivers them to describe_gcs."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from google.cloud import storage
+
+FINALIZED = "google.cloud.storage.object.v1.finalized"
+
+
+def finalized_event(blob: storage.Blob, **overrides: Any) -> tuple[dict[str, str], bytes]:
+    """Headers and body of an object.v1.finalized event for ``blob`` (fields overridable)."""
+    data = {
+        "bucket": blob.bucket.name,
+        "name": blob.name,
+        "generation": str(blob.generation),
+        "metageneration": "1",
+        "contentType": blob.content_type,
+        "size": str(blob.size),
+        "metadata": blob.metadata or {},
+        **overrides,
+    }
+    headers = {
+        "Content-Type": "application/json",
+        "ce-id": uuid.uuid4().hex,
+        "ce-specversion": "1.0",
+        "ce-type": FINALIZED,
+        "ce-source": f"//storage.googleapis.com/projects/_/buckets/{data['bucket']}",
+        "ce-subject": f"objects/{data['name']}",
+        "ce-time": "2026-11-26T12:00:00Z",
+    }
+    return headers, json.dumps(data).encode()
