@@ -20,7 +20,7 @@ from google.cloud import storage
 
 from .batch import GcsSource, HttpSource, Source
 from .errors import Code, SourceError
-from .netguard import ForbiddenAddress, GuardedResolver, check_literal_host
+from .netguard import AddressCheck, ForbiddenAddress, GuardedResolver, check_literal_host, is_public
 from .settings import Settings
 
 MAX_REDIRECTS = 5
@@ -30,12 +30,15 @@ _USER_AGENT = "gemini-image-describer/1.0 (+https://cloud.google.com/functions)"
 
 
 def open_http_session(
-    settings: Settings, ssl_context: ssl.SSLContext | None = None
+    settings: Settings,
+    ssl_context: ssl.SSLContext | None = None,
+    *,
+    address_allowed: AddressCheck = is_public,
 ) -> aiohttp.ClientSession:
     """One session per invocation, guarded against private addresses unless allowed."""
     connector = aiohttp.TCPConnector(
         limit=settings.download_concurrency,
-        resolver=None if settings.allow_private_urls else GuardedResolver(),
+        resolver=None if settings.allow_private_urls else GuardedResolver(allowed=address_allowed),
         ssl=ssl_context or ssl.create_default_context(cafile=certifi.where()),
     )
     timeout = aiohttp.ClientTimeout(
@@ -63,8 +66,10 @@ class Fetcher:
         settings: Settings,
         allowed_buckets: Collection[str],
         pinned_generations: Mapping[str, str] | None = None,
+        address_allowed: AddressCheck = is_public,
     ) -> None:
         self._session = session
+        self._address_allowed = address_allowed
         self._storage = storage_client
         self._io = io_executor
         self._settings = settings
@@ -85,7 +90,7 @@ class Fetcher:
                 # normalisation), not as another parser reads the string.
                 target = yarl.URL(url)
                 if not self._settings.allow_private_urls:
-                    check_literal_host(target.host or "")
+                    check_literal_host(target.host or "", self._address_allowed)
                 async with self._session.get(target, allow_redirects=False) as response:
                     if response.status in _REDIRECTS and "Location" in response.headers:
                         url = urljoin(url, response.headers["Location"])

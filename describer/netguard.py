@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Callable
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
@@ -37,7 +38,10 @@ def is_public(address: str) -> bool:
     return ip.is_global and not ip.is_multicast and not ip.is_reserved
 
 
-def check_literal_host(host: str) -> None:
+AddressCheck = Callable[[str], bool]
+
+
+def check_literal_host(host: str, allowed: AddressCheck = is_public) -> None:
     """Refuse a host that is an IP literal (or forbidden name) outside the public internet."""
     bare = host.strip("[]").rstrip(".").lower()
     if bare in _FORBIDDEN_NAMES:
@@ -48,7 +52,7 @@ def check_literal_host(host: str) -> None:
         bare = _legacy_ipv4(bare)
         if not bare:
             return  # a name: the resolver checks what it resolves to
-    if not is_public(bare):
+    if not allowed(bare):
         raise ForbiddenAddress(f"{host} is not a public address")
 
 
@@ -65,15 +69,20 @@ def _legacy_ipv4(host: str) -> str:
 class GuardedResolver(AbstractResolver):
     """A resolver that drops every non-public answer and fails if none is left."""
 
-    def __init__(self, inner: AbstractResolver | None = None) -> None:
+    def __init__(
+        self, inner: AbstractResolver | None = None, allowed: AddressCheck = is_public
+    ) -> None:
         self._inner = inner or DefaultResolver()
+        # Tests swap in a check that also admits one loopback address standing
+        # for "the internet"; production always uses is_public.
+        self._allowed = allowed
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        check_literal_host(host)
+        check_literal_host(host, self._allowed)
         answers = await self._inner.resolve(host, port, family)
-        allowed = [a for a in answers if is_public(a["host"])]
+        allowed = [a for a in answers if self._allowed(a["host"])]
         if not allowed:
             seen = ", ".join(sorted({a["host"] for a in answers})) or "nothing"
             raise ForbiddenAddress(f"{host.rstrip('.')} resolves to {seen}, not a public address")

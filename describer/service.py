@@ -29,6 +29,7 @@ from .errors import Code, RequestError, StorageUnavailable, TransientFailure
 from .fetch import Fetcher, open_http_session
 from .gemini import Describer, GeminiConnector
 from .logs import batch_var, trace_var
+from .netguard import AddressCheck, is_public
 from .pipeline import Pipeline, StageLimits
 from .records import Record, counts, to_jsonl
 from .settings import Settings
@@ -52,6 +53,8 @@ class Runtime:
     settings: Settings
     storage_client: storage.Client
     gemini: GeminiConnector
+    # Which resolved addresses downloads may reach; tests widen it, nothing else does.
+    address_allowed: AddressCheck = is_public
     io_executor: ThreadPoolExecutor = field(init=False)
     cpu_executor: ThreadPoolExecutor = field(init=False)
 
@@ -349,7 +352,9 @@ async def open_pipeline(
     """Open this invocation's loop-bound resources and close them all on the way out."""
     settings = runtime.settings
     async with (
-        open_http_session(settings, runtime.gemini.ssl_context) as http,
+        open_http_session(
+            settings, runtime.gemini.ssl_context, address_allowed=runtime.address_allowed
+        ) as http,
         runtime.gemini.open_session() as model_session,
     ):
         client = runtime.gemini.client(model_session, timeout_s=settings.model_timeout_s)
@@ -362,6 +367,7 @@ async def open_pipeline(
                     settings=settings,
                     allowed_buckets=allowed_buckets,
                     pinned_generations=pinned_generations,
+                    address_allowed=runtime.address_allowed,
                 ),
                 describer=Describer(
                     client,

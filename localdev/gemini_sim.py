@@ -68,6 +68,9 @@ class SimConfig:
     fail_first: int = 0  # every distinct image gets this many 429s first
     daily_quota_exhausted: bool = False
     block_colours: list[str] = field(default_factory=list)
+    # After this many answers, further calls are held (unanswered) until the
+    # configuration changes: a way to stop a run at a known point and kill it.
+    answer_limit: int | None = None
     seed: int = 0
 
 
@@ -78,6 +81,7 @@ class SimStats:
     by_status: dict[str, int] = field(default_factory=dict)
     in_flight: int = 0
     max_in_flight: int = 0
+    held: int = 0  # calls waiting at answer_limit right now
     images: list[dict[str, Any]] = field(default_factory=list)
 
     def count(self, status: int) -> None:
@@ -92,6 +96,8 @@ class GeminiSimulator:
         self.stats = SimStats()
         self._rng = random.Random(self.config.seed)
         self._failures: dict[str, int] = {}
+        self._released = asyncio.Event()
+        self._admitted = 0  # calls let past answer_limit since the last reset
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app.router.add_post("/{version}/models/{call}", self._generate)
         self.app.router.add_post(
@@ -107,6 +113,10 @@ class GeminiSimulator:
         self.stats = SimStats()
         self._rng = random.Random(self.config.seed)
         self._failures = {}
+        self._admitted = 0
+        # Wake the calls held at the old answer_limit; they re-check the new one.
+        self._released.set()
+        self._released = asyncio.Event()
 
     async def _generate(self, request: web.Request) -> web.Response:
         self.stats.calls += 1
@@ -178,6 +188,17 @@ class GeminiSimulator:
             return _error(500, "INTERNAL", "An internal error has occurred. Please retry.")
         if roll < cfg.rate_429 + cfg.rate_500 + cfg.rate_hang:
             await asyncio.sleep(cfg.hang_ms / 1000)
+        stats = self.stats
+        while (limit := self.config.answer_limit) is not None and self._admitted >= limit:
+            stats.held += 1
+            try:
+                await self._released.wait()
+            finally:
+                stats.held -= 1
+        if stats is not self.stats or request.transport is None or request.transport.is_closing():
+            # Reset while held, or the caller is gone: nobody receives this answer.
+            return _error(503, "UNAVAILABLE", "The simulator was reset during the call.")
+        self._admitted += 1
         if cfg.latency_ms:
             await asyncio.sleep(cfg.latency_ms / 1000)
         self.stats.images.extend(decoded)
