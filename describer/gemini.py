@@ -10,6 +10,7 @@ credentials) are built once per process in :class:`GeminiConnector`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import re
 import ssl
@@ -35,6 +36,7 @@ _BLOCK_FINISH = frozenset(
 )
 BACKOFF_CAP_S = 30.0
 _DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)s\s*$")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Described:
     text: str
     usage: Usage | None
     attempts: int
+    model: str
 
 
 class GeminiConnector:
@@ -104,10 +107,13 @@ class Describer:
         model: str,
         max_attempts: int,
         backoff_s: float,
+        fallback_model: str | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._client = client
         self._model = model
+        self._configured_model = model
+        self._fallback = fallback_model if fallback_model != model else None
         self._max_attempts = max_attempts
         self._backoff_s = backoff_s
         self._rng = rng or random.Random()
@@ -117,15 +123,22 @@ class Describer:
             types.Part.from_bytes(data=image.data, mime_type=image.mime_type),
             prompt,
         ]
-        for attempt in range(1, self._max_attempts + 1):
+        attempt, budget = 0, self._max_attempts
+        while True:
+            attempt += 1
+            final = attempt >= budget
+            model = self._model
             try:
                 response = await self._client.aio.models.generate_content(
-                    model=self._model, contents=contents
+                    model=model, contents=contents
                 )
             except genai_errors.APIError as exc:
-                delay = self._classify(exc, attempt)
+                if exc.code == 404 and self._use_fallback_after(model):
+                    budget += 1  # a call to a model that does not exist is not a retry
+                    continue
+                delay = self._classify(exc, attempt, final)
             except TimeoutError:
-                if attempt == self._max_attempts:
+                if final:
                     raise SourceError(
                         Code.TIMEOUT,
                         f"The model did not answer in time ({attempt} attempts).",
@@ -134,7 +147,7 @@ class Describer:
                     ) from None
                 delay = self._backoff(attempt)
             except aiohttp.ClientError as exc:
-                if attempt == self._max_attempts:
+                if final:
                     raise SourceError(
                         Code.MODEL_ERROR,
                         f"The model could not be reached after {attempt} attempts: {exc!r}.",
@@ -143,11 +156,28 @@ class Describer:
                     ) from None
                 delay = self._backoff(attempt)
             else:
-                return _answer(response, attempt)
+                return _answer(response, attempt, model)
             await asyncio.sleep(delay)
-        raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _classify(self, exc: genai_errors.APIError, attempt: int) -> float:
+    def _use_fallback_after(self, missing: str) -> bool:
+        """Whether to call again with GEMINI_FALLBACK_MODEL after ``missing`` was not found.
+
+        The switch holds for the rest of the invocation, so later images go
+        straight to the fallback; workers that failed on the old model at the
+        same time just follow.
+        """
+        if missing != self._model:
+            return True  # another worker already switched
+        if self._fallback is None or missing == self._fallback:
+            return False
+        log.warning(
+            "model not found; switching to GEMINI_FALLBACK_MODEL",
+            extra={"model": missing, "fallback": self._fallback},
+        )
+        self._model = self._fallback
+        return True
+
+    def _classify(self, exc: genai_errors.APIError, attempt: int, final: bool) -> float:
         """Return how long to wait before retrying, or raise the final SourceError."""
         code = exc.code
         if code == 429 and _is_daily_quota(exc.details):
@@ -157,10 +187,11 @@ class Describer:
                 attempts=attempt,
             ) from None
         if code == 404:
+            missing = f"Model {self._configured_model!r} (GEMINI_MODEL) was not found"
+            if self._model != self._configured_model:
+                missing += f", nor {self._model!r} (GEMINI_FALLBACK_MODEL)"
             raise SourceError(
-                Code.MODEL_ERROR,
-                f"Model {self._model!r} (GEMINI_MODEL) was not found: {exc.message}",
-                attempts=attempt,
+                Code.MODEL_ERROR, f"{missing}: {exc.message}", attempts=attempt
             ) from None
         if code not in _RETRY_STATUSES:
             raise SourceError(
@@ -168,10 +199,9 @@ class Describer:
                 f"Gemini answered {code} {exc.status}: {exc.message}",
                 attempts=attempt,
             ) from None
-        if attempt == self._max_attempts:
-            final = Code.QUOTA_EXHAUSTED if code == 429 else Code.MODEL_ERROR
+        if final:
             raise SourceError(
-                final,
+                Code.QUOTA_EXHAUSTED if code == 429 else Code.MODEL_ERROR,
                 f"Gemini answered {code} {exc.status} on all {attempt} attempts: {exc.message}",
                 attempts=attempt,
                 transient=True,
@@ -188,7 +218,7 @@ class Describer:
         return self._rng.uniform(0, min(BACKOFF_CAP_S, self._backoff_s * 2 ** (attempt - 1)))
 
 
-def _answer(response: types.GenerateContentResponse, attempts: int) -> Described:
+def _answer(response: types.GenerateContentResponse, attempts: int, model: str) -> Described:
     feedback = response.prompt_feedback
     if feedback is not None and feedback.block_reason is not None:
         reason = str(getattr(feedback.block_reason, "value", feedback.block_reason))
@@ -219,7 +249,7 @@ def _answer(response: types.GenerateContentResponse, attempts: int) -> Described
         if meta is not None
         else None
     )
-    return Described(text=text, usage=usage, attempts=attempts)
+    return Described(text=text, usage=usage, attempts=attempts, model=model)
 
 
 def _details(body: Any) -> list[dict[str, Any]]:

@@ -1,11 +1,17 @@
-"""The batch pipeline: download -> prepare -> describe, each stage bounded.
+"""The batch pipeline: download -> prepare -> describe -> write, each stage bounded.
 
 A fixed pool of download workers (DOWNLOAD_CONCURRENCY) feeds a bounded queue
 read by a fixed pool of model workers (MODEL_CONCURRENCY); preparation runs on
-a thread pool. A source moves on as soon as it is ready, so the model stage
-starts with the first download, and no stage ever holds more than its bound.
-Every worker turns its own failures into records: a task group cancels all
-siblings on the first exception, and one bad image must not stop a batch.
+a thread pool; finished records go to a small pool of writers (the caller's
+sink: sidecars, checkpoints). A source moves on as soon as it is ready, so the
+model stage starts with the first download, and no stage ever holds more than
+its bound. Every worker turns its own failures into records: a task group
+cancels all siblings on the first exception, and one bad image must not stop
+a batch.
+
+At ``stop_at`` the download and model stages are cancelled; the writers are
+not, so every record finished by then is still handed to the sink, and every
+source without one gets a ``deadline_exceeded`` record.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
@@ -27,6 +33,10 @@ from .logs import source_var
 from .records import OK, Record
 
 log = logging.getLogger(__name__)
+
+# Writes are small and fast; a few at once keep up with any model concurrency.
+DEFAULT_WRITE_CONCURRENCY = 8
+RecordSink = Callable[[int, Record], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,7 @@ class StageLimits:
     model_concurrency: int
     image_max_side: int
     max_image_pixels: int
+    write_concurrency: int = DEFAULT_WRITE_CONCURRENCY
 
 
 class Pipeline:
@@ -64,44 +75,86 @@ class Pipeline:
         self._model = model
         self._prompt = prompt
 
-    async def run(self, uris: Sequence[str]) -> list[Record]:
-        records: list[Record | None] = [None] * len(uris)
+    async def run(
+        self,
+        uris: Sequence[str],
+        *,
+        stop_at: float | None = None,
+        on_record: RecordSink | None = None,
+    ) -> list[Record]:
+        """One record per URI, in input order.
+
+        ``stop_at`` is a deadline on the event loop's clock (``loop.time()``);
+        ``on_record(index, record)`` is awaited for every record finished
+        before it, by at most ``write_concurrency`` writers at once.
+        """
         if not uris:
             return []
+        batch = _Batch(uris, on_record, writers=self._limits.write_concurrency if on_record else 0)
         queue: asyncio.Queue[_Ready | None] = asyncio.Queue(maxsize=self._limits.model_concurrency)
         pending = iter(range(len(uris)))
-        async with asyncio.TaskGroup() as group:
-            describers = [
-                group.create_task(self._describe_worker(queue, uris, records))
-                for _ in range(min(self._limits.model_concurrency, len(uris)))
-            ]
-            async with asyncio.TaskGroup() as downloads:
-                for _ in range(min(self._limits.download_concurrency, len(uris))):
-                    downloads.create_task(self._download_worker(pending, queue, uris, records))
-            for _ in describers:
-                await queue.put(None)
-        return [r for r in records if r is not None]
+        async with asyncio.TaskGroup() as writers:
+            for _ in range(batch.writers):
+                writers.create_task(batch.write_worker())
+            try:
+                async with asyncio.timeout_at(stop_at), asyncio.TaskGroup() as group:
+                    describers = [
+                        group.create_task(self._describe_worker(queue, batch))
+                        for _ in range(min(self._limits.model_concurrency, len(uris)))
+                    ]
+                    async with asyncio.TaskGroup() as downloads:
+                        for _ in range(min(self._limits.download_concurrency, len(uris))):
+                            downloads.create_task(self._download_worker(pending, queue, batch))
+                    for _ in describers:
+                        await queue.put(None)
+            except TimeoutError:
+                log.warning(
+                    "deadline reached; unfinished sources are recorded as deadline_exceeded",
+                    extra={"finished": batch.finished, "count": len(uris)},
+                )
+            batch.close()
+        return [
+            record if record is not None else self._out_of_time(uri, index in batch.started)
+            for index, (uri, record) in enumerate(zip(uris, batch.records, strict=True))
+        ]
+
+    def _out_of_time(self, uri: str, started: bool) -> Record:
+        what = "was stopped unfinished" if started else "was not started"
+        return Record.failed(
+            uri,
+            SourceError(
+                Code.DEADLINE_EXCEEDED,
+                f"The source {what}: the invocation reached its deadline "
+                "(FUNCTION_TIMEOUT_S minus DEADLINE_MARGIN_S).",
+                transient=True,
+            ),
+            model=self._model,
+            prompt=self._prompt,
+        )
 
     async def _download_worker(
         self,
         pending: Iterator[int],
         queue: asyncio.Queue[_Ready | None],
-        uris: Sequence[str],
-        records: list[Record | None],
+        batch: _Batch,
     ) -> None:
         for index in pending:
-            uri = uris[index]
+            uri = batch.uris[index]
+            batch.started.add(index)
             started = time.monotonic()
             token = source_var.set(uri)
             try:
                 ready = await self._download_one(index, uri, started)
             except SourceError as exc:
-                records[index] = self._failed(uri, exc, started)
+                batch.finish(index, self._failed(uri, exc, started))
                 continue
             except Exception as exc:
                 log.exception("unexpected failure preparing a source")
-                records[index] = self._failed(
-                    uri, SourceError(Code.DOWNLOAD_FAILED, f"Internal error: {exc!r}."), started
+                batch.finish(
+                    index,
+                    self._failed(
+                        uri, SourceError(Code.DOWNLOAD_FAILED, f"Internal error: {exc!r}."), started
+                    ),
                 )
                 continue
             finally:
@@ -123,11 +176,10 @@ class Pipeline:
     async def _describe_worker(
         self,
         queue: asyncio.Queue[_Ready | None],
-        uris: Sequence[str],
-        records: list[Record | None],
+        batch: _Batch,
     ) -> None:
         while (ready := await queue.get()) is not None:
-            uri = uris[ready.index]
+            uri = batch.uris[ready.index]
             token = source_var.set(uri)
             image = ready.image
             known = {
@@ -138,20 +190,23 @@ class Pipeline:
             try:
                 answer = await self._describer.describe(image, self._prompt)
             except SourceError as exc:
-                records[ready.index] = self._failed(uri, exc, ready.started, **known)
+                batch.finish(ready.index, self._failed(uri, exc, ready.started, **known))
             except Exception as exc:
                 log.exception("unexpected failure describing a source")
-                records[ready.index] = self._failed(
-                    uri,
-                    SourceError(Code.MODEL_ERROR, f"Internal error: {exc!r}."),
-                    ready.started,
-                    **known,
+                batch.finish(
+                    ready.index,
+                    self._failed(
+                        uri,
+                        SourceError(Code.MODEL_ERROR, f"Internal error: {exc!r}."),
+                        ready.started,
+                        **known,
+                    ),
                 )
             else:
-                records[ready.index] = Record(
+                record = Record(
                     source=uri,
                     status=OK,
-                    model=self._model,
+                    model=answer.model,
                     prompt=self._prompt,
                     description=answer.text,
                     usage=answer.usage,
@@ -159,6 +214,7 @@ class Pipeline:
                     latency_ms=_elapsed_ms(ready.started),
                     **known,  # type: ignore[arg-type]
                 )
+                batch.finish(ready.index, record)
                 log.info("described", extra={"status": OK, "attempts": answer.attempts})
             finally:
                 source_var.reset(token)
@@ -175,6 +231,45 @@ class Pipeline:
             latency_ms=_elapsed_ms(started),
             **known,
         )
+
+
+class _Batch:
+    """One run's shared state: its records, and the queue that feeds the writers."""
+
+    def __init__(self, uris: Sequence[str], sink: RecordSink | None, *, writers: int) -> None:
+        self.uris = uris
+        self.records: list[Record | None] = [None] * len(uris)
+        self.started: set[int] = set()
+        self.finished = 0
+        self._sink = sink
+        self._written: asyncio.Queue[int | None] = asyncio.Queue()
+        self.writers = writers
+
+    def finish(self, index: int, record: Record) -> None:
+        self.records[index] = record
+        self.finished += 1
+        if self._sink is not None:
+            self._written.put_nowait(index)
+
+    def close(self) -> None:
+        """Let every writer drain the queue and stop."""
+        for _ in range(self.writers):
+            self._written.put_nowait(None)
+
+    async def write_worker(self) -> None:
+        assert self._sink is not None
+        while (index := await self._written.get()) is not None:
+            record = self.records[index]
+            assert record is not None
+            token = source_var.set(record.source)
+            try:
+                await self._sink(index, record)
+            except Exception:
+                # The record still reaches the batch results; only its early
+                # checkpoint is lost, so a redelivery may describe it again.
+                log.exception("could not write a finished record")
+            finally:
+                source_var.reset(token)
 
 
 def _elapsed_ms(started: float) -> int:

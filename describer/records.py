@@ -101,6 +101,8 @@ def counts(records: Iterable[Record]) -> dict[str, int]:
 
 def to_jsonl(records: Iterable[Record]) -> bytes:
     """One compact JSON object per line, in input order."""
-    return b"".join(
-        json.dumps(r.to_json(), separators=(",", ":")).encode() + b"\n" for r in records
-    )
+    return dumps_jsonl(r.to_json() for r in records)
+
+
+def dumps_jsonl(objects: Iterable[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(o, separators=(",", ":")).encode() + b"\n" for o in objects)

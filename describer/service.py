@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -31,9 +32,9 @@ from .gemini import Describer, GeminiConnector
 from .logs import batch_var, trace_var
 from .netguard import AddressCheck, is_public
 from .pipeline import Pipeline, StageLimits
-from .records import Record, counts, to_jsonl
+from .records import Record, counts, dumps_jsonl, to_jsonl
 from .settings import Settings
-from .store import SOURCE_GENERATION_KEY, ResultStore, is_own_output
+from .store import COMPLETE_KEY, SOURCE_GENERATION_KEY, ResultStore, Store, is_own_output
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class Runtime:
     gemini: GeminiConnector
     # Which resolved addresses downloads may reach; tests widen it, nothing else does.
     address_allowed: AddressCheck = is_public
+    # Where results go; Cloud Storage unless a test passes its own Store.
+    store: Store = None  # type: ignore[assignment]
     io_executor: ThreadPoolExecutor = field(init=False)
     cpu_executor: ThreadPoolExecutor = field(init=False)
 
@@ -62,6 +65,8 @@ class Runtime:
         self.io_executor = ThreadPoolExecutor(
             max_workers=self.settings.download_concurrency, thread_name_prefix="describer-io"
         )
+        if self.store is None:
+            self.store = ResultStore(self.storage_client, self.io_executor)
         self.cpu_executor = ThreadPoolExecutor(
             # The CPUs this process may run on (the instance's vCPUs on Cloud Run), not the host's.
             max_workers=len(os.sched_getaffinity(0)) or 1,
@@ -104,6 +109,7 @@ def handle_http(
 ) -> HttpReply:
     """Answer one describe_http call; malformed requests get a 4xx, never an exception."""
     settings = runtime.settings
+    stop_at = time.monotonic() + settings.work_budget_s
     batch_var.set(None)
     trace_var.set(_trace(headers, settings.gemini.project))
     if method.upper() != "POST":
@@ -136,7 +142,9 @@ def handle_http(
     results_name = f"{output.prefix}batches/{batch_id}.jsonl"
     log.info("batch received", extra={"count": len(request.images)})
     records, write_error = asyncio.run(
-        _describe_and_write(runtime, request.images, prompt, allowed, output.bucket, results_name)
+        _describe_and_write(
+            runtime, request.images, prompt, allowed, output.bucket, results_name, stop_at
+        )
     )
     body: dict[str, Any] = {
         "batch_id": batch_id,
@@ -162,6 +170,7 @@ def handle_storage_event(runtime: Runtime, data: Mapping[str, Any], *, event_id:
     when results could not be written, so the platform redelivers the event.
     """
     settings = runtime.settings
+    stop_at = time.monotonic() + settings.work_budget_s
     bucket = str(data.get("bucket") or "")
     name = str(data.get("name") or "")
     generation = str(data.get("generation") or "")
@@ -184,13 +193,21 @@ def handle_storage_event(runtime: Runtime, data: Mapping[str, Any], *, event_id:
         log.info("object was written by this function; ignored (loop guard)", extra=fields)
         return "ignored_own_output"
     if name.endswith(MANIFEST_SUFFIX):
-        return asyncio.run(_manifest(runtime, bucket, name, generation, results))
+        return asyncio.run(_manifest(runtime, bucket, name, generation, results, stop_at))
     content_type = str(data.get("contentType") or "").split(";", 1)[0].strip().lower()
     if not (content_type.startswith("image/") or content_type in _UNTYPED):
         log.info(f"object of type {content_type} is not an image; ignored", extra=fields)
         return "ignored_not_image"
     return asyncio.run(
-        _upload(runtime, bucket, name, generation, results, sniffed=content_type in _UNTYPED)
+        _upload(
+            runtime,
+            bucket,
+            name,
+            generation,
+            results,
+            stop_at,
+            sniffed=content_type in _UNTYPED,
+        )
     )
 
 
@@ -201,30 +218,30 @@ async def _describe_and_write(
     allowed: Collection[str],
     bucket: str,
     results_name: str,
-    source_generation: str | None = None,
+    stop_at: float,
 ) -> tuple[list[Record], StorageUnavailable | None]:
     """Describe every source, then write the batch JSONL once."""
     async with open_pipeline(runtime, prompt=prompt, allowed_buckets=allowed) as pipeline:
-        records = await pipeline.run(uris)
-    store = ResultStore(runtime.storage_client, runtime.io_executor)
+        records = await pipeline.run(uris, stop_at=stop_at)
     try:
-        await store.write(
-            bucket,
-            results_name,
-            to_jsonl(records),
-            content_type=JSONL_TYPE,
-            source_generation=source_generation,
-        )
+        await runtime.store.write(bucket, results_name, to_jsonl(records), content_type=JSONL_TYPE)
     except StorageUnavailable as exc:
         return records, exc
     return records, None
 
 
 async def _upload(
-    runtime: Runtime, bucket: str, name: str, generation: str, results: Location, *, sniffed: bool
+    runtime: Runtime,
+    bucket: str,
+    name: str,
+    generation: str,
+    results: Location,
+    stop_at: float,
+    *,
+    sniffed: bool,
 ) -> str:
     settings = runtime.settings
-    store = ResultStore(runtime.storage_client, runtime.io_executor)
+    store = runtime.store
     sidecar = f"{results.prefix}{name}.json"
     existing, existing_generation = await store.read_json(results.bucket, sidecar)
     if (
@@ -243,15 +260,15 @@ async def _upload(
         allowed_buckets=allowed,
         pinned_generations={source: generation},
     ) as pipeline:
-        (record,) = await pipeline.run([source])
+        (record,) = await pipeline.run([source], stop_at=stop_at)
     if record.error_code is Code.NOT_FOUND:
         # That generation is gone: the object was replaced or deleted, and a
         # newer event (if any) describes what is there now.
         log.info("the event's generation no longer exists; ignored", extra={"object": name})
         return "superseded"
     if record.transient:
-        # A rate limit or outage outlasted our retries: raise so the platform
-        # redelivers the event later, rather than record a failure for good.
+        # A rate limit, outage or the deadline outlasted our retries: raise so
+        # the platform redelivers the event later, not record a failure for good.
         raise TransientFailure(record.source, record.error_message or "transient failure")
     if sniffed and record.error_code is Code.NOT_AN_IMAGE:
         log.info("untyped object is not an image; ignored", extra={"object": name})
@@ -264,7 +281,7 @@ async def _upload(
         # Create-only, or replace exactly the sidecar we read: a concurrent
         # delivery that wrote first wins and this one counts as done.
         if_generation_match=existing_generation or 0,
-        source_generation=generation,
+        metadata={SOURCE_GENERATION_KEY: generation},
     )
     uri = results.uri(f"{name}.json")
     if not written:
@@ -275,10 +292,10 @@ async def _upload(
 
 
 async def _manifest(
-    runtime: Runtime, bucket: str, name: str, generation: str, results: Location
+    runtime: Runtime, bucket: str, name: str, generation: str, results: Location, stop_at: float
 ) -> str:
     settings = runtime.settings
-    store = ResultStore(runtime.storage_client, runtime.io_executor)
+    store = runtime.store
     stem = name[: -len(MANIFEST_SUFFIX)]
     manifest_uri = f"gs://{bucket}/{name}"
     try:
@@ -299,25 +316,111 @@ async def _manifest(
             error_name,
             to_json_bytes(report),
             content_type=JSON_TYPE,
-            source_generation=generation,
+            metadata={SOURCE_GENERATION_KEY: generation},
         )
-        log.error(f"manifest rejected: {exc.message}", extra={"error_code": exc.code})
+        log.error("manifest rejected", extra={"error_code": exc.code, "reason": exc.message})
         return "manifest_invalid"
     output = request.output or results
     results_name = f"{output.prefix}batches/{stem}.jsonl"
     meta = await store.metadata(output.bucket, results_name)
-    if meta is not None and meta.get(SOURCE_GENERATION_KEY) == generation:
+    if (
+        meta is not None
+        and meta.get(SOURCE_GENERATION_KEY) == generation
+        and meta.get(COMPLETE_KEY) != "false"
+    ):
         log.info("manifest already processed for this generation; skipped")
         return "already_done"
+    checkpoints = _Checkpoints(
+        store, output.bucket, f"{output.prefix}batches/{stem}.parts/", generation
+    )
+    done = await checkpoints.load(request.images)
+    todo = [i for i in range(len(request.images)) if i not in done]
+    log.info(
+        "manifest received",
+        extra={"count": len(request.images), "already_done": len(done), "uri": manifest_uri},
+    )
     prompt = request.prompt or settings.prompt
     allowed = settings.allowed_buckets | {bucket} | _present(settings.results_bucket)
-    _, write_error = await _describe_and_write(
-        runtime, request.images, prompt, allowed, output.bucket, results_name, generation
+    async with open_pipeline(runtime, prompt=prompt, allowed_buckets=allowed) as pipeline:
+        fresh = await pipeline.run(
+            [request.images[i] for i in todo],
+            stop_at=stop_at,
+            on_record=lambda position, record: checkpoints.save(todo[position], record),
+        )
+    for index, record in zip(todo, fresh, strict=True):
+        done[index] = record.to_json()
+    remaining = sum(r.error_code is Code.DEADLINE_EXCEEDED for r in fresh)
+    await store.write(
+        output.bucket,
+        results_name,
+        dumps_jsonl(done[i] for i in range(len(request.images))),
+        content_type=JSONL_TYPE,
+        metadata={SOURCE_GENERATION_KEY: generation, COMPLETE_KEY: str(not remaining).lower()},
     )
-    if write_error is not None:
-        raise write_error  # transient: let the platform redeliver the event
-    log.info("manifest done", extra={"uri": output.uri(f"batches/{stem}.jsonl")})
-    return "described_manifest"
+    uri = output.uri(f"batches/{stem}.jsonl")
+    if not remaining:
+        await checkpoints.clear()
+        log.info("manifest done", extra={"uri": uri})
+        return "described_manifest"
+    if checkpoints.saved:
+        # Progress was made and kept: fail this delivery so the platform
+        # redelivers the event, and the next invocation carries on from here.
+        raise TransientFailure(
+            manifest_uri, f"{remaining} of {len(request.images)} sources remain at the deadline"
+        )
+    # Nothing finished in a whole invocation: a redelivery would do the same
+    # again, forever. Stop here; the JSONL says which sources are missing.
+    log.error(
+        "no source finished before the deadline; not asking for redelivery",
+        extra={"uri": uri, "remaining": remaining},
+    )
+    return "manifest_stalled"
+
+
+class _Checkpoints:
+    """A manifest's finished records, one object each, so a redelivery skips them.
+
+    Objects live under ``<prefix><generation>/``: a new upload of the manifest
+    is a new generation and starts afresh. They are written create-only, so two
+    deliveries racing on one source keep the first record.
+    """
+
+    def __init__(self, store: Store, bucket: str, prefix: str, generation: str) -> None:
+        self._store = store
+        self._bucket = bucket
+        self._prefix = f"{prefix}{generation}/"
+        self._generation = generation
+        self.saved = 0
+
+    async def load(self, uris: list[str]) -> dict[int, dict[str, Any]]:
+        found = await self._store.read_all_json(self._bucket, self._prefix)
+        done: dict[int, dict[str, Any]] = {}
+        for name, record in found.items():
+            stem = name[len(self._prefix) :].removesuffix(".json")
+            index = int(stem) if stem.isdigit() else -1
+            if 0 <= index < len(uris) and record.get("source") == uris[index]:
+                done[index] = record
+        return done
+
+    async def save(self, index: int, record: Record) -> None:
+        if record.transient:
+            return  # a retry may do better: describe it again next time
+        written = await self._store.write(
+            self._bucket,
+            f"{self._prefix}{index:06d}.json",
+            to_json_bytes(record.to_json()),
+            content_type=JSON_TYPE,
+            if_generation_match=0,
+            metadata={SOURCE_GENERATION_KEY: self._generation},
+        )
+        self.saved += 1 if written else 0
+
+    async def clear(self) -> None:
+        try:
+            await self._store.delete_all(self._bucket, self._prefix)
+        except StorageUnavailable as exc:
+            # The JSONL is complete and marked so; leftover checkpoints only cost storage.
+            log.warning("could not delete checkpoints", extra={"reason": str(exc)})
 
 
 async def _read_manifest(runtime: Runtime, bucket: str, name: str) -> bytes | None:

@@ -30,6 +30,11 @@ DEFAULT_MODEL_TIMEOUT_S = 60.0
 # First backoff step for model retries; doubles per attempt (full jitter, 30 s cap).
 DEFAULT_MODEL_BACKOFF_S = 1.0
 DEFAULT_DOWNLOAD_TIMEOUT_S = 60.0
+# Cloud Run functions' own default timeout: a function deployed without
+# choosing one is stopped at 60 s, so the budget must not assume more.
+DEFAULT_FUNCTION_TIMEOUT_S = 60.0
+# Time kept back from the budget for writing the finished records.
+DEFAULT_DEADLINE_MARGIN_S = 10.0
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_READ_TIMEOUT_S = 30.0
 
@@ -65,10 +70,18 @@ class Settings:
     model_timeout_s: float = DEFAULT_MODEL_TIMEOUT_S
     model_backoff_s: float = DEFAULT_MODEL_BACKOFF_S
     download_timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S
+    function_timeout_s: float = DEFAULT_FUNCTION_TIMEOUT_S
+    deadline_margin_s: float = DEFAULT_DEADLINE_MARGIN_S
+    fallback_model: str | None = None
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
     gemini: GeminiAccess = field(default_factory=GeminiAccess)
     storage_emulator_host: str | None = None
+
+    @property
+    def work_budget_s(self) -> float:
+        """How long after an invocation starts it may still start or finish work."""
+        return self.function_timeout_s - self.deadline_margin_s
 
     def __post_init__(self) -> None:
         for name in (
@@ -86,6 +99,11 @@ class Settings:
             raise ConfigError("GEMINI_MODEL must not be empty")
         if not self.prompt.strip():
             raise ConfigError("DESCRIBE_PROMPT must not be empty")
+        if self.deadline_margin_s >= self.function_timeout_s:
+            raise ConfigError(
+                f"DEADLINE_MARGIN_S ({self.deadline_margin_s}) must be less than "
+                f"FUNCTION_TIMEOUT_S ({self.function_timeout_s}), or no work could ever start"
+            )
         # Results written with no prefix into the bucket that triggers us would
         # re-trigger the function on its own output: refuse to start instead.
         if not self.results_prefix and not self.results_bucket:
@@ -121,6 +139,9 @@ class Settings:
             model_timeout_s=reader.number("MODEL_TIMEOUT_S", DEFAULT_MODEL_TIMEOUT_S),
             model_backoff_s=reader.number("MODEL_BACKOFF_S", DEFAULT_MODEL_BACKOFF_S),
             download_timeout_s=reader.number("DOWNLOAD_TIMEOUT_S", DEFAULT_DOWNLOAD_TIMEOUT_S),
+            function_timeout_s=reader.number("FUNCTION_TIMEOUT_S", DEFAULT_FUNCTION_TIMEOUT_S),
+            deadline_margin_s=reader.number("DEADLINE_MARGIN_S", DEFAULT_DEADLINE_MARGIN_S),
+            fallback_model=reader.text("GEMINI_FALLBACK_MODEL", "") or None,
             gemini=GeminiAccess(
                 # The SDK's own precedence: GOOGLE_API_KEY wins when both are set.
                 api_key=reader.text("GOOGLE_API_KEY", "")

@@ -1,17 +1,20 @@
 """Writing results to Cloud Storage, and reading back what was already written.
 
-google-cloud-storage is synchronous, so every call runs on the I/O thread pool,
-never on the event loop. Every object written carries :data:`OUTPUT_MARKER`
-in its metadata, so the function can tell its own output from an upload.
+:class:`Store` is what the rest of the package needs from storage;
+:class:`ResultStore` is the Cloud Storage one. google-cloud-storage is
+synchronous, so every call runs on the I/O thread pool, never on the event
+loop. Every object written carries :data:`OUTPUT_MARKER` in its metadata, so
+the function can tell its own output from an upload.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Executor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from google.api_core import exceptions as gexc
 from google.cloud import storage
@@ -22,11 +25,41 @@ OUTPUT_MARKER_KEY = "describer-output"
 OUTPUT_MARKER = {OUTPUT_MARKER_KEY: "true"}
 # Metadata naming the generation of the upload or manifest a result came from.
 SOURCE_GENERATION_KEY = "describer-source-generation"
+# Metadata on a manifest's JSONL: "false" while sources remain after a deadline.
+COMPLETE_KEY = "describer-complete"
+# Reads of checkpoints at once; they only happen when a manifest is redelivered.
+READ_CONCURRENCY = 8
 _T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 def is_own_output(metadata: Mapping[str, Any] | None) -> bool:
     return bool(metadata) and str((metadata or {}).get(OUTPUT_MARKER_KEY, "")).lower() == "true"
+
+
+class Store(Protocol):
+    """Result objects: what the invocation reads back and writes."""
+
+    async def read_json(
+        self, bucket: str, name: str
+    ) -> tuple[dict[str, Any] | None, int | None]: ...
+
+    async def metadata(self, bucket: str, name: str) -> dict[str, str] | None: ...
+
+    async def read_all_json(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]: ...
+
+    async def write(
+        self,
+        bucket: str,
+        name: str,
+        data: bytes,
+        *,
+        content_type: str,
+        if_generation_match: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> bool: ...
+
+    async def delete_all(self, bucket: str, prefix: str) -> int: ...
 
 
 class ResultStore:
@@ -76,6 +109,39 @@ class ResultStore:
         except gexc.GoogleAPICallError as exc:
             raise StorageUnavailable(f"gs://{bucket}/{name}", exc) from exc
 
+    async def read_all_json(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
+        """Every JSON object under ``prefix``, by name; unreadable ones are left out."""
+
+        def names() -> list[str]:
+            return [
+                blob.name
+                for blob in self._client.list_blobs(bucket, prefix=prefix, timeout=self._timeout)
+            ]
+
+        try:
+            found = await self._run(names)
+            read = await bounded_map(
+                lambda name: self.read_json(bucket, name), found, limit=READ_CONCURRENCY
+            )
+        except gexc.GoogleAPICallError as exc:
+            raise StorageUnavailable(f"gs://{bucket}/{prefix}", exc) from exc
+        return {name: data for name, (data, _) in zip(found, read, strict=True) if data}
+
+    async def delete_all(self, bucket: str, prefix: str) -> int:
+        """Delete every object under ``prefix``; return how many went."""
+
+        def delete() -> int:
+            blobs = list(self._client.list_blobs(bucket, prefix=prefix, timeout=self._timeout))
+            for blob in blobs:
+                with contextlib.suppress(gexc.NotFound):  # a concurrent delivery got there first
+                    blob.delete(timeout=self._timeout)
+            return len(blobs)
+
+        try:
+            return await self._run(delete)
+        except gexc.GoogleAPICallError as exc:
+            raise StorageUnavailable(f"gs://{bucket}/{prefix}", exc) from exc
+
     async def write(
         self,
         bucket: str,
@@ -84,7 +150,7 @@ class ResultStore:
         *,
         content_type: str,
         if_generation_match: int | None = None,
-        source_generation: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> bool:
         """Write one object; return False when a generation precondition says it is done.
 
@@ -92,13 +158,11 @@ class ResultStore:
         delivery of the same event that got there first wins, and this one
         counts as already done instead of overwriting.
         """
-        metadata = dict(OUTPUT_MARKER)
-        if source_generation is not None:
-            metadata[SOURCE_GENERATION_KEY] = source_generation
+        marked = {**(metadata or {}), **OUTPUT_MARKER}
 
         def write() -> None:
             blob = self._client.bucket(bucket).blob(name)
-            blob.metadata = metadata
+            blob.metadata = marked
             blob.upload_from_string(
                 data,
                 content_type=content_type,
@@ -113,3 +177,21 @@ class ResultStore:
         except (gexc.GoogleAPICallError, OSError) as exc:
             raise StorageUnavailable(f"gs://{bucket}/{name}", exc) from exc
         return True
+
+
+async def bounded_map(
+    fn: Callable[[_T], Awaitable[_R]], items: Iterable[_T], *, limit: int
+) -> list[_R]:
+    """``[await fn(x) for x in items]`` with at most ``limit`` calls in flight, in order."""
+    indexed = list(enumerate(items))
+    results: list[_R | None] = [None] * len(indexed)
+    pending = iter(indexed)
+
+    async def worker() -> None:
+        for index, item in pending:
+            results[index] = await fn(item)
+
+    async with asyncio.TaskGroup() as group:
+        for _ in range(min(limit, len(indexed))):
+            group.create_task(worker())
+    return results  # type: ignore[return-value]
