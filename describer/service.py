@@ -475,6 +475,7 @@ async def open_pipeline(
                 describer=Describer(
                     client,
                     model=settings.model,
+                    fallback_model=settings.fallback_model,
                     max_attempts=settings.model_max_attempts,
                     backoff_s=settings.model_backoff_s,
                 ),

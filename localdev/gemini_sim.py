@@ -423,6 +423,8 @@ class RunningSimulator:
         done.wait(5)
 
     def stop(self) -> None:
+        # Release held calls first, or shutting down would wait for them.
+        self._call(self.simulator.reset)
         asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
@@ -436,7 +438,8 @@ def start_in_thread(config: SimConfig | None = None, host: str = "127.0.0.1") ->
 
     def serve() -> None:
         asyncio.set_event_loop(loop)
-        runner = web.AppRunner(simulator.app, access_log=None)
+        # Calls hanging on purpose (rate_hang) must not hold up shutdown.
+        runner = web.AppRunner(simulator.app, access_log=None, shutdown_timeout=1.0)
         loop.run_until_complete(runner.setup())
         site = web.TCPSite(runner, host, 0)
         loop.run_until_complete(site.start())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -87,10 +88,23 @@ def start_function(
         args += ["--signature-type", "cloudevent"]
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
-        args, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
+        args,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        # Its own process group: functions-framework serves from a forked
+        # worker, and kill_hard must take the worker down with the parent.
+        start_new_session=True,
     )
     wait_for_port(port, proc)
     return proc
+
+
+def kill_hard(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a function's whole process group, as a crashed instance would die."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

@@ -186,10 +186,13 @@ def make_image(width: int, height: int, colour: str, fmt: str, mode: str = "RGB"
 
 @pytest.fixture
 def make_runtime(gcs: storage.Client, sim: RunningSimulator) -> Iterator[Callable[..., Runtime]]:
-    """Build a Runtime with given settings; clients are passed in, nothing global is patched."""
+    """Build a Runtime with given settings (and optionally its store and address check).
+
+    Clients are passed in; nothing global is patched.
+    """
     made: list[Runtime] = []
 
-    def build(**overrides: Any) -> Runtime:
+    def build(*, store: Any = None, address_allowed: Any = None, **overrides: Any) -> Runtime:
         settings = replace(
             Settings(
                 results_bucket=RESULTS_BUCKET,
@@ -200,8 +203,14 @@ def make_runtime(gcs: storage.Client, sim: RunningSimulator) -> Iterator[Callabl
             ),
             **overrides,
         )
+        extras: dict[str, Any] = {"store": store}
+        if address_allowed is not None:
+            extras["address_allowed"] = address_allowed
         runtime = Runtime(
-            settings=settings, storage_client=gcs, gemini=GeminiConnector(settings.gemini)
+            settings=settings,
+            storage_client=gcs,
+            gemini=GeminiConnector(settings.gemini),
+            **extras,
         )
         made.append(runtime)
         return runtime

@@ -1,0 +1,447 @@
+"""Faults, quotas, deadlines, redelivery and crashes: nothing lost, nothing described twice.
+
+Invocations run in the test process with real clients handed in, except the
+crash test, which kills a real functions-framework process mid-manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from google.cloud import storage
+
+from describer import Runtime, handle_storage_event
+from describer.errors import TransientFailure
+from describer.store import COMPLETE_KEY, SOURCE_GENERATION_KEY
+from localdev import procs
+from localdev.events import finalized_event
+from localdev.gemini_sim import RunningSimulator
+from localdev.memory_store import MemoryStore
+
+from .conftest import API_KEY, function_env, make_image, post_batch, send_event, upload
+
+PARTS = "descriptions/batches/job.parts/"
+
+
+def _records(reply: Any) -> list[dict[str, Any]]:
+    assert reply.status == 200, reply.body
+    return reply.body["results"]  # type: ignore[no-any-return]
+
+
+def _event(blob: storage.Blob) -> dict[str, Any]:
+    _, body = finalized_event(blob)
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+def _widths(sim: RunningSimulator) -> list[int]:
+    """The width of every image the simulator answered for (our test images differ by width)."""
+    return sorted(image["width"] for image in sim.stats.images)
+
+
+@pytest.fixture
+def event_runtime(make_runtime: Callable[..., Runtime]) -> Callable[..., Runtime]:
+    """As make_runtime, but results go to the event's own (fresh) bucket: no RESULTS_BUCKET."""
+    return lambda **kw: make_runtime(**{"results_bucket": None, **kw})
+
+
+@pytest.fixture
+def pictures(bucket: storage.Bucket) -> Callable[[int], list[str]]:
+    """Upload n distinct images (widths 100, 101, ...) and return their gs:// URIs."""
+
+    def make(n: int) -> list[str]:
+        uris = []
+        for i in range(n):
+            name = f"in/{i:03d}.png"
+            upload(bucket, name, make_image(100 + i, 80, "green", "PNG"), "image/png")
+            uris.append(f"gs://{bucket.name}/{name}")
+        return uris
+
+    return make
+
+
+def _manifest(bucket: storage.Bucket, images: list[str]) -> storage.Blob:
+    return upload(bucket, "job.batch.json", json.dumps({"images": images}).encode(), None)
+
+
+def _jsonl(bucket: storage.Bucket) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    blob = bucket.get_blob("descriptions/batches/job.jsonl")
+    assert blob is not None
+    lines = [json.loads(line) for line in blob.download_as_text().splitlines()]
+    return lines, dict(blob.metadata or {})
+
+
+# --- model calls that ride out trouble -------------------------------------------------------
+
+
+def test_a_storm_of_429s_500s_and_timeouts_ends_with_every_image_described(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    """30% 429 (with RetryInfo), 10% 500 and 5% hangs past the timeout are all ridden out."""
+    # GIVEN a model that fails 45% of calls in three different ways
+    sim.configure(
+        api_key=API_KEY,
+        rate_429=0.3,
+        rate_500=0.1,
+        rate_hang=0.05,
+        hang_ms=3_000,
+        retry_delay_s=0.02,
+        seed=7,
+    )
+    runtime = make_runtime(model_max_attempts=12, model_timeout_s=0.5, model_concurrency=6)
+    images = [f"{image_server}/{n}" for n in ("chelsea.png", "coffee.png", "rocket.jpg")] * 8
+    # WHEN a batch of 24 is described
+    records = _records(post_batch(runtime, {"images": images}))
+    # THEN every record is ok, and the attempts recorded are exactly the calls made
+    assert [r["status"] for r in records] == ["ok"] * 24, [r["error"] for r in records]
+    assert sum(r["attempts"] for r in records) == sim.stats.calls
+    assert sim.stats.calls <= 24 * 12
+    # AND the faults really happened and were retried
+    assert sim.stats.by_status.get("429", 0) > 0 and sim.stats.by_status.get("500", 0) > 0
+    assert max(r["attempts"] for r in records) > 1
+
+
+def test_a_model_that_never_answers_times_out_after_bounded_attempts(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    """Calls that hang past MODEL_TIMEOUT_S are retried, then recorded as timeout."""
+    sim.configure(api_key=API_KEY, rate_hang=1.0, hang_ms=5_000)
+    runtime = make_runtime(model_max_attempts=2, model_timeout_s=0.3)
+    (record,) = _records(post_batch(runtime, {"images": [f"{image_server}/chelsea.png"]}))
+    assert record["error"]["code"] == "timeout"
+    assert record["attempts"] == 2
+    assert sim.stats.calls == 2
+
+
+def test_a_quota_on_calls_in_flight_is_absorbed_by_retries(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    """A model that answers 429 above 2 calls in flight still describes a batch sent 6 at a time."""
+    sim.configure(api_key=API_KEY, max_in_flight=2, latency_ms=30, retry_delay_s=0.02)
+    runtime = make_runtime(model_concurrency=6, model_max_attempts=20)
+    images = [f"{image_server}/chelsea.png", f"{image_server}/coffee.png"] * 6
+    records = _records(post_batch(runtime, {"images": images}))
+    assert [r["status"] for r in records] == ["ok"] * 12
+    assert sim.stats.by_status.get("429", 0) > 0
+    assert sim.stats.ok == 12
+
+
+def test_a_missing_model_falls_back_to_gemini_fallback_model(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    """GEMINI_FALLBACK_MODEL describes the batch when GEMINI_MODEL does not exist."""
+    sim.configure(api_key=API_KEY, known_models=["gemini-old-but-here"])
+    runtime = make_runtime(
+        model="gemini-gone", fallback_model="gemini-old-but-here", model_concurrency=2
+    )
+    images = [f"{image_server}/chelsea.png"] * 5
+    records = _records(post_batch(runtime, {"images": images}))
+    assert [(r["status"], r["model"]) for r in records] == [("ok", "gemini-old-but-here")] * 5
+    # Only the calls already under way when the first 404 came went to the missing model.
+    assert sim.stats.by_status["404"] <= 2
+    assert sim.stats.ok == 5
+
+
+def test_a_missing_fallback_is_named_beside_the_missing_model(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    """When neither model exists the error names both settings."""
+    sim.configure(api_key=API_KEY, known_models=["something-else"])
+    runtime = make_runtime(model="gemini-gone", fallback_model="gemini-also-gone")
+    (record,) = _records(post_batch(runtime, {"images": [f"{image_server}/chelsea.png"]}))
+    assert record["error"]["code"] == "model_error"
+    assert "GEMINI_MODEL" in record["error"]["message"]
+    assert "'gemini-also-gone' (GEMINI_FALLBACK_MODEL)" in record["error"]["message"]
+    assert sim.stats.calls == 2
+
+
+# --- the deadline ----------------------------------------------------------------------------
+
+
+def test_the_deadline_keeps_finished_records_and_marks_the_rest(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    """At FUNCTION_TIMEOUT_S - DEADLINE_MARGIN_S work stops and every source still has a record."""
+    # GIVEN a model that answers 3 calls and then holds every further call
+    sim.configure(api_key=API_KEY, answer_limit=3)
+    runtime = make_runtime(
+        function_timeout_s=2.0, deadline_margin_s=1.0, model_concurrency=1, download_concurrency=1
+    )
+    images = [f"{image_server}/chelsea.png"] * 8
+    # WHEN a batch of 8 is described
+    started = time.monotonic()
+    records = _records(post_batch(runtime, {"images": images}))
+    elapsed = time.monotonic() - started
+    # THEN it returns within the function's timeout, with one record per source, in order
+    assert elapsed < 2.0
+    assert [r["source"] for r in records] == images
+    statuses = [r["status"] if r["error"] is None else r["error"]["code"] for r in records]
+    assert statuses.count("ok") == 3
+    assert statuses.count("deadline_exceeded") == 5
+    messages = {r["error"]["message"] for r in records if r["error"]}
+    # AND the records say whether the source was cut off or never started
+    assert any("stopped unfinished" in m for m in messages)
+    assert any("not started" in m for m in messages)
+
+
+def test_an_upload_cut_off_by_the_deadline_asks_for_redelivery(
+    event_runtime: Callable[..., Runtime],
+    bucket: storage.Bucket,
+    pictures: Callable[[int], list[str]],
+    sim: RunningSimulator,
+) -> None:
+    """An upload that runs out of time raises (so Eventarc redelivers) and writes no sidecar."""
+    sim.configure(api_key=API_KEY, answer_limit=0)
+    runtime = event_runtime(function_timeout_s=1.5, deadline_margin_s=1.0)
+    (uri,) = pictures(1)
+    blob = bucket.get_blob(uri.split("/", 3)[3])
+    assert blob is not None
+    with pytest.raises(TransientFailure, match="deadline"):
+        handle_storage_event(runtime, _event(blob))
+    assert bucket.get_blob(f"descriptions/{blob.name}.json") is None
+
+
+# --- manifests: checkpoints, redelivery, crashes ---------------------------------------------
+
+
+def test_a_manifest_cut_off_by_the_deadline_resumes_on_redelivery_without_repeats(
+    event_runtime: Callable[..., Runtime],
+    bucket: storage.Bucket,
+    pictures: Callable[[int], list[str]],
+    sim: RunningSimulator,
+) -> None:
+    """A manifest cut off by the deadline keeps its progress; the redelivery does only the rest."""
+    images = pictures(6)
+    manifest = _manifest(bucket, images)
+    runtime = event_runtime(function_timeout_s=1.5, deadline_margin_s=1.0, model_concurrency=2)
+    # GIVEN a model that answers only 2 calls in the first delivery
+    sim.configure(api_key=API_KEY, answer_limit=2)
+    # WHEN the manifest event arrives THEN the invocation asks for redelivery
+    with pytest.raises(TransientFailure, match="4 of 6 sources remain"):
+        handle_storage_event(runtime, _event(manifest))
+    first = _widths(sim)
+    lines, meta = _jsonl(bucket)
+    # AND the JSONL already holds every source, marked incomplete
+    assert meta[COMPLETE_KEY] == "false"
+    assert [line["status"] for line in lines].count("ok") == 2
+    assert [line["error"]["code"] for line in lines if line["error"]] == ["deadline_exceeded"] * 4
+    # WHEN the event is redelivered to a model without the limit
+    sim.configure(api_key=API_KEY)
+    assert handle_storage_event(runtime, _event(manifest)) == "described_manifest"
+    # THEN only the 4 unfinished sources were described, and the JSONL is whole and in order
+    assert len(first) == 2 and len(_widths(sim)) == 4
+    assert sorted(first + _widths(sim)) == list(range(100, 106))
+    lines, meta = _jsonl(bucket)
+    assert [line["source"] for line in lines] == images
+    assert [line["status"] for line in lines] == ["ok"] * 6
+    assert meta[COMPLETE_KEY] == "true"
+    assert meta[SOURCE_GENERATION_KEY] == str(manifest.generation)
+    # AND the checkpoints are gone, and a third delivery does nothing
+    assert not list(bucket.list_blobs(prefix=PARTS))
+    assert handle_storage_event(runtime, _event(manifest)) == "already_done"
+    assert sim.stats.calls == 4
+
+
+def test_a_manifest_with_no_progress_at_all_does_not_loop(
+    event_runtime: Callable[..., Runtime],
+    bucket: storage.Bucket,
+    pictures: Callable[[int], list[str]],
+    sim: RunningSimulator,
+) -> None:
+    """If nothing finishes in a whole invocation, it stops instead of asking for redelivery."""
+    sim.configure(api_key=API_KEY, answer_limit=0)
+    runtime = event_runtime(function_timeout_s=1.5, deadline_margin_s=1.0)
+    manifest = _manifest(bucket, pictures(2))
+    assert handle_storage_event(runtime, _event(manifest)) == "manifest_stalled"
+    lines, meta = _jsonl(bucket)
+    assert meta[COMPLETE_KEY] == "false"
+    assert [line["error"]["code"] for line in lines] == ["deadline_exceeded"] * 2
+
+
+@pytest.fixture
+def killable_function(
+    emulator_url: str, sim_server: RunningSimulator, gcs: storage.Client, tmp_path: Path
+) -> Iterator[Callable[[], tuple[Any, str]]]:
+    """Start describe_gcs processes that the test may kill; all are stopped at the end."""
+    started: list[Any] = []
+
+    def start() -> tuple[Any, str]:
+        port = procs.free_port()
+        proc = procs.start_function(
+            "describe_gcs",
+            port,
+            function_env(emulator_url, sim_server.url, MODEL_CONCURRENCY="2"),
+            cloudevent=True,
+            log_path=tmp_path / f"describe_gcs-{len(started)}.log",
+        )
+        started.append(proc)
+        return proc, f"http://127.0.0.1:{port}/"
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            procs.kill_hard(proc)
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    """Poll real state (storage, simulator stats) until it holds; fail after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_a_process_killed_mid_manifest_loses_nothing_and_repeats_nothing(
+    killable_function: Callable[[], tuple[Any, str]],
+    bucket: storage.Bucket,
+    pictures: Callable[[int], list[str]],
+    sim: RunningSimulator,
+) -> None:
+    """SIGKILL mid-manifest, then redelivery: every image is described exactly once overall."""
+    images = pictures(8)
+    manifest = _manifest(bucket, images)
+    # GIVEN a function process describing the manifest, whose model answers 3 calls and holds
+    sim.configure(api_key=API_KEY, answer_limit=3)
+    proc, url = killable_function()
+
+    def kill_once_three_are_kept() -> None:
+        _wait_for(
+            lambda: sim.stats.held >= 1 and len(list(bucket.list_blobs(prefix=PARTS))) >= 3,
+            "three checkpoints and a held call",
+        )
+        procs.kill_hard(proc)
+
+    # WHEN the event is in flight, three answers are checkpointed and the next calls
+    # are held, the process is killed (SIGKILL: no clean-up of any kind)
+    killer = threading.Thread(target=kill_once_three_are_kept)
+    killer.start()
+    headers, body = finalized_event(manifest)
+    try:
+        with pytest.raises(requests.ConnectionError):
+            requests.post(url, data=body, headers=headers, timeout=60)
+    finally:
+        killer.join()
+    first = _widths(sim)
+    assert len(first) == 3
+    # WHEN the platform redelivers the event to a fresh process, with the model healthy
+    sim.configure(api_key=API_KEY)
+    _, url = killable_function()
+    assert send_event(url, manifest).status_code == 200
+    # THEN the 5 that were not kept are described, none of the 3 again
+    second = _widths(sim)
+    assert len(second) == 5
+    assert sorted(first + second) == list(range(100, 108))
+    lines, meta = _jsonl(bucket)
+    assert [line["source"] for line in lines] == images
+    assert [line["status"] for line in lines] == ["ok"] * 8
+    assert meta[COMPLETE_KEY] == "true"
+
+
+# --- create-only writes, against a store that enforces preconditions ---------------------------
+
+
+def test_a_sidecar_written_first_by_another_delivery_wins(
+    event_runtime: Callable[..., Runtime],
+    bucket: storage.Bucket,
+    pictures: Callable[[int], list[str]],
+    sim: RunningSimulator,
+) -> None:
+    """The create-only sidecar write loses to a concurrent delivery and counts as done."""
+    store = MemoryStore()
+    runtime = event_runtime(store=store)
+    (uri,) = pictures(1)
+    blob = bucket.get_blob(uri.split("/", 3)[3])
+    assert blob is not None
+    sidecar = f"descriptions/{blob.name}.json"
+
+    async def other_delivery_writes_first(bucket_name: str, name: str) -> None:
+        if name == sidecar and (bucket_name, name) not in store.objects:
+            store.put(bucket_name, name, b'{"description": "the other delivery"}')
+
+    # GIVEN another delivery of the same event that writes the sidecar just before this one
+    store.before_write = other_delivery_writes_first
+    # WHEN this delivery finishes THEN it counts as done and leaves the other's result
+    assert handle_storage_event(runtime, _event(blob)) == "already_done"
+    assert store.rejected == [(bucket.name, sidecar)]
+    assert json.loads(store.objects[(bucket.name, sidecar)].data) == {
+        "description": "the other delivery"
+    }
+
+
+def test_a_sidecar_replaced_between_read_and_write_is_not_overwritten(
+    event_runtime: Callable[..., Runtime],
+    bucket: storage.Bucket,
+    pictures: Callable[[int], list[str]],
+    sim: RunningSimulator,
+) -> None:
+    """Replacing an older sidecar is conditional on the generation that was read."""
+    store = MemoryStore()
+    runtime = event_runtime(store=store)
+    (uri,) = pictures(1)
+    blob = bucket.get_blob(uri.split("/", 3)[3])
+    assert blob is not None
+    sidecar = f"descriptions/{blob.name}.json"
+    # GIVEN a sidecar for an older generation of the object
+    store.put(bucket.name, sidecar, json.dumps({"generation": "1"}).encode())
+
+    async def newer_delivery_replaces_it(bucket_name: str, name: str) -> None:
+        if name == sidecar and not store.rejected:
+            store.put(bucket_name, name, json.dumps({"generation": "99"}).encode())
+
+    # WHEN a newer delivery replaces it while this one is describing
+    store.before_write = newer_delivery_replaces_it
+    # THEN this write is refused and the newer result stays
+    assert handle_storage_event(runtime, _event(blob)) == "already_done"
+    assert json.loads(store.objects[(bucket.name, sidecar)].data) == {"generation": "99"}
+
+
+def test_without_a_race_the_sidecar_is_created_once(
+    event_runtime: Callable[..., Runtime],
+    bucket: storage.Bucket,
+    pictures: Callable[[int], list[str]],
+    sim: RunningSimulator,
+) -> None:
+    """The same event twice against the enforcing store: one model call, one write, no rejects."""
+    store = MemoryStore()
+    runtime = event_runtime(store=store)
+    (uri,) = pictures(1)
+    blob = bucket.get_blob(uri.split("/", 3)[3])
+    assert blob is not None
+    assert handle_storage_event(runtime, _event(blob)) == "described"
+    assert handle_storage_event(runtime, _event(blob)) == "already_done"
+    assert sim.stats.calls == 1
+    assert store.rejected == []
+    assert store.names(bucket.name) == [f"descriptions/{blob.name}.json"]
+
+
+def test_manifest_checkpoints_are_create_only(
+    event_runtime: Callable[..., Runtime],
+    bucket: storage.Bucket,
+    pictures: Callable[[int], list[str]],
+    sim: RunningSimulator,
+) -> None:
+    """A checkpoint already written by a racing delivery is kept, and the batch still completes."""
+    store = MemoryStore()
+    runtime = event_runtime(store=store)
+    images = pictures(3)
+    manifest = _manifest(bucket, images)
+    racing = f"{PARTS}{manifest.generation}/000001.json"
+
+    async def racing_delivery(bucket_name: str, name: str) -> None:
+        if name == racing and (bucket_name, name) not in store.objects:
+            store.put(bucket_name, name, json.dumps({"source": images[1], "racer": True}).encode())
+
+    store.before_write = racing_delivery
+    assert handle_storage_event(runtime, _event(manifest)) == "described_manifest"
+    assert store.rejected == [(bucket.name, racing)]
+    lines = store.objects[(bucket.name, "descriptions/batches/job.jsonl")].data.splitlines()
+    assert [json.loads(line)["source"] for line in lines] == images
+    # The checkpoints were cleared once the JSONL was complete.
+    assert store.names(bucket.name, PARTS) == []
