@@ -16,6 +16,9 @@ MAX_PROMPT_CHARS = 8000
 _FIELDS = frozenset({"images", "prompt", "output"})
 # Bucket names per https://cloud.google.com/storage/docs/buckets#naming (dots allowed).
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+# "example.com:8080/a.png" parses as scheme "example.com": it is a host and
+# port with the scheme left out, not a URI of some other scheme.
+_HOST_AND_PORT = re.compile(r"^[a-z0-9.+-]+:[0-9]", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -129,9 +132,9 @@ def parse_source(uri: str) -> Source:
         raise SourceError(
             Code.INVALID_SOURCE, "The URI has non-ASCII characters; percent-encode them."
         )
-    if uri.startswith("gs://"):
+    if uri[:5].lower() == "gs://":
         try:
-            bucket, name = _split_gs(uri)
+            bucket, name = _split_gs("gs://" + uri[5:])
         except ValueError as exc:
             raise SourceError(Code.INVALID_SOURCE, f"The URI {exc}") from None
         if not name or name.endswith("/"):
@@ -141,10 +144,17 @@ def parse_source(uri: str) -> Source:
         parts = urlsplit(uri)
     except ValueError:
         raise SourceError(Code.INVALID_SOURCE, "The URI is malformed.") from None
-    if parts.scheme.lower() not in ("http", "https"):
+    scheme = parts.scheme.lower()
+    if not scheme or (scheme not in ("http", "https") and _HOST_AND_PORT.match(uri)):
         raise SourceError(
-            Code.INVALID_SOURCE,
-            f"Unsupported scheme {parts.scheme or '(none)'!r}: use http://, https:// or gs://.",
+            Code.INVALID_SOURCE, "The URI has no scheme: start it with http://, https:// or gs://."
+        )
+    if scheme not in ("http", "https"):
+        # file:, ftp:, gopher:, data: and the rest would reach what no caller
+        # should reach through this function: refused, like private addresses.
+        raise SourceError(
+            Code.FORBIDDEN_SOURCE,
+            f"The scheme {scheme!r} is refused: only http://, https:// and gs:// are accepted.",
         )
     try:
         host = parts.hostname

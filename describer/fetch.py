@@ -51,6 +51,9 @@ def open_http_session(
         timeout=timeout,
         headers={"User-Agent": _USER_AGENT},
         auto_decompress=False,
+        # Never through a proxy from the environment: the resolver would then
+        # check the proxy's address, not the source's.
+        trust_env=False,
     )
 
 
@@ -84,31 +87,34 @@ class Fetcher:
 
     async def _fetch_http(self, source: HttpSource) -> bytes:
         url = source.uri
+        hop = 0  # redirects followed so far; a refusal after one names where it led
         try:
-            for _hop in range(MAX_REDIRECTS + 1):
-                # Check the host exactly as aiohttp will connect to it (yarl's
-                # normalisation), not as another parser reads the string.
-                target = yarl.URL(url)
+            while True:
+                target = _http_target(url, hop)
                 if not self._settings.allow_private_urls:
-                    check_literal_host(target.host or "", self._address_allowed)
+                    # Check the host exactly as aiohttp will use it (yarl's
+                    # raw_host), not as another parser reads the string.
+                    check_literal_host(target.raw_host or "", self._address_allowed)
                 async with self._session.get(target, allow_redirects=False) as response:
-                    if response.status in _REDIRECTS and "Location" in response.headers:
-                        url = urljoin(url, response.headers["Location"])
-                        if urlsplit(url).scheme.lower() not in ("http", "https"):
+                    location = response.headers.get("Location")
+                    if response.status in _REDIRECTS and location is not None:
+                        if hop == MAX_REDIRECTS:
                             raise SourceError(
                                 Code.FORBIDDEN_SOURCE,
-                                f"The source redirected to a non-http(s) URL ({url[:100]}).",
+                                f"The source redirected more than {MAX_REDIRECTS} times; "
+                                f"at most {MAX_REDIRECTS} redirects are followed.",
                             )
+                        url = _redirect_url(url, location)
+                        hop += 1
                         continue
                     return await self._read_body(response)
-            raise SourceError(
-                Code.DOWNLOAD_FAILED, f"The source redirected more than {MAX_REDIRECTS} times."
-            )
         except ForbiddenAddress as exc:
-            raise SourceError(Code.FORBIDDEN_SOURCE, _forbidden(exc)) from None
+            raise SourceError(Code.FORBIDDEN_SOURCE, _forbidden(exc, url, hop)) from None
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, ForbiddenAddress):
-                raise SourceError(Code.FORBIDDEN_SOURCE, _forbidden(exc.os_error)) from None
+                raise SourceError(
+                    Code.FORBIDDEN_SOURCE, _forbidden(exc.os_error, url, hop)
+                ) from None
             raise SourceError(Code.DOWNLOAD_FAILED, f"Could not connect: {exc.os_error}.") from None
         except TimeoutError:
             raise SourceError(Code.TIMEOUT, "The download timed out.") from None
@@ -190,8 +196,61 @@ def _too_large(size: int | None, cap: int) -> str:
     return f"The source is {have}larger than MAX_IMAGE_BYTES ({cap} bytes)."
 
 
-def _forbidden(exc: OSError) -> str:
+def _http_target(url: str, hop: int) -> yarl.URL:
+    """The URL aiohttp will request, refused unless every parser reads the same host from it."""
+    where = "The source" if hop == 0 else f"The source redirected to {_shown(url)}, which"
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise SourceError(Code.FORBIDDEN_SOURCE, f"{where} is not a well-formed URL.") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise SourceError(
+            Code.FORBIDDEN_SOURCE,
+            f"{where} is not an http or https URL, and only those are fetched.",
+        )
+    if "\\" in parts.netloc:
+        # Browsers read a backslash as '/', so the host would end before it.
+        raise SourceError(
+            Code.FORBIDDEN_SOURCE,
+            f"{where} has a backslash in its host part, which parsers read differently.",
+        )
+    try:
+        target = yarl.URL(url)
+    except ValueError:
+        raise SourceError(Code.FORBIDDEN_SOURCE, f"{where} is not a well-formed URL.") from None
+    host = target.raw_host or ""
+    if not host or ("[" in parts.netloc and ":" not in host):
+        # "[v1.example]" (an IPvFuture literal) turns into a plain name in yarl.
+        raise SourceError(Code.FORBIDDEN_SOURCE, f"{where} has no usable host.")
+    return target
+
+
+def _redirect_url(base: str, location: str) -> str:
+    """Resolve a Location header against the URL that answered with it."""
+    if "\\" in location.split("?", 1)[0].split("#", 1)[0]:
+        # "/\\127.0.0.1/" is a path here but another host to a browser: refuse
+        # rather than guess which reading the server meant.
+        raise SourceError(
+            Code.FORBIDDEN_SOURCE,
+            f"The source redirected to {_shown(location)}, a location with a backslash, "
+            "which parsers read as different hosts.",
+        )
+    try:
+        return urljoin(base, location)
+    except ValueError:
+        raise SourceError(
+            Code.FORBIDDEN_SOURCE,
+            f"The source redirected to {_shown(location)}, which is not a well-formed URL.",
+        ) from None
+
+
+def _shown(url: str) -> str:
+    return url if len(url) <= 100 else url[:97] + "..."
+
+
+def _forbidden(exc: OSError, url: str, hop: int) -> str:
+    where = "The source" if hop == 0 else f"The source redirected to {_shown(url)}, which"
     return (
-        f"The source is not on the public internet ({exc}); "
-        "ALLOW_PRIVATE_URLS exists for local tests only."
+        f"{where} is not on the public internet: {exc}. "
+        "ALLOW_PRIVATE_URLS lifts this check, for local testing only."
     )

@@ -25,7 +25,8 @@ _SEVERITY = {
     logging.ERROR: "ERROR",
     logging.CRITICAL: "CRITICAL",
 }
-_FIELDS = ("status", "error_code", "attempts", "event_id", "bucket", "object", "count", "uri")
+# Attributes every LogRecord has: anything else came from ``extra=`` and is logged as a field.
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "source"}
 _ROOT = "describer"
 
 
@@ -48,9 +49,8 @@ class JsonFormatter(logging.Formatter):
         trace = trace_var.get()
         if trace:
             entry["logging.googleapis.com/trace"] = trace
-        for name in _FIELDS:
-            value = getattr(record, name, None)
-            if value is not None:
+        for name, value in vars(record).items():
+            if name not in _STANDARD and value is not None and not name.startswith("_"):
                 entry[name] = value
         if record.exc_info:
             entry["stack_trace"] = self.formatException(record.exc_info)

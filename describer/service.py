@@ -167,8 +167,20 @@ def handle_storage_event(runtime: Runtime, data: Mapping[str, Any], *, event_id:
     """Handle one object-finalized event; return what was done (for logs and tests).
 
     Returns normally for anything a retry cannot fix; raises StorageUnavailable
-    when results could not be written, so the platform redelivers the event.
+    or TransientFailure when a retry may help, so the platform redelivers the event.
     """
+    try:
+        return _handle_storage_event(runtime, data, event_id=event_id)
+    except (StorageUnavailable, TransientFailure) as exc:
+        # One structured line for Cloud Logging before the framework's plain traceback.
+        log.error(
+            "event failed for a passing cause; asking for redelivery",
+            extra={"reason": str(exc), "event_id": event_id},
+        )
+        raise
+
+
+def _handle_storage_event(runtime: Runtime, data: Mapping[str, Any], *, event_id: str) -> str:
     settings = runtime.settings
     stop_at = time.monotonic() + settings.work_budget_s
     bucket = str(data.get("bucket") or "")
@@ -196,7 +208,7 @@ def handle_storage_event(runtime: Runtime, data: Mapping[str, Any], *, event_id:
         return asyncio.run(_manifest(runtime, bucket, name, generation, results, stop_at))
     content_type = str(data.get("contentType") or "").split(";", 1)[0].strip().lower()
     if not (content_type.startswith("image/") or content_type in _UNTYPED):
-        log.info(f"object of type {content_type} is not an image; ignored", extra=fields)
+        log.info("object is not an image; ignored", extra={**fields, "content_type": content_type})
         return "ignored_not_image"
     return asyncio.run(
         _upload(
@@ -527,12 +539,14 @@ def _present(value: str | None) -> set[str]:
 
 
 def _trace(headers: Mapping[str, str], project: str | None) -> str | None:
+    """The trace id from X-Cloud-Trace-Context or W3C traceparent (header names ignore case)."""
+    lowered = {k.lower(): v for k, v in headers.items()}
     trace_id = None
-    cloud = headers.get("X-Cloud-Trace-Context")
+    cloud = lowered.get("x-cloud-trace-context")
     if cloud:
         trace_id = cloud.split("/", 1)[0].strip()
     else:
-        parent = headers.get("traceparent", "").split("-")
+        parent = lowered.get("traceparent", "").split("-")
         if len(parent) == 4:
             trace_id = parent[1]
     if not trace_id or not trace_id.isalnum():

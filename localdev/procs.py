@@ -64,6 +64,19 @@ def start_storage_emulator(port: int, log_path: Path | None = None) -> subproces
     return proc
 
 
+def start_simulator(port: int, log_path: Path | None = None) -> subprocess.Popen[bytes]:
+    """The Gemini simulator in a process of its own (when the caller's memory must be its own)."""
+    out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "localdev.gemini_sim", "--port", str(port)],
+        cwd=ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    wait_for_port(port, proc)
+    return proc
+
+
 def start_function(
     target: str,
     port: int,

@@ -113,7 +113,7 @@ def test_bad_sources_become_error_records_and_the_rest_is_described(
     codes = [r["error"]["code"] if r["error"] else r["status"] for r in results]
     assert codes == [
         "not_found",
-        "invalid_source",
+        "forbidden_source",
         "not_an_image",
         "not_an_image",
         "forbidden_source",

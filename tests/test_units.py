@@ -65,7 +65,6 @@ def test_sources_are_classified_by_scheme() -> None:
     [
         "",
         "example.com/a.jpg",
-        "file:///etc/passwd",
         "gs://bucket-only",
         "gs://bucket/folder/",
         "gs://Bad_Bucket/x.png",
