@@ -37,6 +37,11 @@ _BLOCK_FINISH = frozenset(
 BACKOFF_CAP_S = 30.0
 _DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)s\s*$")
 log = logging.getLogger(__name__)
+_MEDIA_RESOLUTION = {
+    "low": types.MediaResolution.MEDIA_RESOLUTION_LOW,
+    "medium": types.MediaResolution.MEDIA_RESOLUTION_MEDIUM,
+    "high": types.MediaResolution.MEDIA_RESOLUTION_HIGH,
+}
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,7 @@ class Describer:
         max_attempts: int,
         backoff_s: float,
         fallback_model: str | None = None,
+        media_resolution: str = "default",
         rng: random.Random | None = None,
     ) -> None:
         self._client = client
@@ -117,6 +123,13 @@ class Describer:
         self._max_attempts = max_attempts
         self._backoff_s = backoff_s
         self._rng = rng or random.Random()
+        self._media_resolution = _MEDIA_RESOLUTION.get(media_resolution)
+
+    def _config(self, model: str) -> types.GenerateContentConfig | None:
+        """Media resolution for Gemini 3 models, which bill image tokens by it."""
+        if self._media_resolution is None or not model.startswith("gemini-3"):
+            return None
+        return types.GenerateContentConfig(media_resolution=self._media_resolution)
 
     async def describe(self, image: PreparedImage, prompt: str) -> Described:
         contents: list[types.PartUnion] = [
@@ -130,7 +143,7 @@ class Describer:
             model = self._model
             try:
                 response = await self._client.aio.models.generate_content(
-                    model=model, contents=contents
+                    model=model, contents=contents, config=self._config(model)
                 )
             except genai_errors.APIError as exc:
                 if exc.code == 404 and self._use_fallback_after(model):

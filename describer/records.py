@@ -99,6 +99,16 @@ def counts(records: Iterable[Record]) -> dict[str, int]:
     return tally
 
 
+def total_usage(records: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Tokens billed for a whole batch, summed over its records' ``usage``."""
+    total = {"prompt_tokens": 0, "output_tokens": 0}
+    for record in records:
+        usage = record.get("usage") or {}
+        for key in total:
+            total[key] += int(usage.get(key) or 0)
+    return total
+
+
 def to_jsonl(records: Iterable[Record]) -> bytes:
     """One compact JSON object per line, in input order."""
     return dumps_jsonl(r.to_json() for r in records)

@@ -32,7 +32,7 @@ from .gemini import Describer, GeminiConnector
 from .logs import batch_var, trace_var
 from .netguard import AddressCheck, is_public
 from .pipeline import Pipeline, StageLimits
-from .records import Record, counts, dumps_jsonl, to_jsonl
+from .records import Record, counts, dumps_jsonl, to_jsonl, total_usage
 from .settings import Settings
 from .store import COMPLETE_KEY, SOURCE_GENERATION_KEY, ResultStore, Store, is_own_output
 
@@ -150,6 +150,7 @@ def handle_http(
         "batch_id": batch_id,
         "results_uri": f"gs://{output.bucket}/{results_name}",
         "counts": counts(records),
+        "usage": total_usage(r.to_json() for r in records),
         "results": [r.to_json() for r in records],
     }
     if write_error is not None:
@@ -159,7 +160,15 @@ def handle_http(
         body["results_uri"] = None
         body["error"] = {"code": "results_write_failed", "message": str(write_error)}
         return HttpReply(503, body)
-    log.info("batch done", extra={"uri": body["results_uri"], "count": len(records)})
+    log.info(
+        "batch done",
+        extra={
+            "uri": body["results_uri"],
+            "count": len(records),
+            "counts": body["counts"],
+            "usage": body["usage"],
+        },
+    )
     return HttpReply(200, body)
 
 
@@ -372,7 +381,10 @@ async def _manifest(
     uri = output.uri(f"batches/{stem}.jsonl")
     if not remaining:
         await checkpoints.clear()
-        log.info("manifest done", extra={"uri": uri})
+        log.info(
+            "manifest done",
+            extra={"uri": uri, "count": len(done), "usage": total_usage(done.values())},
+        )
         return "described_manifest"
     if checkpoints.saved:
         # Progress was made and kept: fail this delivery so the platform
@@ -488,6 +500,7 @@ async def open_pipeline(
                     client,
                     model=settings.model,
                     fallback_model=settings.fallback_model,
+                    media_resolution=settings.media_resolution,
                     max_attempts=settings.model_max_attempts,
                     backoff_s=settings.model_backoff_s,
                 ),

@@ -35,6 +35,11 @@ DEFAULT_DOWNLOAD_TIMEOUT_S = 60.0
 DEFAULT_FUNCTION_TIMEOUT_S = 60.0
 # Time kept back from the budget for writing the finished records.
 DEFAULT_DEADLINE_MARGIN_S = 10.0
+# Gemini 3 bills an image by its media resolution, not its pixels: low 280,
+# medium 560, high 1120 tokens. Medium keeps the detail a caption or alt text
+# needs at half the model's own default (high).
+DEFAULT_MEDIA_RESOLUTION = "medium"
+MEDIA_RESOLUTIONS = ("low", "medium", "high", "default")
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_READ_TIMEOUT_S = 30.0
 
@@ -73,6 +78,7 @@ class Settings:
     function_timeout_s: float = DEFAULT_FUNCTION_TIMEOUT_S
     deadline_margin_s: float = DEFAULT_DEADLINE_MARGIN_S
     fallback_model: str | None = None
+    media_resolution: str = DEFAULT_MEDIA_RESOLUTION
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
     gemini: GeminiAccess = field(default_factory=GeminiAccess)
@@ -99,6 +105,11 @@ class Settings:
             raise ConfigError("GEMINI_MODEL must not be empty")
         if not self.prompt.strip():
             raise ConfigError("DESCRIBE_PROMPT must not be empty")
+        if self.media_resolution not in MEDIA_RESOLUTIONS:
+            raise ConfigError(
+                f"MEDIA_RESOLUTION must be one of {', '.join(MEDIA_RESOLUTIONS)}, "
+                f"got {self.media_resolution!r}"
+            )
         if self.deadline_margin_s >= self.function_timeout_s:
             raise ConfigError(
                 f"DEADLINE_MARGIN_S ({self.deadline_margin_s}) must be less than "
@@ -142,6 +153,7 @@ class Settings:
             function_timeout_s=reader.number("FUNCTION_TIMEOUT_S", DEFAULT_FUNCTION_TIMEOUT_S),
             deadline_margin_s=reader.number("DEADLINE_MARGIN_S", DEFAULT_DEADLINE_MARGIN_S),
             fallback_model=reader.text("GEMINI_FALLBACK_MODEL", "") or None,
+            media_resolution=reader.text("MEDIA_RESOLUTION", DEFAULT_MEDIA_RESOLUTION).lower(),
             gemini=GeminiAccess(
                 # The SDK's own precedence: GOOGLE_API_KEY wins when both are set.
                 api_key=reader.text("GOOGLE_API_KEY", "")

@@ -40,7 +40,7 @@ def test_batch_results_come_back_in_input_order_and_match_the_jsonl(
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("application/json")
     body = response.json()
-    assert list(body) == ["batch_id", "results_uri", "counts", "results"]
+    assert list(body) == ["batch_id", "results_uri", "counts", "usage", "results"]
     assert [r["source"] for r in body["results"]] == images
     for record, name in zip(body["results"], [*names, "rocket.jpg"], strict=True):
         assert record["status"] == "ok", record
