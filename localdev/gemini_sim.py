@@ -82,6 +82,7 @@ class SimStats:
     in_flight: int = 0
     max_in_flight: int = 0
     held: int = 0  # calls waiting at answer_limit right now
+    media_resolutions: list[str] = field(default_factory=list)  # per answered call
     images: list[dict[str, Any]] = field(default_factory=list)
 
     def count(self, status: int) -> None:
@@ -202,7 +203,9 @@ class GeminiSimulator:
         if cfg.latency_ms:
             await asyncio.sleep(cfg.latency_ms / 1000)
         self.stats.images.extend(decoded)
-        prompt_tokens = 258 * len(decoded) + len(text.split())
+        resolution = str((body.get("generationConfig") or {}).get("mediaResolution") or "")
+        self.stats.media_resolutions.append(resolution)
+        prompt_tokens = _image_tokens(model, resolution) * len(decoded) + len(text.split())
         if any(d["colour"] in cfg.block_colours for d in decoded):
             return web.json_response(
                 {
@@ -268,17 +271,11 @@ def describe_image(data: bytes) -> str:
 
 def _decode(mime: str, data: bytes) -> dict[str, Any]:
     if SUPPORTED[mime] == "HEIF":
-        if data[4:8] != b"ftyp":
-            raise ValueError("the data is not a HEIF file")
-        return {
-            "mime_type": mime,
-            "width": None,
-            "height": None,
-            "bytes": len(data),
-            "colour": "unknown",
-            "fingerprint": data[:16].hex(),
-            "description": "A HEIF photograph",
-        }
+        # Pillow reads HEIF through pillow-heif (libheif applies irot/imir), then it is
+        # decoded and described below like any other picture.
+        from pillow_heif import register_heif_opener
+
+        register_heif_opener()
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
@@ -316,6 +313,20 @@ def _decode_pil(image: Image.Image) -> dict[str, Any]:
         "fingerprint": fingerprint,
         "description": f"Mostly {colour}, {shape} picture #{fingerprint}",
     }
+
+
+# Gemini 3 bills an image by media resolution; earlier models ~258 tokens a tile.
+_GEMINI3_IMAGE_TOKENS = {
+    "MEDIA_RESOLUTION_LOW": 280,
+    "MEDIA_RESOLUTION_MEDIUM": 560,
+    "MEDIA_RESOLUTION_HIGH": 1120,
+}
+
+
+def _image_tokens(model: str, resolution: str) -> int:
+    if model.startswith("gemini-3"):
+        return _GEMINI3_IMAGE_TOKENS.get(resolution, 1120)
+    return 258
 
 
 def _parse_contents(body: Any) -> tuple[list[tuple[str, bytes]], str]:

@@ -134,10 +134,16 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _StaticServer(http.server.ThreadingHTTPServer):
+    # The default backlog of 5 makes a batch with more downloads in flight wait
+    # a second for a TCP retry; a real web server queues them.
+    request_queue_size = 128
+
+
 def serve_directory(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     """A static file server on loopback, in a background thread; returns it and its URL."""
     handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = _StaticServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"

@@ -293,10 +293,13 @@ def test_a_truncated_image_is_unsupported() -> None:
     assert caught.value.code is Code.UNSUPPORTED_IMAGE
 
 
-def test_heif_is_recognised_by_its_bytes_and_passed_on() -> None:
+def test_bytes_that_only_claim_to_be_heif_are_an_unsupported_image() -> None:
+    """An ftyp box saying HEIC is recognised, but bytes libheif cannot decode are not passed on."""
     data = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64
-    prepared = prepare(data, max_side=100, max_pixels=10**8)
-    assert prepared.mime_type == "image/heic"
+    with pytest.raises(SourceError) as caught:
+        prepare(data, max_side=100, max_pixels=10**8)
+    assert caught.value.code is Code.UNSUPPORTED_IMAGE
+    assert "HEIC" in caught.value.message
 
 
 # --- address guard -------------------------------------------------------------------------
