@@ -29,3 +29,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# The benchmark (bench/README.md): not part of `make test`. Options through BENCH_ARGS,
+# e.g. make bench BENCH_ARGS=--quick
+.PHONY: bench
+bench: $(STAMP)
+	$(PY) -m bench.run $(BENCH_ARGS)

@@ -15,7 +15,11 @@ MAX_URI_LENGTH = 2048
 MAX_PROMPT_CHARS = 8000
 _FIELDS = frozenset({"images", "prompt", "output"})
 # Bucket names per https://cloud.google.com/storage/docs/buckets#naming (dots allowed).
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+# Cloud Storage object names: at most 1024 bytes of UTF-8, no CR or LF, and not
+# under .well-known/acme-challenge/. A batch's results land at PREFIX + this tail.
+MAX_OBJECT_NAME_BYTES = 1024
+_RESULTS_TAIL_BYTES = len("batches/YYYYMMDDTHHMMSSZ-0123456789ab.jsonl")
 # "example.com:8080/a.png" parses as scheme "example.com": it is a host and
 # port with the scheme left out, not a URI of some other scheme.
 _HOST_AND_PORT = re.compile(r"^[a-z0-9.+-]+:[0-9]", re.IGNORECASE)
@@ -92,7 +96,7 @@ def parse_batch(data: Any, *, max_batch_size: int) -> BatchRequest:
             "split the batch.",
         )
     prompt = data.get("prompt")
-    if prompt is not None:
+    if "prompt" in data:
         if not isinstance(prompt, str) or not prompt.strip():
             raise RequestError(400, "invalid_request", "'prompt' must be a non-empty string.")
         if not _encodable(prompt):
@@ -102,7 +106,7 @@ def parse_batch(data: Any, *, max_batch_size: int) -> BatchRequest:
                 400, "invalid_request", f"'prompt' is longer than {MAX_PROMPT_CHARS} characters."
             )
     output = data.get("output")
-    if output is not None:
+    if "output" in data:
         if not isinstance(output, str):
             raise RequestError(
                 400, "invalid_request", "'output' must be a gs://bucket/prefix/ URI."
@@ -116,8 +120,23 @@ def parse_output(uri: str) -> Location:
     try:
         bucket, name = _split_gs(uri)
     except ValueError as exc:
-        raise RequestError(400, "invalid_request", f"'output' {exc}") from None
-    return Location(bucket=bucket, prefix=normalize_prefix(name))
+        raise RequestError(400, "invalid_request", f"'output' {exc}.") from None
+    prefix = normalize_prefix(name)
+    if "\r" in prefix or "\n" in prefix:
+        raise RequestError(400, "invalid_request", "'output' contains a line break.")
+    if not _encodable(prefix):
+        raise RequestError(400, "invalid_request", "'output' is not valid Unicode text.")
+    if len(prefix.encode()) + _RESULTS_TAIL_BYTES > MAX_OBJECT_NAME_BYTES:
+        raise RequestError(
+            400,
+            "invalid_request",
+            f"'output' is too long: object names are at most {MAX_OBJECT_NAME_BYTES} bytes.",
+        )
+    if prefix.startswith(".well-known/acme-challenge/"):
+        raise RequestError(
+            400, "invalid_request", "'output' may not be under .well-known/acme-challenge/."
+        )
+    return Location(bucket=bucket, prefix=prefix)
 
 
 def parse_source(uri: str) -> Source:
@@ -182,6 +201,6 @@ def _split_gs(uri: str) -> tuple[str, str]:
     if not uri.startswith("gs://"):
         raise ValueError("must start with gs://")
     bucket, _, name = uri[len("gs://") :].partition("/")
-    if not _BUCKET_RE.match(bucket):
+    if not _BUCKET_RE.fullmatch(bucket):
         raise ValueError(f"names no valid bucket ({bucket!r})")
     return bucket, name

@@ -180,10 +180,8 @@ class Fetcher:
             raise SourceError(
                 Code.DOWNLOAD_FAILED, "The object changed while it was being read; retry."
             ) from None
-        except gexc.GoogleAPICallError as exc:
-            raise SourceError(
-                Code.DOWNLOAD_FAILED, f"Cloud Storage failed: {exc.message}."
-            ) from None
+        except gexc.GoogleAPIError as exc:  # RetryError too: retries ran out
+            raise SourceError(Code.DOWNLOAD_FAILED, f"Cloud Storage failed: {exc}.") from None
         except (TimeoutError, OSError) as exc:
             raise SourceError(Code.DOWNLOAD_FAILED, f"Cloud Storage unreachable: {exc}.") from None
         if len(data) > cap:

@@ -112,6 +112,13 @@ def handle_http(
     stop_at = time.monotonic() + settings.work_budget_s
     batch_var.set(None)
     trace_var.set(_trace(headers, settings.gemini.project))
+    # Read the body first, whatever the answer: functions-framework reads what is
+    # left of it after every call, so a body that cannot be read (a broken chunked
+    # encoding, a client gone mid-upload) must fail here, not there as a 500.
+    try:
+        raw: bytes | None = read_body()
+    except Exception:  # noqa: BLE001 - each HTTP server raises its own framing errors
+        raw = None
     if method.upper() != "POST":
         return error_reply(405, "method_not_allowed", f"Use POST, not {method}.", Allow="POST")
     mime = (content_type or "").split(";", 1)[0].strip().lower()
@@ -125,7 +132,12 @@ def handle_http(
         return error_reply(
             413, "request_too_large", f"The body is larger than {MAX_REQUEST_BYTES} bytes."
         )
-    raw = read_body()
+    if raw is None:
+        return error_reply(
+            400,
+            "invalid_json",
+            "The body could not be read: its chunked encoding is broken or cut short.",
+        )
     if len(raw) > MAX_REQUEST_BYTES:
         return error_reply(
             413, "request_too_large", f"The body is larger than {MAX_REQUEST_BYTES} bytes."
@@ -464,7 +476,7 @@ async def _read_manifest(runtime: Runtime, bucket: str, name: str) -> bytes | No
         return await asyncio.get_running_loop().run_in_executor(runtime.io_executor, read)
     except gexc.NotFound:
         return None
-    except gexc.GoogleAPICallError as exc:
+    except gexc.GoogleAPIError as exc:
         raise StorageUnavailable(f"gs://{bucket}/{name}", exc) from exc
 
 

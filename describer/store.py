@@ -94,7 +94,7 @@ class ResultStore:
 
         try:
             return await self._run(read)
-        except gexc.GoogleAPICallError as exc:
+        except gexc.GoogleAPIError as exc:
             raise StorageUnavailable(f"gs://{bucket}/{name}", exc) from exc
 
     async def metadata(self, bucket: str, name: str) -> dict[str, str] | None:
@@ -106,7 +106,7 @@ class ResultStore:
 
         try:
             return await self._run(read)
-        except gexc.GoogleAPICallError as exc:
+        except gexc.GoogleAPIError as exc:
             raise StorageUnavailable(f"gs://{bucket}/{name}", exc) from exc
 
     async def read_all_json(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
@@ -123,7 +123,7 @@ class ResultStore:
             read = await bounded_map(
                 lambda name: self.read_json(bucket, name), found, limit=READ_CONCURRENCY
             )
-        except gexc.GoogleAPICallError as exc:
+        except gexc.GoogleAPIError as exc:
             raise StorageUnavailable(f"gs://{bucket}/{prefix}", exc) from exc
         return {name: data for name, (data, _) in zip(found, read, strict=True) if data}
 
@@ -139,7 +139,7 @@ class ResultStore:
 
         try:
             return await self._run(delete)
-        except gexc.GoogleAPICallError as exc:
+        except gexc.GoogleAPIError as exc:
             raise StorageUnavailable(f"gs://{bucket}/{prefix}", exc) from exc
 
     async def write(
@@ -174,7 +174,7 @@ class ResultStore:
             await self._run(write)
         except gexc.PreconditionFailed:
             return False
-        except (gexc.GoogleAPICallError, OSError) as exc:
+        except (gexc.GoogleAPIError, OSError) as exc:
             raise StorageUnavailable(f"gs://{bucket}/{name}", exc) from exc
         return True
 
