@@ -56,5 +56,9 @@ def describe_http(request: flask.Request) -> flask.Response:
 def describe_gcs(cloud_event: CloudEvent) -> None:
     data: Any = cloud_event.data
     describer.handle_storage_event(
-        _runtime(), data if isinstance(data, dict) else {}, event_id=str(cloud_event["id"])
+        _runtime(),
+        data if isinstance(data, dict) else {},
+        event_id=str(cloud_event["id"]),
+        event_time=cloud_event.get("time"),
+        traceparent=cloud_event.get("traceparent"),
     )

@@ -4,11 +4,13 @@
     ├── ConfigError              the settings cannot work; the function refuses to start
     ├── RequestError             a whole HTTP request is malformed (carries the 4xx status)
     ├── SourceError              one source failed; becomes an error record, never escapes a batch
-    ├── StorageUnavailable       results could not be written; a retry may fix it
-    └── TransientFailure         an upload could not be described for a passing cause
+    ├── StorageUnavailable       results could not be read or written (``permanent`` or not)
+    └── TransientFailure         an upload or manifest ended for a passing cause: redeliver it
 
-Per-source failures are data (:class:`SourceError` turns into a record), so only
-``ConfigError`` and ``StorageUnavailable`` ever end an invocation.
+Per-source failures are data (:class:`SourceError` turns into a record). Only
+``ConfigError`` stops an instance; a storage event ends in an exception (and so
+is redelivered) only for a StorageUnavailable that is not permanent or a
+TransientFailure.
 """
 
 from __future__ import annotations
@@ -67,11 +69,17 @@ class SourceError(DescriberError):
 
 
 class StorageUnavailable(DescriberError):
-    """Writing results failed in a way a retry of the invocation may fix."""
+    """Reading or writing results failed.
 
-    def __init__(self, uri: str, cause: BaseException) -> None:
-        super().__init__(f"could not write {uri}: {cause}")
+    ``permanent`` when a retry would fail the same way (no such bucket, no
+    permission): the event is then not redelivered, so no model call is paid
+    for again and again.
+    """
+
+    def __init__(self, uri: str, cause: BaseException, *, permanent: bool = False) -> None:
+        super().__init__(f"could not read or write {uri}: {cause}")
         self.uri = uri
+        self.permanent = permanent
 
 
 class TransientFailure(DescriberError):

@@ -16,6 +16,7 @@ import aiohttp
 import certifi
 import yarl
 from google.api_core import exceptions as gexc
+from google.auth.exceptions import GoogleAuthError
 from google.cloud import storage
 
 from .batch import GcsSource, HttpSource, Source
@@ -178,12 +179,20 @@ class Fetcher:
             ) from None
         except gexc.PreconditionFailed:
             raise SourceError(
-                Code.DOWNLOAD_FAILED, "The object changed while it was being read; retry."
+                Code.DOWNLOAD_FAILED,
+                "The object changed while it was being read; retry.",
+                transient=True,
             ) from None
         except gexc.GoogleAPIError as exc:  # RetryError too: retries ran out
-            raise SourceError(Code.DOWNLOAD_FAILED, f"Cloud Storage failed: {exc}.") from None
-        except (TimeoutError, OSError) as exc:
-            raise SourceError(Code.DOWNLOAD_FAILED, f"Cloud Storage unreachable: {exc}.") from None
+            # 4xx other than 408/429 will answer the same next time; the rest may pass.
+            passing = not isinstance(exc, gexc.ClientError) or exc.code in (408, 429)
+            raise SourceError(
+                Code.DOWNLOAD_FAILED, f"Cloud Storage failed: {exc}.", transient=passing
+            ) from None
+        except (TimeoutError, OSError, GoogleAuthError) as exc:
+            raise SourceError(
+                Code.DOWNLOAD_FAILED, f"Cloud Storage unreachable: {exc}.", transient=True
+            ) from None
         if len(data) > cap:
             raise SourceError(Code.TOO_LARGE, _too_large(None, cap))
         return data

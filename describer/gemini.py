@@ -77,6 +77,10 @@ class GeminiConnector:
             base_url=None if access.use_vertexai else access.base_url,
             timeout=int(timeout_s * 1000),
             aiohttp_client=session,
+            # One attempt per call: without retry options the SDK silently resends
+            # on connection errors after 1-10 s, which our own retries cannot see,
+            # count or bound.
+            retry_options=types.HttpRetryOptions(attempts=1),
             client_args={"verify": self._ssl},
             async_client_args={"verify": self._ssl, "ssl": self._ssl},
         )

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from google.api_core import exceptions as gexc
+from google.auth.exceptions import GoogleAuthError
 from google.cloud import storage
 
 from .batch import BatchRequest, Location, parse_body
@@ -31,7 +32,7 @@ from .fetch import Fetcher, open_http_session
 from .gemini import Describer, GeminiConnector
 from .logs import batch_var, trace_var
 from .netguard import AddressCheck, is_public
-from .pipeline import Pipeline, StageLimits
+from .pipeline import DEFAULT_WRITE_CONCURRENCY, Pipeline, StageLimits
 from .records import Record, counts, dumps_jsonl, to_jsonl, total_usage
 from .settings import Settings
 from .store import COMPLETE_KEY, SOURCE_GENERATION_KEY, ResultStore, Store, is_own_output
@@ -59,14 +60,25 @@ class Runtime:
     # Where results go; Cloud Storage unless a test passes its own Store.
     store: Store = None  # type: ignore[assignment]
     io_executor: ThreadPoolExecutor = field(init=False)
+    store_executor: ThreadPoolExecutor = field(init=False)
     cpu_executor: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:
         self.io_executor = ThreadPoolExecutor(
             max_workers=self.settings.download_concurrency, thread_name_prefix="describer-io"
         )
+        # Results get threads of their own: at the deadline, gs:// reads still
+        # running on the I/O pool must not queue ahead of the final writes.
+        self.store_executor = ThreadPoolExecutor(
+            max_workers=DEFAULT_WRITE_CONCURRENCY, thread_name_prefix="describer-store"
+        )
         if self.store is None:
-            self.store = ResultStore(self.storage_client, self.io_executor)
+            self.store = ResultStore(
+                self.storage_client,
+                self.store_executor,
+                # Writes happen in the deadline margin: each must fit well inside it.
+                timeout_s=max(2.0, self.settings.deadline_margin_s / 2),
+            )
         self.cpu_executor = ThreadPoolExecutor(
             # The CPUs this process may run on (the instance's vCPUs on Cloud Run), not the host's.
             max_workers=len(os.sched_getaffinity(0)) or 1,
@@ -84,6 +96,7 @@ class Runtime:
 
     def close(self) -> None:
         self.io_executor.shutdown(wait=False)
+        self.store_executor.shutdown(wait=False)
         self.cpu_executor.shutdown(wait=False)
 
 
@@ -170,8 +183,19 @@ def handle_http(
         # the results object could not be written.
         log.error(str(write_error), extra={"uri": write_error.uri})
         body["results_uri"] = None
+        if not write_error.permanent:
+            body["error"] = {"code": "results_write_failed", "message": str(write_error)}
+            return HttpReply(503, body)
+        # A retry would fail the same way (no such bucket, no permission): say
+        # so, so that clients do not retry and pay for every image again.
+        if request.output is not None:
+            body["error"] = {
+                "code": "output_unwritable",
+                "message": f"The function cannot write to the requested output: {write_error}.",
+            }
+            return HttpReply(400, body)
         body["error"] = {"code": "results_write_failed", "message": str(write_error)}
-        return HttpReply(503, body)
+        return HttpReply(500, body)
     log.info(
         "batch done",
         extra={
@@ -184,15 +208,40 @@ def handle_http(
     return HttpReply(200, body)
 
 
-def handle_storage_event(runtime: Runtime, data: Mapping[str, Any], *, event_id: str = "") -> str:
+def handle_storage_event(
+    runtime: Runtime,
+    data: Mapping[str, Any],
+    *,
+    event_id: str = "",
+    event_time: str | None = None,
+    traceparent: str | None = None,
+) -> str:
     """Handle one object-finalized event; return what was done (for logs and tests).
 
     Returns normally for anything a retry cannot fix; raises StorageUnavailable
     or TransientFailure when a retry may help, so the platform redelivers the event.
+    ``event_time`` (the CloudEvent's ``time``) bounds how long redeliveries go on.
     """
+    trace_var.set(_trace({"traceparent": traceparent or ""}, runtime.settings.gemini.project))
+    age_s = _age_s(event_time)
     try:
-        return _handle_storage_event(runtime, data, event_id=event_id)
-    except (StorageUnavailable, TransientFailure) as exc:
+        return _handle_storage_event(runtime, data, event_id=event_id, age_s=age_s)
+    except StorageUnavailable as exc:
+        if not exc.permanent:
+            log.error(
+                "event failed for a passing cause; asking for redelivery",
+                extra={"reason": str(exc), "event_id": event_id},
+            )
+            raise
+        # No such bucket or no permission: every redelivery would fail the same
+        # way after paying for the model again. Say so once and stop.
+        log.error(
+            "results cannot be written (bucket missing or permission denied); "
+            "not asking for redelivery",
+            extra={"reason": str(exc), "event_id": event_id},
+        )
+        return "results_unwritable"
+    except TransientFailure as exc:
         # One structured line for Cloud Logging before the framework's plain traceback.
         log.error(
             "event failed for a passing cause; asking for redelivery",
@@ -201,7 +250,9 @@ def handle_storage_event(runtime: Runtime, data: Mapping[str, Any], *, event_id:
         raise
 
 
-def _handle_storage_event(runtime: Runtime, data: Mapping[str, Any], *, event_id: str) -> str:
+def _handle_storage_event(
+    runtime: Runtime, data: Mapping[str, Any], *, event_id: str, age_s: float
+) -> str:
     settings = runtime.settings
     stop_at = time.monotonic() + settings.work_budget_s
     bucket = str(data.get("bucket") or "")
@@ -213,6 +264,9 @@ def _handle_storage_event(runtime: Runtime, data: Mapping[str, Any], *, event_id
         log.error("event without bucket or object name; ignored", extra=fields)
         return "invalid_event"
     results = Location(settings.results_bucket or bucket, settings.results_prefix)
+    # Past the retry window a passing cause is treated as lasting: record it
+    # and stop, rather than pay for redeliveries until the platform gives up.
+    give_up = age_s > settings.event_retry_window_s
     if bucket == results.bucket and not results.prefix:
         log.error(
             "results would land in the triggering bucket with no RESULTS_PREFIX; refusing",
@@ -226,7 +280,9 @@ def _handle_storage_event(runtime: Runtime, data: Mapping[str, Any], *, event_id
         log.info("object was written by this function; ignored (loop guard)", extra=fields)
         return "ignored_own_output"
     if name.endswith(MANIFEST_SUFFIX):
-        return asyncio.run(_manifest(runtime, bucket, name, generation, results, stop_at))
+        return asyncio.run(
+            _manifest(runtime, bucket, name, generation, results, stop_at, give_up=give_up)
+        )
     content_type = str(data.get("contentType") or "").split(";", 1)[0].strip().lower()
     if not (content_type.startswith("image/") or content_type in _UNTYPED):
         log.info("object is not an image; ignored", extra={**fields, "content_type": content_type})
@@ -240,6 +296,7 @@ def _handle_storage_event(runtime: Runtime, data: Mapping[str, Any], *, event_id
             results,
             stop_at,
             sniffed=content_type in _UNTYPED,
+            give_up=give_up,
         )
     )
 
@@ -272,19 +329,27 @@ async def _upload(
     stop_at: float,
     *,
     sniffed: bool,
+    give_up: bool,
 ) -> str:
     settings = runtime.settings
     store = runtime.store
     sidecar = f"{results.prefix}{name}.json"
     existing, existing_generation = await store.read_json(results.bucket, sidecar)
-    if (
-        existing is not None
-        and _generation(existing.get("generation")) >= _generation(generation)
-        and existing.get("model") == settings.model
-        and existing.get("prompt") == settings.prompt
-    ):
-        log.info("already described for this generation; skipped", extra={"uri": sidecar})
-        return "already_done"
+    if existing is not None:
+        described = _generation(existing.get("generation"))
+        if described > _generation(generation):
+            # A late event for an older generation: the newer result stays,
+            # whatever model or prompt wrote it.
+            log.info("a newer generation is already described; ignored", extra={"uri": sidecar})
+            return "superseded"
+        if (
+            described == _generation(generation)
+            # The fallback model answers for GEMINI_MODEL when that does not exist.
+            and existing.get("model") in {settings.model, settings.fallback_model}
+            and existing.get("prompt") == settings.prompt
+        ):
+            log.info("already described for this generation; skipped", extra={"uri": sidecar})
+            return "already_done"
     source = f"gs://{bucket}/{name}"
     allowed = settings.allowed_buckets | {bucket}
     async with open_pipeline(
@@ -299,7 +364,7 @@ async def _upload(
         # newer event (if any) describes what is there now.
         log.info("the event's generation no longer exists; ignored", extra={"object": name})
         return "superseded"
-    if record.transient:
+    if record.transient and not give_up:
         # A rate limit, outage or the deadline outlasted our retries: raise so
         # the platform redelivers the event later, not record a failure for good.
         raise TransientFailure(record.source, record.error_message or "transient failure")
@@ -325,17 +390,24 @@ async def _upload(
 
 
 async def _manifest(
-    runtime: Runtime, bucket: str, name: str, generation: str, results: Location, stop_at: float
+    runtime: Runtime,
+    bucket: str,
+    name: str,
+    generation: str,
+    results: Location,
+    stop_at: float,
+    *,
+    give_up: bool,
 ) -> str:
     settings = runtime.settings
     store = runtime.store
     stem = name[: -len(MANIFEST_SUFFIX)]
     manifest_uri = f"gs://{bucket}/{name}"
     try:
-        body = await _read_manifest(runtime, bucket, name)
+        body = await _read_manifest(runtime, bucket, name, generation)
         if body is None:
-            log.warning("manifest vanished before it could be read", extra={"object": name})
-            return "manifest_missing"
+            log.info("the event's manifest generation no longer exists; ignored")
+            return "superseded"
         request = parse_body(body, max_batch_size=settings.max_batch_size)
     except RequestError as exc:
         error_name = f"{results.prefix}batches/{stem}.error.json"
@@ -355,14 +427,12 @@ async def _manifest(
         return "manifest_invalid"
     output = request.output or results
     results_name = f"{output.prefix}batches/{stem}.jsonl"
-    meta = await store.metadata(output.bucket, results_name)
-    if (
-        meta is not None
-        and meta.get(SOURCE_GENERATION_KEY) == generation
-        and meta.get(COMPLETE_KEY) != "false"
-    ):
-        log.info("manifest already processed for this generation; skipped")
-        return "already_done"
+    existing = await store.stat(output.bucket, results_name)
+    if existing is not None:
+        state = _manifest_state(existing[0], generation)
+        if state != "open":
+            log.info("manifest skipped", extra={"uri": manifest_uri, "state": state})
+            return state
     checkpoints = _Checkpoints(
         store, output.bucket, f"{output.prefix}batches/{stem}.parts/", generation
     )
@@ -383,14 +453,24 @@ async def _manifest(
     for index, record in zip(todo, fresh, strict=True):
         done[index] = record.to_json()
     remaining = sum(r.error_code is Code.DEADLINE_EXCEEDED for r in fresh)
-    await store.write(
+    # Replace exactly the JSONL read above (or create it): a concurrent delivery
+    # that wrote in between wins, and a complete result is never downgraded.
+    written = await store.write(
         output.bucket,
         results_name,
         dumps_jsonl(done[i] for i in range(len(request.images))),
         content_type=JSONL_TYPE,
+        if_generation_match=existing[1] if existing else 0,
         metadata={SOURCE_GENERATION_KEY: generation, COMPLETE_KEY: str(not remaining).lower()},
     )
     uri = output.uri(f"batches/{stem}.jsonl")
+    if not written:
+        again = await store.stat(output.bucket, results_name)
+        state = _manifest_state(again[0], generation) if again else "open"
+        if state != "open":
+            log.info("another delivery finished the manifest first", extra={"state": state})
+            return state
+        raise TransientFailure(manifest_uri, "another delivery wrote the results at the same time")
     if not remaining:
         await checkpoints.clear()
         log.info(
@@ -398,19 +478,30 @@ async def _manifest(
             extra={"uri": uri, "count": len(done), "usage": total_usage(done.values())},
         )
         return "described_manifest"
-    if checkpoints.saved:
+    if checkpoints.saved and not give_up:
         # Progress was made and kept: fail this delivery so the platform
         # redelivers the event, and the next invocation carries on from here.
         raise TransientFailure(
             manifest_uri, f"{remaining} of {len(request.images)} sources remain at the deadline"
         )
-    # Nothing finished in a whole invocation: a redelivery would do the same
-    # again, forever. Stop here; the JSONL says which sources are missing.
+    # Nothing finished in a whole invocation (a redelivery would do the same
+    # again, forever), or the retry window is over. Stop here; the JSONL says
+    # which sources are missing.
     log.error(
-        "no source finished before the deadline; not asking for redelivery",
-        extra={"uri": uri, "remaining": remaining},
+        "manifest incomplete; not asking for redelivery",
+        extra={"uri": uri, "remaining": remaining, "progress": checkpoints.saved},
     )
     return "manifest_stalled"
+
+
+def _manifest_state(metadata: Mapping[str, str], generation: str) -> str:
+    """What an existing manifest JSONL means for this event: open, already_done or superseded."""
+    described = _generation(metadata.get(SOURCE_GENERATION_KEY))
+    if described > _generation(generation):
+        return "superseded"  # a newer upload of the manifest owns the results now
+    if described == _generation(generation) and metadata.get(COMPLETE_KEY) != "false":
+        return "already_done"
+    return "open"
 
 
 class _Checkpoints:
@@ -459,9 +550,13 @@ class _Checkpoints:
             log.warning("could not delete checkpoints", extra={"reason": str(exc)})
 
 
-async def _read_manifest(runtime: Runtime, bucket: str, name: str) -> bytes | None:
+async def _read_manifest(runtime: Runtime, bucket: str, name: str, generation: str) -> bytes | None:
+    """The manifest at the event's generation (a late event must not read a newer one)."""
+
     def read() -> bytes | None:
-        blob = runtime.storage_client.bucket(bucket).get_blob(name)
+        blob = runtime.storage_client.bucket(bucket).get_blob(
+            name, generation=int(generation) if generation.isdigit() else None
+        )
         if blob is None:
             return None
         if blob.size is not None and blob.size > MAX_MANIFEST_BYTES:
@@ -470,14 +565,15 @@ async def _read_manifest(runtime: Runtime, bucket: str, name: str) -> bytes | No
                 "batch_too_large",
                 f"The manifest is {blob.size} bytes, more than {MAX_MANIFEST_BYTES}.",
             )
-        return bytes(blob.download_as_bytes())
+        return bytes(blob.download_as_bytes(if_generation_match=blob.generation))
 
     try:
         return await asyncio.get_running_loop().run_in_executor(runtime.io_executor, read)
-    except gexc.NotFound:
+    except (gexc.NotFound, gexc.PreconditionFailed):
         return None
-    except gexc.GoogleAPIError as exc:
-        raise StorageUnavailable(f"gs://{bucket}/{name}", exc) from exc
+    except (gexc.GoogleAPIError, GoogleAuthError, OSError) as exc:
+        passing = not isinstance(exc, gexc.ClientError) or exc.code in (408, 429)
+        raise StorageUnavailable(f"gs://{bucket}/{name}", exc, permanent=not passing) from exc
 
 
 @asynccontextmanager
@@ -557,6 +653,17 @@ def _generation(value: object) -> int:
         return int(str(value))
     except ValueError:
         return -1
+
+
+def _age_s(timestamp: str | None) -> float:
+    """Seconds since an RFC 3339 time (a CloudEvent's ``time``); 0 when absent or unreadable."""
+    try:
+        then = datetime.fromisoformat(timestamp or "")
+    except ValueError:
+        return 0.0
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    return max(0.0, (datetime.now(UTC) - then).total_seconds())
 
 
 def _present(value: str | None) -> set[str]:

@@ -24,9 +24,10 @@ DEFAULT_IMAGE_MAX_SIDE = 1536
 # real camera photo while refusing decompression bombs before any decoding.
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 DEFAULT_MODEL_MAX_ATTEMPTS = 5
-# A Gemini call on a large image rarely takes more than ~20 s; 60 s leaves room
-# for a slow answer without letting one stuck call hold a worker for minutes.
-DEFAULT_MODEL_TIMEOUT_S = 60.0
+# A Gemini call on a large image rarely takes more than ~20 s; 30 s leaves room
+# for a slow answer while a stuck call can still be retried inside the default
+# time budget (FUNCTION_TIMEOUT_S - DEADLINE_MARGIN_S = 50 s).
+DEFAULT_MODEL_TIMEOUT_S = 30.0
 # First backoff step for model retries; doubles per attempt (full jitter, 30 s cap).
 DEFAULT_MODEL_BACKOFF_S = 1.0
 DEFAULT_DOWNLOAD_TIMEOUT_S = 60.0
@@ -39,6 +40,9 @@ DEFAULT_DEADLINE_MARGIN_S = 10.0
 # medium 560, high 1120 tokens. Medium keeps the detail a caption or alt text
 # needs at half the model's own default (high).
 DEFAULT_MEDIA_RESOLUTION = "medium"
+# Eventarc redelivers a failed event for up to 24 h; an hour of redeliveries
+# rides out any outage worth waiting for without paying for a whole day of them.
+DEFAULT_EVENT_RETRY_WINDOW_S = 3600.0
 MEDIA_RESOLUTIONS = ("low", "medium", "high", "default")
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_READ_TIMEOUT_S = 30.0
@@ -79,6 +83,7 @@ class Settings:
     deadline_margin_s: float = DEFAULT_DEADLINE_MARGIN_S
     fallback_model: str | None = None
     media_resolution: str = DEFAULT_MEDIA_RESOLUTION
+    event_retry_window_s: float = DEFAULT_EVENT_RETRY_WINDOW_S
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
     gemini: GeminiAccess = field(default_factory=GeminiAccess)
@@ -129,6 +134,13 @@ class Settings:
         """Build settings from environment variables (``os.environ`` by default)."""
         env = os.environ if env is None else env
         reader = _Reader(env)
+        if reader.flag("ALLOW_PRIVATE_URLS") and env.get("K_SERVICE"):
+            # K_SERVICE is set by Cloud Run: this is not a local test.
+            raise ConfigError(
+                "ALLOW_PRIVATE_URLS is for local testing only and is refused on Cloud Run: "
+                "it would let any caller make the function fetch from your VPC and the "
+                "metadata server"
+            )
         return cls(
             model=reader.text("GEMINI_MODEL", DEFAULT_MODEL),
             prompt=reader.text("DESCRIBE_PROMPT", DEFAULT_PROMPT),
@@ -154,6 +166,9 @@ class Settings:
             deadline_margin_s=reader.number("DEADLINE_MARGIN_S", DEFAULT_DEADLINE_MARGIN_S),
             fallback_model=reader.text("GEMINI_FALLBACK_MODEL", "") or None,
             media_resolution=reader.text("MEDIA_RESOLUTION", DEFAULT_MEDIA_RESOLUTION).lower(),
+            event_retry_window_s=reader.number(
+                "EVENT_RETRY_WINDOW_S", DEFAULT_EVENT_RETRY_WINDOW_S
+            ),
             gemini=GeminiAccess(
                 # The SDK's own precedence: GOOGLE_API_KEY wins when both are set.
                 api_key=reader.text("GOOGLE_API_KEY", "")

@@ -17,7 +17,14 @@ from concurrent.futures import Executor
 from typing import Any, Protocol, TypeVar
 
 from google.api_core import exceptions as gexc
+from google.api_core.retry import Retry
+from google.auth.exceptions import GoogleAuthError
 from google.cloud import storage
+from google.cloud.storage.retry import (
+    DEFAULT_RETRY,
+    ConditionalRetryPolicy,
+    is_generation_specified,
+)
 
 from .errors import StorageUnavailable
 
@@ -44,7 +51,7 @@ class Store(Protocol):
         self, bucket: str, name: str
     ) -> tuple[dict[str, Any] | None, int | None]: ...
 
-    async def metadata(self, bucket: str, name: str) -> dict[str, str] | None: ...
+    async def stat(self, bucket: str, name: str) -> tuple[dict[str, str], int] | None: ...
 
     async def read_all_json(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]: ...
 
@@ -63,7 +70,12 @@ class Store(Protocol):
 
 
 class ResultStore:
-    """Result objects in Cloud Storage, written create-only where it matters."""
+    """Result objects in Cloud Storage, written create-only where it matters.
+
+    Every request has ``timeout_s``, and the client's own retries stop after
+    ``2 * timeout_s`` instead of its default 120 s: results are written in the
+    deadline margin, which is seconds, not minutes.
+    """
 
     def __init__(
         self, client: storage.Client, io_executor: Executor, *, timeout_s: float = 60.0
@@ -71,76 +83,91 @@ class ResultStore:
         self._client = client
         self._io = io_executor
         self._timeout = timeout_s
+        self._retry: Retry = DEFAULT_RETRY.with_timeout(2 * timeout_s)
+        # Writes are retried only when a precondition makes a retry safe.
+        self._write_retry = ConditionalRetryPolicy(
+            self._retry, is_generation_specified, ["query_params"]
+        )
 
-    async def _run(self, fn: Callable[[], _T]) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._io, fn)
+    async def _run(self, fn: Callable[[], _T], uri: str) -> _T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._io, fn)
+        except gexc.PreconditionFailed:
+            raise
+        except (gexc.GoogleAPIError, GoogleAuthError, OSError) as exc:
+            raise StorageUnavailable(uri, exc, permanent=_is_permanent(exc)) from exc
 
     async def read_json(self, bucket: str, name: str) -> tuple[dict[str, Any] | None, int | None]:
         """The JSON object stored at bucket/name and its generation, or (None, None)."""
 
         def read() -> tuple[dict[str, Any] | None, int | None]:
-            blob = self._client.bucket(bucket).get_blob(name, timeout=self._timeout)
+            blob = self._client.bucket(bucket).get_blob(
+                name, timeout=self._timeout, retry=self._retry
+            )
             if blob is None:
                 return None, None
             # Keep the generation from the metadata read: a download may reset it.
             generation = blob.generation
             try:
-                data = json.loads(blob.download_as_bytes(timeout=self._timeout))
-            except gexc.NotFound:
-                return None, None
+                data = json.loads(
+                    blob.download_as_bytes(
+                        if_generation_match=generation, timeout=self._timeout, retry=self._retry
+                    )
+                )
+            except (gexc.NotFound, gexc.PreconditionFailed):
+                return None, None  # deleted or replaced since: as if not there yet
             except ValueError:
                 data = None
             return (data if isinstance(data, dict) else None), generation
 
-        try:
-            return await self._run(read)
-        except gexc.GoogleAPIError as exc:
-            raise StorageUnavailable(f"gs://{bucket}/{name}", exc) from exc
+        return await self._run(read, f"gs://{bucket}/{name}")
 
-    async def metadata(self, bucket: str, name: str) -> dict[str, str] | None:
-        """The custom metadata of an object, or None when it does not exist."""
+    async def stat(self, bucket: str, name: str) -> tuple[dict[str, str], int] | None:
+        """The custom metadata and generation of an object, or None when it does not exist."""
 
-        def read() -> dict[str, str] | None:
-            blob = self._client.bucket(bucket).get_blob(name, timeout=self._timeout)
-            return None if blob is None else dict(blob.metadata or {})
+        def read() -> tuple[dict[str, str], int] | None:
+            blob = self._client.bucket(bucket).get_blob(
+                name, timeout=self._timeout, retry=self._retry
+            )
+            return None if blob is None else (dict(blob.metadata or {}), int(blob.generation or 0))
 
-        try:
-            return await self._run(read)
-        except gexc.GoogleAPIError as exc:
-            raise StorageUnavailable(f"gs://{bucket}/{name}", exc) from exc
+        return await self._run(read, f"gs://{bucket}/{name}")
 
     async def read_all_json(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
         """Every JSON object under ``prefix``, by name; unreadable ones are left out."""
 
         def names() -> list[str]:
-            return [
-                blob.name
-                for blob in self._client.list_blobs(bucket, prefix=prefix, timeout=self._timeout)
-            ]
+            blobs = self._client.list_blobs(
+                bucket, prefix=prefix, timeout=self._timeout, retry=self._retry
+            )
+            return [blob.name for blob in blobs]
 
+        found = await self._run(names, f"gs://{bucket}/{prefix}")
         try:
-            found = await self._run(names)
             read = await bounded_map(
                 lambda name: self.read_json(bucket, name), found, limit=READ_CONCURRENCY
             )
-        except gexc.GoogleAPIError as exc:
-            raise StorageUnavailable(f"gs://{bucket}/{prefix}", exc) from exc
+        except ExceptionGroup as group:
+            # The task group wraps the first failure; callers expect the failure itself.
+            first = group.exceptions[0]
+            raise first if isinstance(first, StorageUnavailable) else group from None
         return {name: data for name, (data, _) in zip(found, read, strict=True) if data}
 
     async def delete_all(self, bucket: str, prefix: str) -> int:
         """Delete every object under ``prefix``; return how many went."""
 
         def delete() -> int:
-            blobs = list(self._client.list_blobs(bucket, prefix=prefix, timeout=self._timeout))
+            blobs = list(
+                self._client.list_blobs(
+                    bucket, prefix=prefix, timeout=self._timeout, retry=self._retry
+                )
+            )
             for blob in blobs:
                 with contextlib.suppress(gexc.NotFound):  # a concurrent delivery got there first
-                    blob.delete(timeout=self._timeout)
+                    blob.delete(timeout=self._timeout, retry=self._retry)
             return len(blobs)
 
-        try:
-            return await self._run(delete)
-        except gexc.GoogleAPIError as exc:
-            raise StorageUnavailable(f"gs://{bucket}/{prefix}", exc) from exc
+        return await self._run(delete, f"gs://{bucket}/{prefix}")
 
     async def write(
         self,
@@ -168,15 +195,19 @@ class ResultStore:
                 content_type=content_type,
                 if_generation_match=if_generation_match,
                 timeout=self._timeout,
+                retry=self._write_retry,
             )
 
         try:
-            await self._run(write)
+            await self._run(write, f"gs://{bucket}/{name}")
         except gexc.PreconditionFailed:
             return False
-        except (gexc.GoogleAPIError, OSError) as exc:
-            raise StorageUnavailable(f"gs://{bucket}/{name}", exc) from exc
         return True
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    """Whether a retry of the invocation would fail the same way (permission, no such bucket)."""
+    return isinstance(exc, gexc.ClientError) and exc.code not in (408, 429)
 
 
 async def bounded_map(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from google.cloud import storage
@@ -30,6 +31,6 @@ def finalized_event(blob: storage.Blob, **overrides: Any) -> tuple[dict[str, str
         "ce-type": FINALIZED,
         "ce-source": f"//storage.googleapis.com/projects/_/buckets/{data['bucket']}",
         "ce-subject": f"objects/{data['name']}",
-        "ce-time": "2026-11-26T12:00:00Z",
+        "ce-time": datetime.now(UTC).isoformat(),
     }
     return headers, json.dumps(data).encode()

@@ -63,6 +63,7 @@ class SimConfig:
     rate_429: float = 0.0  # share of calls answered 429 with RetryInfo
     rate_500: float = 0.0
     rate_hang: float = 0.0  # share of calls that hang for hang_ms
+    rate_drop: float = 0.0  # share of calls whose connection is closed without an answer
     hang_ms: float = 120_000.0
     retry_delay_s: float = 1.0  # RetryInfo.retryDelay in 429 answers
     fail_first: int = 0  # every distinct image gets this many 429s first
@@ -82,6 +83,7 @@ class SimStats:
     in_flight: int = 0
     max_in_flight: int = 0
     held: int = 0  # calls waiting at answer_limit right now
+    dropped: int = 0  # connections closed without an answer (rate_drop)
     media_resolutions: list[str] = field(default_factory=list)  # per answered call
     images: list[dict[str, Any]] = field(default_factory=list)
 
@@ -189,6 +191,11 @@ class GeminiSimulator:
             return _error(500, "INTERNAL", "An internal error has occurred. Please retry.")
         if roll < cfg.rate_429 + cfg.rate_500 + cfg.rate_hang:
             await asyncio.sleep(cfg.hang_ms / 1000)
+        elif roll < cfg.rate_429 + cfg.rate_500 + cfg.rate_hang + cfg.rate_drop:
+            self.stats.dropped += 1
+            if request.transport is not None:
+                request.transport.close()  # the client sees the server disconnect
+            return _error(503, "UNAVAILABLE", "The connection was dropped.")
         stats = self.stats
         while (limit := self.config.answer_limit) is not None and self._admitted >= limit:
             stats.held += 1

@@ -64,10 +64,10 @@ class MemoryStore:
             data = None
         return (data if isinstance(data, dict) else None), found.generation
 
-    async def metadata(self, bucket: str, name: str) -> dict[str, str] | None:
+    async def stat(self, bucket: str, name: str) -> tuple[dict[str, str], int] | None:
         with self._lock:
             found = self.objects.get((bucket, name))
-        return None if found is None else dict(found.metadata)
+        return None if found is None else (dict(found.metadata), found.generation)
 
     async def read_all_json(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
         out = {}

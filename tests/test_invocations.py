@@ -19,9 +19,11 @@ import requests
 from google.cloud import storage
 
 from describer import Runtime
+from describer.errors import StorageUnavailable
 from describer.settings import GeminiAccess
 from localdev import procs
 from localdev.gemini_sim import RunningSimulator
+from localdev.memory_store import MemoryStore
 
 from .conftest import API_KEY, RESULTS_BUCKET, post_batch
 
@@ -216,10 +218,16 @@ def test_request_without_output_needs_results_bucket(
 def test_unwritable_results_return_the_descriptions_with_a_503(
     make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
 ) -> None:
-    # GIVEN an output bucket that does not exist
-    body = {"images": [f"{image_server}/coffee.png"], "output": "gs://no-such-bucket-here/x/"}
-    # WHEN the batch is described
-    reply = post_batch(make_runtime(), body)
+    """A passing storage failure on the JSONL write is a 503 that still carries the records."""
+    # GIVEN a results store whose writes fail for a passing cause (an outage)
+    store = MemoryStore()
+
+    async def outage(bucket: str, name: str) -> None:
+        raise StorageUnavailable(f"gs://{bucket}/{name}", ConnectionError("503 from storage"))
+
+    store.before_write = outage
+    # WHEN a batch is described
+    reply = post_batch(make_runtime(store=store), {"images": [f"{image_server}/coffee.png"]})
     # THEN the reply is a 503 that still carries the finished description
     assert reply.status == 503
     assert reply.body["error"]["code"] == "results_write_failed"

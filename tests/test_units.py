@@ -365,3 +365,10 @@ def test_resolver_drops_private_answers_and_fails_when_none_remain() -> None:
     private = GuardedResolver(_FixedResolver("127.0.0.1"))
     with pytest.raises(ForbiddenAddress, match=re.escape("127.0.0.1")):
         asyncio.run(private.resolve("rebind.example", 80))
+
+
+def test_allow_private_urls_is_refused_on_cloud_run() -> None:
+    """The local-testing escape hatch cannot be switched on in a Cloud Run service."""
+    with pytest.raises(ConfigError, match="local testing only"):
+        Settings.from_env({"ALLOW_PRIVATE_URLS": "true", "K_SERVICE": "describe-http"})
+    assert Settings.from_env({"ALLOW_PRIVATE_URLS": "true"}).allow_private_urls
