@@ -148,8 +148,8 @@ def test_settings_defaults_match_the_documented_table() -> None:
     assert settings.allowed_buckets == frozenset()
     assert settings.allow_private_urls is False
     assert (settings.max_batch_size, settings.max_image_bytes) == (1000, 20971520)
-    assert (settings.download_concurrency, settings.model_concurrency) == (32, 16)
-    assert settings.image_max_side == 1536
+    assert (settings.download_concurrency, settings.model_concurrency) == (16, 16)
+    assert settings.image_max_side == 1024
 
 
 def test_settings_read_every_variable() -> None:
