@@ -1,0 +1,563 @@
+#!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
+# Deploy the image describer to Google Cloud in one idempotent command: APIs, two least-privilege
+# service accounts, the buckets, the Gemini credentials, describe_http and one describe_gcs per
+# source bucket, sized so the whole fleet stays within your Gemini quota. Re-running updates what
+# exists and never duplicates it. --dry-run prints every gcloud command instead of running it.
+set -euo pipefail
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+exec 3>&1
+
+usage() {
+  cat <<'EOF'
+Usage: deploy/deploy.sh [--config FILE] [--dry-run] [flags]
+
+Settings come from defaults, then the config file (--config FILE, else deploy/config.env if it
+exists; see deploy/config.env.example), then flags.
+
+  --project ID                 Google Cloud project (required)
+  --region REGION              functions' region (us-central1)
+  --source-bucket BUCKET       a bucket whose uploads are described (repeatable; one
+                               describe_gcs function each); created if missing
+  --read-bucket BUCKET         a bucket describe_http may read gs:// sources from (repeatable)
+  --results-bucket BUCKET      where results go (required); created if missing
+  --results-prefix PREFIX      object prefix for results (descriptions/)
+  --model MODEL                GEMINI_MODEL (gemini-3.5-flash-lite)
+  --fallback-model MODEL       GEMINI_FALLBACK_MODEL (none)
+  --gemini-access MODE         api-key (key in Secret Manager) or vertex (Vertex AI) (api-key)
+  --secret NAME                Secret Manager secret holding the API key (gemini-api-key)
+  --api-key-file FILE          file holding the key, for a new secret or --update-api-key
+                               (else the GEMINI_API_KEY environment variable, else a prompt)
+  --update-api-key             add the key as a new secret version (rotation)
+  --vertex-location LOCATION   GOOGLE_CLOUD_LOCATION for Vertex AI (global)
+  --gemini-max-in-flight N     Gemini calls in flight the whole deployment may make (64);
+                               max instances are derived from it (see deploy/README.md)
+  --http-share PERCENT         part of that budget for describe_http when there are source
+                               buckets (50); the rest is split evenly between them
+  --model-concurrency N        MODEL_CONCURRENCY of describe_http (16)
+  --gcs-model-concurrency N    MODEL_CONCURRENCY of describe_gcs (4)
+  --http-concurrency N         requests one describe_http instance serves at once (1)
+  --gcs-concurrency N          events one describe_gcs instance serves at once (4)
+  --http-max-instances N       override the derived max instances (checked against the budget)
+  --gcs-max-instances N        the same, per describe_gcs function
+  --http-timeout SECONDS       describe_http timeout, also its FUNCTION_TIMEOUT_S (300; max 3600)
+  --gcs-timeout SECONDS        describe_gcs timeout, also its FUNCTION_TIMEOUT_S (540; max 540)
+  --http-memory SIZE           e.g. 2Gi (default: sized for the worst case, see the plan)
+  --gcs-memory SIZE            the same for describe_gcs
+  --runtime RUNTIME            python312 (or python311, python313)
+  --invoker MEMBER             may call describe_http, e.g. user:ana@example.com (repeatable)
+  --build-service-account SA   service account Cloud Build uses to build the functions
+  --env KEY=VALUE              another function setting (DESCRIBE_PROMPT, MEDIA_RESOLUTION,
+                               IMAGE_MAX_SIDE, MAX_BATCH_SIZE, DEADLINE_MARGIN_S, ...)
+  --name NAME                  prefix of everything created, to keep deployments apart (describer)
+  --dry-run                    print every gcloud command instead of running it
+EOF
+}
+
+UPDATE_API_KEY=0
+# Read once, then out of the environment, so no gcloud child process inherits it.
+API_KEY_FROM_ENV=${GEMINI_API_KEY:-}
+unset GEMINI_API_KEY
+
+parse_args() {
+  while (($#)); do
+    case $1 in
+      -h | --help) usage; exit 0 ;;
+      --config) shift ;;
+      --config=*) ;;
+      --update-api-key) UPDATE_API_KEY=1 ;;
+      *)
+        parse_flag "$@" || die "unknown flag $1 (see --help)"
+        shift $((FLAG_SHIFT - 1)) ;;
+    esac
+    shift
+  done
+}
+
+# --- the plan: names, sizes, and the Gemini budget ----------------------------------------------
+
+validate_deploy() {
+  require_uint --gemini-max-in-flight "$GEMINI_MAX_IN_FLIGHT" 1
+  require_uint --model-concurrency "$MODEL_CONCURRENCY" 1
+  require_uint --gcs-model-concurrency "$GCS_MODEL_CONCURRENCY" 1
+  require_uint --http-concurrency "$HTTP_CONCURRENCY" 1 1000
+  require_uint --gcs-concurrency "$GCS_CONCURRENCY" 1 1000
+  require_uint --http-timeout "$HTTP_TIMEOUT" 1 "$MAX_HTTP_TIMEOUT"
+  require_uint --gcs-timeout "$GCS_TIMEOUT" 1 "$MAX_EVENT_TIMEOUT"
+  require_uint --http-share "$HTTP_SHARE" 1 100
+  if ((${#SOURCES[@]})) && ((HTTP_SHARE == 100)); then
+    die "--http-share 100 leaves nothing for the describe_gcs functions; use 1-99"
+  fi
+  [[ -z $HTTP_MAX_INSTANCES ]] || require_uint --http-max-instances "$HTTP_MAX_INSTANCES" 1
+  [[ -z $GCS_MAX_INSTANCES ]] || require_uint --gcs-max-instances "$GCS_MAX_INSTANCES" 1
+  [[ $RUNTIME =~ ^python3[0-9]+$ ]] || die "--runtime must be a Python runtime, got '$RUNTIME'"
+  [[ -n $GEMINI_MODEL ]] || die "--model must not be empty"
+  [[ $VERTEX_LOCATION =~ ^[a-z0-9-]+$ ]] || die "not a valid --vertex-location: '$VERTEX_LOCATION'"
+  local media=${EXTRA_ENV[MEDIA_RESOLUTION]:-medium}
+  case ${media,,} in
+    low | medium | high | default) ;;
+    *) die "MEDIA_RESOLUTION must be low, medium, high or default" ;;
+  esac
+  local margin=${EXTRA_ENV[DEADLINE_MARGIN_S]:-10} whole
+  whole=${margin%%.*}
+  is_uint "$whole" || die "DEADLINE_MARGIN_S must be a number, got '$margin'"
+  [[ $margin == "$whole" ]] || whole=$((whole + 1))
+  if ((HTTP_TIMEOUT <= whole || GCS_TIMEOUT <= whole)); then
+    die "the timeouts must be longer than DEADLINE_MARGIN_S ($margin), or no work could start"
+  fi
+  local member
+  for member in "${INVOKER_LIST[@]}"; do
+    [[ $member =~ ^(user|group|serviceAccount|domain|principal|principalSet):.+ ]] ||
+      die "--invoker must be user:EMAIL, group:EMAIL, serviceAccount:EMAIL or domain:DOMAIN," \
+        "got '$member'"
+  done
+  if [[ -n $API_KEY_FILE && ! -r $API_KEY_FILE ]]; then
+    die "cannot read --api-key-file $API_KEY_FILE"
+  fi
+}
+
+# plan_capacity: max instances from the Gemini budget. Each instance of a function can have
+# concurrency x MODEL_CONCURRENCY calls in flight, so the fleet's worst case is the sum over
+# functions of max_instances x concurrency x MODEL_CONCURRENCY, kept within the budget.
+plan_capacity() {
+  local n_gcs=${#SOURCES[@]}
+  if ((n_gcs)); then
+    HTTP_BUDGET=$((GEMINI_MAX_IN_FLIGHT * HTTP_SHARE / 100))
+    GCS_BUDGET=$(((GEMINI_MAX_IN_FLIGHT - HTTP_BUDGET) / n_gcs))
+  else
+    HTTP_BUDGET=$GEMINI_MAX_IN_FLIGHT
+    GCS_BUDGET=0
+  fi
+  HTTP_PER_INSTANCE=$((HTTP_CONCURRENCY * MODEL_CONCURRENCY))
+  GCS_PER_INSTANCE=$((GCS_CONCURRENCY * GCS_MODEL_CONCURRENCY))
+  HTTP_MAX=${HTTP_MAX_INSTANCES:-$((HTTP_BUDGET / HTTP_PER_INSTANCE))}
+  if ((HTTP_MAX < 1)); then
+    die "$HTTP_FUNCTION gets $HTTP_BUDGET of the $GEMINI_MAX_IN_FLIGHT Gemini calls in flight," \
+      "but one instance alone may make $HTTP_CONCURRENCY x $MODEL_CONCURRENCY" \
+      "(--http-concurrency x --model-concurrency) = $HTTP_PER_INSTANCE: lower those, raise" \
+      "--http-share, or raise --gemini-max-in-flight if your quota allows"
+  fi
+  GCS_MAX=0
+  if ((n_gcs)); then
+    GCS_MAX=${GCS_MAX_INSTANCES:-$((GCS_BUDGET / GCS_PER_INSTANCE))}
+    if ((GCS_MAX < 1)); then
+      die "each describe_gcs function gets $GCS_BUDGET of the $GEMINI_MAX_IN_FLIGHT Gemini" \
+        "calls in flight, but one instance alone may make $GCS_CONCURRENCY x" \
+        "$GCS_MODEL_CONCURRENCY (--gcs-concurrency x --gcs-model-concurrency) =" \
+        "$GCS_PER_INSTANCE: lower those, lower --http-share, or raise --gemini-max-in-flight"
+    fi
+  fi
+  WORST_CASE=$((HTTP_MAX * HTTP_PER_INSTANCE + n_gcs * GCS_MAX * GCS_PER_INSTANCE))
+  if ((WORST_CASE > GEMINI_MAX_IN_FLIGHT)); then
+    die "with these max instances the functions could make $WORST_CASE Gemini calls at once," \
+      "more than --gemini-max-in-flight $GEMINI_MAX_IN_FLIGHT: lower --http-max-instances or" \
+      "--gcs-max-instances (or leave them out to have them derived)"
+  fi
+}
+
+# memory_mib SIZE: 2Gi, 2048Mi, 2G, 512M as MiB.
+memory_mib() {
+  local size=$1
+  [[ $size =~ ^([0-9]+)(Gi|G|Mi|M)$ ]] || die "memory must look like 2Gi or 512Mi, got '$size'"
+  case ${BASH_REMATCH[2]} in
+    Gi | G) echo $((BASH_REMATCH[1] * 1024)) ;;
+    *) echo "${BASH_REMATCH[1]}" ;;
+  esac
+}
+
+# min_cpu MIB: the fewest vCPUs Cloud Run allows with that much memory.
+min_cpu() {
+  local mib=$1
+  if ((mib <= 4096)); then echo 1
+  elif ((mib <= 8192)); then echo 2
+  elif ((mib <= 16384)); then echo 4
+  elif ((mib <= 24576)); then echo 6
+  else echo 8
+  fi
+}
+
+# size_instance CONCURRENCY MODEL_CONC DOWNLOAD_CONC OVERRIDE: sets MEMORY, CPU and NEED_MIB.
+# The worst case of one instance: the runtime (512 MiB) + every image an invocation may hold,
+# (DOWNLOAD_CONCURRENCY + 2 x MODEL_CONCURRENCY) of up to MAX_IMAGE_BYTES, per concurrent request
+# + one decoded image of MAX_IMAGE_PIXELS (two 3-byte copies) per vCPU (one decode per vCPU).
+size_instance() {
+  local conc=$1 model=$2 download=$3 override=$4 bytes pixels image_mib decode_mib tier mib
+  bytes=${EXTRA_ENV[MAX_IMAGE_BYTES]:-20971520}
+  pixels=${EXTRA_ENV[MAX_IMAGE_PIXELS]:-100000000}
+  is_uint "$bytes" || die "MAX_IMAGE_BYTES must be a whole number, got '$bytes'"
+  is_uint "$pixels" || die "MAX_IMAGE_PIXELS must be a whole number, got '$pixels'"
+  image_mib=$(((bytes + 1048575) / 1048576))
+  decode_mib=$(((pixels * 6 + 1048575) / 1048576))
+  CPU=1
+  while true; do
+    NEED_MIB=$((512 + conc * (download + 2 * model) * image_mib + CPU * decode_mib))
+    if [[ -n $override ]]; then
+      mib=$(memory_mib "$override")
+    else
+      mib=0
+      for tier in 1024 2048 4096 8192 16384 32768; do
+        if ((NEED_MIB <= tier)); then
+          mib=$tier
+          break
+        fi
+      done
+      ((mib)) || die "one instance could need $NEED_MIB MiB, more than 32Gi: lower the" \
+        "concurrency, MODEL_CONCURRENCY, DOWNLOAD_CONCURRENCY or MAX_IMAGE_BYTES"
+    fi
+    if (($(min_cpu "$mib") <= CPU)); then
+      break
+    fi
+    CPU=$(min_cpu "$mib")
+  done
+  if ((mib % 1024 == 0)); then MEMORY=$((mib / 1024))Gi; else MEMORY=${mib}Mi; fi
+  SHORT=""
+  if ((mib < NEED_MIB)); then
+    SHORT=" -- below the worst case: an instance may run out of memory"
+  fi
+}
+
+plan_instances() {
+  HTTP_DOWNLOAD=${EXTRA_ENV[DOWNLOAD_CONCURRENCY]:-$MODEL_CONCURRENCY}
+  GCS_DOWNLOAD=${EXTRA_ENV[DOWNLOAD_CONCURRENCY]:-$GCS_MODEL_CONCURRENCY}
+  size_instance "$HTTP_CONCURRENCY" "$MODEL_CONCURRENCY" "$HTTP_DOWNLOAD" "$HTTP_MEMORY"
+  HTTP_MEM=$MEMORY HTTP_CPU=$CPU HTTP_NEED=$NEED_MIB HTTP_SHORT=$SHORT
+  size_instance "$GCS_CONCURRENCY" "$GCS_MODEL_CONCURRENCY" "$GCS_DOWNLOAD" "$GCS_MEMORY"
+  GCS_MEM=$MEMORY GCS_CPU=$CPU GCS_NEED=$NEED_MIB GCS_SHORT=$SHORT
+}
+
+print_plan() {
+  local i
+  heading "Plan for project $PROJECT, region $REGION (deployment '$NAME')"
+  note "runtime service account  $RUN_SA"
+  ((${#SOURCES[@]} == 0)) || note "trigger service account  $TRIGGER_SA"
+  if [[ $GEMINI_ACCESS == api-key ]]; then
+    note "Gemini                   $GEMINI_MODEL, API key from secret $SECRET_NAME"
+  else
+    note "Gemini                   $GEMINI_MODEL on Vertex AI ($VERTEX_LOCATION)"
+  fi
+  note "results                  gs://$RESULTS_BUCKET/$RESULTS_PREFIX"
+  note "Gemini calls in flight, worst case (--gemini-max-in-flight $GEMINI_MAX_IN_FLIGHT):"
+  note "  $(printf '%-34s %3s instances x %3s requests x %3s MODEL_CONCURRENCY = %s' \
+    "$HTTP_FUNCTION" "$HTTP_MAX" "$HTTP_CONCURRENCY" "$MODEL_CONCURRENCY" \
+    $((HTTP_MAX * HTTP_PER_INSTANCE)))"
+  for i in "${!SOURCES[@]}"; do
+    note "  $(printf '%-34s %3s instances x %3s requests x %3s MODEL_CONCURRENCY = %s' \
+      "${GCS_FUNCTIONS[i]}" "$GCS_MAX" "$GCS_CONCURRENCY" "$GCS_MODEL_CONCURRENCY" \
+      $((GCS_MAX * GCS_PER_INSTANCE)))"
+  done
+  note "  total $WORST_CASE <= $GEMINI_MAX_IN_FLIGHT"
+  note "instances: $HTTP_FUNCTION $HTTP_MEM / $HTTP_CPU vCPU (worst case $HTTP_NEED MiB)," \
+    "timeout ${HTTP_TIMEOUT}s$HTTP_SHORT"
+  if ((${#SOURCES[@]})); then
+    note "           describe_gcs $GCS_MEM / $GCS_CPU vCPU (worst case $GCS_NEED MiB)," \
+      "timeout ${GCS_TIMEOUT}s, retried on failure$GCS_SHORT"
+  fi
+  if ((SHARED_RESULTS)); then
+    note "note: gs://$RESULTS_BUCKET is both a source and the results bucket: every result" \
+      "written there also triggers (and is ignored by) describe_gcs. A separate results" \
+      "bucket avoids those invocations."
+  fi
+}
+
+# --- the steps ------------------------------------------------------------------------------------
+
+# bind ARGS...: an add-iam-policy-binding (idempotent by nature). A service account created
+# moments ago may not be visible to IAM yet ("does not exist"): retried a few times.
+bind() {
+  local attempt err
+  if ((DRY_RUN)); then
+    run "$@" --format=none
+    return 0
+  fi
+  for attempt in 1 2 3 4 5 6; do
+    gcloud_cmd "$@" --format=none
+    echo "+ $(shell_quote "${CMD[@]}")"
+    if err=$("${CMD[@]}" 2>&1 >/dev/null); then
+      return 0
+    fi
+    if [[ $err != *"does not exist"* ]] || ((attempt == 6)); then
+      echo "$err" >&2
+      die "could not grant a role (above)"
+    fi
+    echo "  (a new service account is not visible to IAM yet; retrying)"
+    sleep "${DEPLOY_RETRY_DELAY_S:-5}"
+  done
+}
+
+ensure_service_account() {
+  local id=$1 email=$2 title=$3
+  if exists iam service-accounts describe "$email" --format='value(email)'; then
+    note "service account $email exists"
+  else
+    run iam service-accounts create "$id" --display-name="$title" \
+      --description="Created by deploy/deploy.sh ($NAME); see deploy/README.md"
+  fi
+}
+
+# ensure_bucket BUCKET: create it if missing (uniform access, public access prevented, labelled);
+# sets BUCKET_LOCATION (lowercase, as --trigger-location wants it).
+ensure_bucket() {
+  local bucket=$1
+  if exists storage buckets describe "gs://$bucket" --format='value(name)'; then
+    BUCKET_LOCATION=$(query "$REGION" storage buckets describe "gs://$bucket" \
+      --format='value(location)' | tr '[:upper:]' '[:lower:]')
+    note "bucket gs://$bucket exists (location $BUCKET_LOCATION)"
+  else
+    run storage buckets create "gs://$bucket" --location="$REGION" \
+      --uniform-bucket-level-access --public-access-prevention
+    run storage buckets update "gs://$bucket" --update-labels="$LABEL_KEY=$NAME"
+    BUCKET_LOCATION=$REGION
+  fi
+}
+
+add_secret_version() {
+  if [[ -n $API_KEY_FILE ]]; then
+    run secrets versions add "$SECRET_NAME" --data-file="$API_KEY_FILE"
+    return 0
+  fi
+  local key=$API_KEY_FROM_ENV
+  if [[ -z $key ]] && ((DRY_RUN == 0)) && [[ -t 0 ]]; then
+    read -rsp "Gemini API key for secret $SECRET_NAME (input hidden): " key
+    echo
+  fi
+  if [[ -z $key ]] && ((DRY_RUN == 0)); then
+    die "secret $SECRET_NAME needs a value: export GEMINI_API_KEY=... (it is piped to gcloud," \
+      "never put on a command line) or pass --api-key-file FILE, then run again"
+  fi
+  printf '%s' "$key" | run_stdin secrets versions add "$SECRET_NAME" --data-file=-
+}
+
+ensure_secret() {
+  local add=$UPDATE_API_KEY versions
+  if exists secrets describe "$SECRET_NAME" --format='value(name)'; then
+    if ((add == 0)); then
+      versions=$(query "" secrets versions list "$SECRET_NAME" --filter=state:enabled --limit=1 \
+        --format='value(name)')
+      [[ -n $versions ]] || add=1
+    fi
+    ((add)) || note "secret $SECRET_NAME has a version (rotate it with --update-api-key)"
+  else
+    run secrets create "$SECRET_NAME" --replication-policy=automatic \
+      --labels="$LABEL_KEY=$NAME"
+    add=1
+  fi
+  if ((add)); then
+    add_secret_version
+  fi
+}
+
+# yaml_pair KEY VALUE: one line of an env-vars file; every value a quoted string.
+yaml_pair() {
+  local value=$2
+  [[ $value != *$'\n'* ]] || die "the value of $1 must be on one line"
+  printf "%s: '%s'\n" "$1" "${value//\'/\'\'}"
+}
+
+# write_env FILE TIMEOUT MODEL_CONC DOWNLOAD_CONC: the function's settings, as gcloud wants them.
+write_env() {
+  local file=$1 key allowed
+  allowed=$(split_list "$SOURCE_BUCKETS,$READ_BUCKETS" | paste -sd, -)
+  {
+    yaml_pair GOOGLE_CLOUD_PROJECT "$PROJECT"
+    yaml_pair GEMINI_MODEL "$GEMINI_MODEL"
+    [[ -z $GEMINI_FALLBACK_MODEL ]] || yaml_pair GEMINI_FALLBACK_MODEL "$GEMINI_FALLBACK_MODEL"
+    if [[ $GEMINI_ACCESS == vertex ]]; then
+      yaml_pair GOOGLE_GENAI_USE_VERTEXAI true
+      yaml_pair GOOGLE_CLOUD_LOCATION "$VERTEX_LOCATION"
+    fi
+    yaml_pair RESULTS_BUCKET "$RESULTS_BUCKET"
+    yaml_pair RESULTS_PREFIX "$RESULTS_PREFIX"
+    yaml_pair ALLOWED_BUCKETS "$allowed"
+    yaml_pair FUNCTION_TIMEOUT_S "$2"
+    yaml_pair MODEL_CONCURRENCY "$3"
+    yaml_pair DOWNLOAD_CONCURRENCY "$4"
+    for key in $(printf '%s\n' "${!EXTRA_ENV[@]}" | sort); do
+      [[ $key == DOWNLOAD_CONCURRENCY ]] || yaml_pair "$key" "${EXTRA_ENV[$key]}"
+    done
+  } >"$file"
+  if ((DRY_RUN)); then
+    echo "# $file:"
+    sed 's/^/#   /' "$file"
+  fi
+}
+
+# deploy_function NAME ENTRY_POINT ENV_FILE MEMORY CPU TIMEOUT MAX_INSTANCES CONCURRENCY ARGS...
+deploy_function() {
+  local name=$1 entry=$2 env=$3 memory=$4 cpu=$5 timeout=$6 max=$7 concurrency=$8 existed=0
+  shift 8
+  if exists functions describe "$name" --region="$REGION" --format='value(name)'; then
+    existed=1
+  fi
+  local args=(functions deploy "$name" --gen2 --region="$REGION" --runtime="$RUNTIME"
+    --source="$REPO_ROOT" --entry-point="$entry" --service-account="$RUN_SA"
+    --memory="$memory" --cpu="$cpu" --timeout="${timeout}s" --max-instances="$max"
+    --concurrency="$concurrency" --env-vars-file="$env" --update-labels="$LABEL_KEY=$NAME"
+    --no-allow-unauthenticated)
+  if [[ $GEMINI_ACCESS == api-key ]]; then
+    args+=(--set-secrets="GEMINI_API_KEY=$SECRET_NAME:latest")
+  elif ((existed)); then
+    args+=(--clear-secrets)  # switched from an API key to Vertex AI: drop the old mount
+  fi
+  if [[ -n $BUILD_SERVICE_ACCOUNT ]]; then
+    args+=(--build-service-account="projects/$PROJECT/serviceAccounts/$BUILD_SERVICE_ACCOUNT")
+  fi
+  run "${args[@]}" "$@"
+}
+
+print_next_steps() {
+  local url bucket=${SOURCES[0]:-$RESULTS_BUCKET} object=deploy-test/rocket.jpg
+  url=$(query "<the URL of $HTTP_FUNCTION>" functions describe "$HTTP_FUNCTION" \
+    --region="$REGION" --format="value(serviceConfig.uri)")
+  if ((DRY_RUN)); then
+    heading "Dry run: nothing was changed. Once deployed:"
+  else
+    heading "Deployed"
+  fi
+  note "$HTTP_FUNCTION: $url"
+  echo
+  echo "From the repository root, upload a test image:"
+  echo
+  echo "  gcloud storage cp samples/rocket.jpg gs://$bucket/$object --project=$PROJECT"
+  if ((${#SOURCES[@]})); then
+    cat <<EOF
+
+describe_gcs describes it within seconds; read the result:
+
+  gcloud storage cat gs://$RESULTS_BUCKET/$RESULTS_PREFIX$object.json --project=$PROJECT
+EOF
+  fi
+  cat <<EOF
+
+Call describe_http with an identity token (the caller needs roles/run.invoker on the function:
+project owners have it; grant others with --invoker user:EMAIL):
+
+  URL=\$(gcloud functions describe $HTTP_FUNCTION --region=$REGION --project=$PROJECT \\
+        --format='value(serviceConfig.uri)')
+  curl -sS -X POST "\$URL" \\
+    -H "Authorization: Bearer \$(gcloud auth print-identity-token)" \\
+    -H "Content-Type: application/json" \\
+    -d '{"images": ["gs://$bucket/$object"]}'
+
+Follow one batch in Cloud Logging (its batch_id is in the response; for an upload it is
+BUCKET/OBJECT#GENERATION):
+
+  deploy/logs.sh --project $PROJECT BATCH_ID
+EOF
+}
+
+main() {
+  local config
+  config=$(find_config "$@")
+  if [[ -n $config ]]; then
+    load_config "$config"
+  fi
+  parse_args "$@"
+  validate_common
+  validate_deploy
+  plan_capacity
+  plan_instances
+  print_plan
+
+  local apis=(cloudfunctions.googleapis.com run.googleapis.com cloudbuild.googleapis.com
+    artifactregistry.googleapis.com storage.googleapis.com logging.googleapis.com
+    iam.googleapis.com)
+  ((${#SOURCES[@]} == 0)) || apis+=(eventarc.googleapis.com pubsub.googleapis.com)
+  if [[ $GEMINI_ACCESS == api-key ]]; then
+    apis+=(secretmanager.googleapis.com)
+  else
+    apis+=(aiplatform.googleapis.com)
+  fi
+  heading "APIs"
+  run services enable "${apis[@]}"
+
+  heading "Service accounts"
+  ensure_service_account "$RUN_SA_ID" "$RUN_SA" "Image describer functions ($NAME)"
+  if ((${#SOURCES[@]})); then
+    ensure_service_account "$TRIGGER_SA_ID" "$TRIGGER_SA" "Image describer triggers ($NAME)"
+  fi
+
+  heading "Buckets"
+  local i bucket
+  SOURCE_LOCATIONS=()
+  for bucket in "${SOURCES[@]}"; do
+    ensure_bucket "$bucket"
+    SOURCE_LOCATIONS+=("$BUCKET_LOCATION")
+    bind storage buckets add-iam-policy-binding "gs://$bucket" \
+      --member="serviceAccount:$RUN_SA" --role=roles/storage.objectViewer
+  done
+  for bucket in "${READS[@]}"; do
+    # A source bucket is readable already; the results bucket gets more than read below.
+    if [[ " ${SOURCES[*]} $RESULTS_BUCKET " != *" $bucket "* ]]; then
+      ensure_bucket "$bucket"
+      bind storage buckets add-iam-policy-binding "gs://$bucket" \
+        --member="serviceAccount:$RUN_SA" --role=roles/storage.objectViewer
+    fi
+  done
+  if ((SHARED_RESULTS)); then
+    # Uploads live in this bucket too: read-write only under the results prefix (a managed
+    # folder), so the function can never change or delete an upload.
+    local folder="gs://$RESULTS_BUCKET/$RESULTS_PREFIX"
+    if ! exists storage managed-folders describe "$folder"; then
+      run storage managed-folders create "$folder"
+    fi
+    bind storage managed-folders add-iam-policy-binding "$folder" \
+      --member="serviceAccount:$RUN_SA" --role=roles/storage.objectUser
+  else
+    ensure_bucket "$RESULTS_BUCKET"
+    bind storage buckets add-iam-policy-binding "gs://$RESULTS_BUCKET" \
+      --member="serviceAccount:$RUN_SA" --role=roles/storage.objectUser
+  fi
+
+  heading "Gemini access"
+  if [[ $GEMINI_ACCESS == api-key ]]; then
+    ensure_secret
+    bind secrets add-iam-policy-binding "$SECRET_NAME" \
+      --member="serviceAccount:$RUN_SA" --role=roles/secretmanager.secretAccessor
+  else
+    bind projects add-iam-policy-binding "$PROJECT" \
+      --member="serviceAccount:$RUN_SA" --role=roles/aiplatform.user --condition=None
+  fi
+
+  if ((${#SOURCES[@]})); then
+    heading "Storage triggers"
+    local agent
+    agent=$(query "service-PROJECT_NUMBER@gs-project-accounts.iam.gserviceaccount.com" \
+      storage service-agent)
+    bind projects add-iam-policy-binding "$PROJECT" \
+      --member="serviceAccount:$agent" --role=roles/pubsub.publisher --condition=None
+    bind projects add-iam-policy-binding "$PROJECT" \
+      --member="serviceAccount:$TRIGGER_SA" --role=roles/eventarc.eventReceiver --condition=None
+  fi
+
+  ENV_DIR=$(mktemp -d)
+  trap 'rm -rf "$ENV_DIR"' EXIT
+
+  heading "describe_http"
+  write_env "$ENV_DIR/http.yaml" "$HTTP_TIMEOUT" "$MODEL_CONCURRENCY" "$HTTP_DOWNLOAD"
+  deploy_function "$HTTP_FUNCTION" describe_http "$ENV_DIR/http.yaml" "$HTTP_MEM" "$HTTP_CPU" \
+    "$HTTP_TIMEOUT" "$HTTP_MAX" "$HTTP_CONCURRENCY" --trigger-http --ingress-settings=all
+  local member
+  for member in "${INVOKER_LIST[@]}"; do
+    bind functions add-invoker-policy-binding "$HTTP_FUNCTION" --region="$REGION" \
+      --member="$member"
+  done
+
+  for i in "${!SOURCES[@]}"; do
+    heading "describe_gcs for gs://${SOURCES[i]}"
+    write_env "$ENV_DIR/gcs-$i.yaml" "$GCS_TIMEOUT" "$GCS_MODEL_CONCURRENCY" "$GCS_DOWNLOAD"
+    # Eventarc reaches an internal-only function from inside the project; nothing else can.
+    deploy_function "${GCS_FUNCTIONS[i]}" describe_gcs "$ENV_DIR/gcs-$i.yaml" "$GCS_MEM" \
+      "$GCS_CPU" "$GCS_TIMEOUT" "$GCS_MAX" "$GCS_CONCURRENCY" \
+      --trigger-event-filters=type=google.cloud.storage.object.v1.finalized \
+      --trigger-event-filters="bucket=${SOURCES[i]}" \
+      --trigger-location="${SOURCE_LOCATIONS[i]}" \
+      --trigger-service-account="$TRIGGER_SA" --retry --ingress-settings=internal-only
+    bind functions add-invoker-policy-binding "${GCS_FUNCTIONS[i]}" --region="$REGION" \
+      --member="serviceAccount:$TRIGGER_SA"
+  done
+
+  print_next_steps
+}
+
+main "$@"

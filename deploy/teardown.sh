@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
+# Remove what deploy/deploy.sh created, with the same config file and flags: the functions (and
+# with them their triggers), the roles it granted, its service accounts. Buckets and the secret
+# are deleted only if deploy.sh created them (they carry its label), and only after asking.
+# Safe to run twice: what is already gone is skipped.
+set -euo pipefail
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+exec 3>&1
+
+usage() {
+  cat <<'EOF'
+Usage: deploy/teardown.sh [--config FILE] [--dry-run] [--yes | --keep-data] [flags]
+
+Takes the same config file and flags as deploy.sh (--project, --region, --name, the buckets,
+--secret, ...). Buckets and the secret that deploy.sh created are deleted only when you answer
+yes to the question for each (or with --yes); --keep-data keeps them without asking. Buckets
+that existed before deploy.sh ran are never deleted; only the roles it granted on them go.
+The Cloud Storage service agent keeps roles/pubsub.publisher (every storage trigger in the
+project needs it), and the APIs stay enabled.
+EOF
+}
+
+ANSWER=ask
+
+parse_args() {
+  while (($#)); do
+    case $1 in
+      -h | --help) usage; exit 0 ;;
+      --config) shift ;;
+      --config=*) ;;
+      --yes) ANSWER=yes ;;
+      --keep-data) ANSWER=no ;;
+      --update-api-key) ;;  # a deploy.sh flag: accepted so both take the same command line
+      *)
+        parse_flag "$@" || die "unknown flag $1 (see --help)"
+        shift $((FLAG_SHIFT - 1)) ;;
+    esac
+    shift
+  done
+}
+
+# confirm QUESTION: yes only for an explicit "y"/"yes" (or --yes); end of input means no.
+confirm() {
+  local reply=""
+  case $ANSWER in
+    yes) echo "$1 yes (--yes)"; return 0 ;;
+    no) echo "$1 no (--keep-data)"; return 1 ;;
+  esac
+  if ((DRY_RUN)); then
+    echo "# would ask: $1"
+    return 0
+  fi
+  printf '%s [y/N] ' "$1"
+  read -r reply || true
+  [[ -t 0 ]] || echo "$reply"
+  [[ $reply =~ ^([yY]|[yY][eE][sS])$ ]]
+}
+
+# present ARGS...: like exists, but a dry run assumes everything is there, to show every removal.
+present() {
+  if ((DRY_RUN)); then
+    gcloud_cmd "$@"
+    echo "# check: $(shell_quote "${CMD[@]}")   (dry run: assumed present)"
+    return 0
+  fi
+  exists "$@"
+}
+
+# labelled ARGS...: whether the resource (known to exist) carries this deployment's label.
+labelled() {
+  local label
+  label=$(query "$NAME" "$@" --format="value(labels.$LABEL_KEY)")
+  [[ $label == "$NAME" ]]
+}
+
+# teardown_bucket BUCKET: delete it if deploy.sh created it and you agree; else take back the
+# roles deploy.sh granted on it.
+teardown_bucket() {
+  local bucket=$1
+  if ! present storage buckets describe "gs://$bucket" --format='value(name)'; then
+    note "gs://$bucket does not exist"
+    return 0
+  fi
+  if labelled storage buckets describe "gs://$bucket"; then
+    if confirm "Delete gs://$bucket and every object in it (deploy.sh created it)?"; then
+      run storage rm --recursive "gs://$bucket"
+      return 0
+    fi
+    note "kept gs://$bucket"
+  fi
+  if [[ " ${SOURCES[*]} ${READS[*]} " == *" $bucket "* ]]; then
+    try storage buckets remove-iam-policy-binding "gs://$bucket" \
+      --member="serviceAccount:$RUN_SA" --role=roles/storage.objectViewer --format=none
+  fi
+  if [[ $bucket == "$RESULTS_BUCKET" ]] && ((SHARED_RESULTS)); then
+    # The managed folder's grant goes; the folder and the results stay, with the bucket.
+    try storage managed-folders remove-iam-policy-binding "gs://$bucket/$RESULTS_PREFIX" \
+      --member="serviceAccount:$RUN_SA" --role=roles/storage.objectUser --format=none
+  elif [[ $bucket == "$RESULTS_BUCKET" ]]; then
+    try storage buckets remove-iam-policy-binding "gs://$bucket" \
+      --member="serviceAccount:$RUN_SA" --role=roles/storage.objectUser --format=none
+  fi
+}
+
+main() {
+  local config
+  config=$(find_config "$@")
+  if [[ -n $config ]]; then
+    load_config "$config"
+  fi
+  parse_args "$@"
+  validate_common
+
+  heading "Functions"
+  local name listed functions=("$HTTP_FUNCTION" "${GCS_FUNCTIONS[@]}")
+  # Also those deployed for a source bucket since dropped from the config: they carry the label.
+  listed=$(query "" functions list --regions="$REGION" \
+    --filter="labels.$LABEL_KEY=$NAME" --format='value(name)')
+  for name in $listed; do
+    name=${name##*/}
+    [[ " ${functions[*]} " == *" $name "* ]] || functions+=("$name")
+  done
+  for name in "${functions[@]}"; do
+    if present functions describe "$name" --region="$REGION" --format='value(name)'; then
+      run functions delete "$name" --region="$REGION"
+    else
+      note "$name does not exist"
+    fi
+  done
+
+  heading "Roles on buckets, and the buckets deploy.sh created"
+  local bucket
+  for bucket in $(split_list "$SOURCE_BUCKETS,$READ_BUCKETS,$RESULTS_BUCKET"); do
+    teardown_bucket "$bucket"
+  done
+
+  heading "Gemini access"
+  if ! present secrets describe "$SECRET_NAME" --format='value(name)'; then
+    note "secret $SECRET_NAME does not exist"
+  elif labelled secrets describe "$SECRET_NAME"; then
+    if confirm "Delete secret $SECRET_NAME (deploy.sh created it; your API key stays valid)?"
+    then
+      run secrets delete "$SECRET_NAME"
+    else
+      note "kept secret $SECRET_NAME"
+      try secrets remove-iam-policy-binding "$SECRET_NAME" --member="serviceAccount:$RUN_SA" \
+        --role=roles/secretmanager.secretAccessor --format=none
+    fi
+  else
+    try secrets remove-iam-policy-binding "$SECRET_NAME" --member="serviceAccount:$RUN_SA" \
+      --role=roles/secretmanager.secretAccessor --format=none
+  fi
+  try projects remove-iam-policy-binding "$PROJECT" --member="serviceAccount:$RUN_SA" \
+    --role=roles/aiplatform.user --condition=None --format=none
+
+  heading "Triggers' role and the service accounts"
+  try projects remove-iam-policy-binding "$PROJECT" --member="serviceAccount:$TRIGGER_SA" \
+    --role=roles/eventarc.eventReceiver --condition=None --format=none
+  local email
+  for email in "$RUN_SA" "$TRIGGER_SA"; do
+    if present iam service-accounts describe "$email" --format='value(email)'; then
+      run iam service-accounts delete "$email"
+    else
+      note "$email does not exist"
+    fi
+  done
+
+  heading "Left in place"
+  note "the APIs, and roles/pubsub.publisher of the Cloud Storage service agent (every storage" \
+    "trigger in the project needs it)"
+  if ((FAILED)); then
+    die "$FAILED removal(s) failed (above); fix the cause and run teardown.sh again"
+  fi
+}
+
+main "$@"
