@@ -279,7 +279,10 @@ def _encode(image: Image.Image) -> tuple[bytes, str]:
     if image.mode in ("LA", "RGBA"):
         image.save(buffer, format="PNG")
         return buffer.getvalue(), "image/png"
-    image.save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=True)
+    # No optimize=True: its second pass over the Huffman tables took a 1000x750 encode
+    # from 3.5 to 8.3 ms of CPU to make the file 1.4% smaller (102.1 -> 100.7 KB), and
+    # every downscaled photo would pay it; 1.4% more bytes to send cost far less.
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue(), "image/jpeg"
 
 
