@@ -447,12 +447,7 @@ EOF
 }
 
 main() {
-  local config
-  config=$(find_config "$@")
-  if [[ -n $config ]]; then
-    load_config "$config"
-  fi
-  parse_args "$@"
+  read_settings "$@"
   validate_common
   validate_deploy
   plan_capacity

@@ -198,6 +198,17 @@ find_config() {
   printf '%s' "$config"
 }
 
+# Defaults, then the config file, then the flags (each script's own parse_args):
+# the order every script reads its settings in.
+read_settings() {
+  local config
+  config=$(find_config "$@")
+  if [[ -n $config ]]; then
+    load_config "$config"
+  fi
+  parse_args "$@"
+}
+
 # split_list VALUE: a comma (or space) separated list, one item a line, duplicates dropped.
 split_list() {
   local item seen=" "

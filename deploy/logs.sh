@@ -57,12 +57,7 @@ log_quote() {
 }
 
 main() {
-  local config
-  config=$(find_config "$@")
-  if [[ -n $config ]]; then
-    load_config "$config"
-  fi
-  parse_args "$@"
+  read_settings "$@"
   [[ -n $PROJECT ]] || die "the project is not set: --project PROJECT_ID"
   [[ $NAME =~ ^[a-z][a-z0-9-]{0,20}[a-z0-9]$ ]] || die "not a valid --name: '$NAME'"
   [[ $FRESHNESS =~ ^[0-9]+[smhd]$ ]] || die "--freshness must look like 2h or 7d"

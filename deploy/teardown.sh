@@ -105,12 +105,7 @@ teardown_bucket() {
 }
 
 main() {
-  local config
-  config=$(find_config "$@")
-  if [[ -n $config ]]; then
-    load_config "$config"
-  fi
-  parse_args "$@"
+  read_settings "$@"
   validate_common
 
   heading "Functions"

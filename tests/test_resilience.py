@@ -67,6 +67,14 @@ def pictures(bucket: storage.Bucket) -> Callable[[int], list[str]]:
     return make
 
 
+def _one_picture(bucket: storage.Bucket, pictures: Callable[[int], list[str]]) -> storage.Blob:
+    """Upload one picture and return its blob, generation included (as an event names it)."""
+    (uri,) = pictures(1)
+    blob = bucket.get_blob(uri.split("/", 3)[3])
+    assert blob is not None
+    return blob
+
+
 def _manifest(bucket: storage.Bucket, images: list[str]) -> storage.Blob:
     return upload(bucket, "job.batch.json", json.dumps({"images": images}).encode(), None)
 
@@ -200,9 +208,7 @@ def test_an_upload_cut_off_by_the_deadline_asks_for_redelivery(
     """An upload that runs out of time raises (so Eventarc redelivers) and writes no sidecar."""
     sim.configure(api_key=API_KEY, answer_limit=0)
     runtime = event_runtime(function_timeout_s=2.5, deadline_margin_s=1.0)
-    (uri,) = pictures(1)
-    blob = bucket.get_blob(uri.split("/", 3)[3])
-    assert blob is not None
+    blob = _one_picture(bucket, pictures)
     with pytest.raises(TransientFailure, match="deadline"):
         handle_storage_event(runtime, _event(blob))
     assert bucket.get_blob(f"descriptions/{blob.name}.json") is None
@@ -357,9 +363,7 @@ def test_a_sidecar_written_first_by_another_delivery_wins(
     """The create-only sidecar write loses to a concurrent delivery and counts as done."""
     store = MemoryStore()
     runtime = event_runtime(store=store)
-    (uri,) = pictures(1)
-    blob = bucket.get_blob(uri.split("/", 3)[3])
-    assert blob is not None
+    blob = _one_picture(bucket, pictures)
     sidecar = f"descriptions/{blob.name}.json"
 
     async def other_delivery_writes_first(bucket_name: str, name: str) -> None:
@@ -385,9 +389,7 @@ def test_a_sidecar_replaced_between_read_and_write_is_not_overwritten(
     """Replacing an older sidecar is conditional on the generation that was read."""
     store = MemoryStore()
     runtime = event_runtime(store=store)
-    (uri,) = pictures(1)
-    blob = bucket.get_blob(uri.split("/", 3)[3])
-    assert blob is not None
+    blob = _one_picture(bucket, pictures)
     sidecar = f"descriptions/{blob.name}.json"
     # GIVEN a sidecar for an older generation of the object
     store.put(bucket.name, sidecar, json.dumps({"generation": "1"}).encode())
@@ -412,9 +414,7 @@ def test_without_a_race_the_sidecar_is_created_once(
     """The same event twice against the enforcing store: one model call, one write, no rejects."""
     store = MemoryStore()
     runtime = event_runtime(store=store)
-    (uri,) = pictures(1)
-    blob = bucket.get_blob(uri.split("/", 3)[3])
-    assert blob is not None
+    blob = _one_picture(bucket, pictures)
     assert handle_storage_event(runtime, _event(blob)) == "described"
     assert handle_storage_event(runtime, _event(blob)) == "already_done"
     assert sim.stats.calls == 1
@@ -531,9 +531,7 @@ def test_a_redelivered_upload_described_by_the_fallback_model_is_skipped(
     """The sidecar names the fallback model; a second delivery must still count as done."""
     sim.configure(api_key=API_KEY, known_models=["gemini-here"])
     runtime = event_runtime(model="gemini-gone", fallback_model="gemini-here")
-    (uri,) = pictures(1)
-    blob = bucket.get_blob(uri.split("/", 3)[3])
-    assert blob is not None
+    blob = _one_picture(bucket, pictures)
     assert handle_storage_event(runtime, _event(blob)) == "described"
     calls = sim.stats.calls
     assert handle_storage_event(runtime, _event(blob)) == "already_done"
@@ -549,9 +547,7 @@ def test_past_the_retry_window_a_passing_failure_is_recorded_not_redelivered(
     """An upload still failing after EVENT_RETRY_WINDOW_S gets its error sidecar and stops."""
     sim.configure(api_key=API_KEY, rate_500=1.0)
     runtime = event_runtime(model_max_attempts=2, event_retry_window_s=60.0)
-    (uri,) = pictures(1)
-    blob = bucket.get_blob(uri.split("/", 3)[3])
-    assert blob is not None
+    blob = _one_picture(bucket, pictures)
     # GIVEN a fresh event: the outage asks for redelivery
     with pytest.raises(TransientFailure):
         handle_storage_event(runtime, _event(blob), event_time=_ago(10))
