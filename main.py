@@ -7,7 +7,6 @@ describe_gcs    an object finalized in a bucket: describe an image or run a mani
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any
 
 import flask
@@ -22,22 +21,15 @@ describer.configure_logging()
 SETTINGS = describer.Settings.from_env()
 
 
-_lock = threading.Lock()
-_runtimes: list[describer.Runtime] = []
-
-
-def _runtime() -> describer.Runtime:
-    # Concurrent first requests run on several threads: build the runtime once.
-    with _lock:
-        if not _runtimes:
-            _runtimes.append(describer.Runtime.create(SETTINGS))
-        return _runtimes[0]
+# Built once at import, too: missing credentials or an unusable setting stop the
+# instance with the reason in its log, instead of answering every request 500.
+RUNTIME = describer.Runtime.create(SETTINGS)
 
 
 @functions_framework.http
 def describe_http(request: flask.Request) -> flask.Response:
     reply = describer.handle_http(
-        _runtime(),
+        RUNTIME,
         method=request.method,
         content_type=request.content_type,
         content_length=request.content_length,
@@ -56,7 +48,7 @@ def describe_http(request: flask.Request) -> flask.Response:
 def describe_gcs(cloud_event: CloudEvent) -> None:
     data: Any = cloud_event.data
     describer.handle_storage_event(
-        _runtime(),
+        RUNTIME,
         data if isinstance(data, dict) else {},
         event_id=str(cloud_event["id"]),
         event_time=cloud_event.get("time"),

@@ -81,9 +81,11 @@ def parse_batch(data: Any, *, max_batch_size: int) -> BatchRequest:
             f"Unknown field(s) {', '.join(map(repr, unknown))}; "
             "expected 'images', 'prompt' and 'output'.",
         )
-    images = data.get("images")
-    if images is None:
+    if "images" not in data:
         raise RequestError(400, "invalid_request", "The field 'images' is missing.")
+    images = data["images"]
+    if images is None:
+        raise RequestError(400, "invalid_request", "'images' is null: give a list of URIs.")
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
         raise RequestError(400, "invalid_request", "'images' must be a list of URI strings.")
     if not images:
@@ -120,7 +122,7 @@ def parse_output(uri: str) -> Location:
     try:
         bucket, name = _split_gs(uri)
     except ValueError as exc:
-        raise RequestError(400, "invalid_request", f"'output' {exc}.") from None
+        raise RequestError(400, "invalid_request", f"'output' {str(exc).rstrip('.')}.") from None
     prefix = normalize_prefix(name)
     if "\r" in prefix or "\n" in prefix:
         raise RequestError(400, "invalid_request", "'output' contains a line break.")
@@ -202,5 +204,5 @@ def _split_gs(uri: str) -> tuple[str, str]:
         raise ValueError("must start with gs://")
     bucket, _, name = uri[len("gs://") :].partition("/")
     if not _BUCKET_RE.fullmatch(bucket):
-        raise ValueError(f"names no valid bucket ({bucket!r})")
+        raise ValueError(f"names no valid bucket ({bucket!r}).")
     return bucket, name

@@ -131,7 +131,9 @@ class Describer:
 
     def _config(self, model: str) -> types.GenerateContentConfig | None:
         """Media resolution for Gemini 3 models, which bill image tokens by it."""
-        if self._media_resolution is None or not model.startswith("gemini-3"):
+        if self._media_resolution is None or not model.removeprefix("models/").startswith(
+            "gemini-3"
+        ):
             return None
         return types.GenerateContentConfig(media_resolution=self._media_resolution)
 
@@ -167,7 +169,8 @@ class Describer:
                 if final:
                     raise SourceError(
                         Code.MODEL_ERROR,
-                        f"The model could not be reached after {attempt} attempts: {exc!r}.",
+                        f"The model could not be reached after {attempt} attempts: "
+                        f"{_connection_problem(exc)}.",
                         attempts=attempt,
                         transient=True,
                     ) from None
@@ -267,6 +270,16 @@ def _answer(response: types.GenerateContentResponse, attempts: int, model: str) 
         else None
     )
     return Described(text=text, usage=usage, attempts=attempts, model=model)
+
+
+def _connection_problem(exc: aiohttp.ClientError) -> str:
+    """A stable sentence for a connection failure (no object reprs or addresses in it)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        reason = exc.os_error.strerror or type(exc.os_error).__name__
+        return f"could not connect to {exc.host}:{exc.port} ({reason.lower()})"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection without answering"
+    return f"{type(exc).__name__}"
 
 
 def _details(body: Any) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from google.auth.exceptions import GoogleAuthError
 from google.cloud import storage
 
 from .batch import BatchRequest, Location, parse_body
-from .errors import Code, RequestError, StorageUnavailable, TransientFailure
+from .errors import Code, ConfigError, RequestError, StorageUnavailable, TransientFailure
 from .fetch import Fetcher, open_http_session
 from .gemini import Describer, GeminiConnector
 from .logs import batch_var, trace_var
@@ -87,12 +87,24 @@ class Runtime:
 
     @classmethod
     def create(cls, settings: Settings) -> Runtime:
-        """Build the shared clients; the storage client honours STORAGE_EMULATOR_HOST itself."""
-        return cls(
-            settings=settings,
-            storage_client=storage.Client(),
-            gemini=GeminiConnector(settings.gemini),
-        )
+        """Build the shared clients; the storage client honours STORAGE_EMULATOR_HOST itself.
+
+        Refuses (ConfigError) when Gemini or Cloud Storage has no credentials, so an
+        instance that could only fail every image never starts.
+        """
+        access = settings.gemini
+        if not access.api_key and not access.use_vertexai:
+            raise ConfigError(
+                "no Gemini credentials: set GEMINI_API_KEY (or GOOGLE_API_KEY), or "
+                "GOOGLE_GENAI_USE_VERTEXAI=true with GOOGLE_CLOUD_PROJECT and GOOGLE_CLOUD_LOCATION"
+            )
+        try:
+            client = storage.Client()
+        except GoogleAuthError as exc:
+            raise ConfigError(
+                f"no Cloud Storage credentials ({exc}); locally, set STORAGE_EMULATOR_HOST"
+            ) from exc
+        return cls(settings=settings, storage_client=client, gemini=GeminiConnector(access))
 
     def close(self) -> None:
         self.io_executor.shutdown(wait=False)
@@ -139,7 +151,9 @@ def handle_http(
         return error_reply(
             415,
             "unsupported_media_type",
-            f"Send Content-Type: application/json, not {content_type or 'nothing'}.",
+            f"Send Content-Type: application/json, not {content_type}."
+            if content_type
+            else "The request has no Content-Type; send application/json.",
         )
     if content_length is not None and content_length > MAX_REQUEST_BYTES:
         return error_reply(

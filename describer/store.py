@@ -95,7 +95,7 @@ class ResultStore:
         except gexc.PreconditionFailed:
             raise
         except (gexc.GoogleAPIError, GoogleAuthError, OSError) as exc:
-            raise StorageUnavailable(uri, exc, permanent=_is_permanent(exc)) from exc
+            raise StorageUnavailable(uri, _plainly(exc), permanent=_is_permanent(exc)) from exc
 
     async def read_json(self, bucket: str, name: str) -> tuple[dict[str, Any] | None, int | None]:
         """The JSON object stored at bucket/name and its generation, or (None, None)."""
@@ -203,6 +203,15 @@ class ResultStore:
         except gexc.PreconditionFailed:
             return False
         return True
+
+
+def _plainly(exc: BaseException) -> BaseException:
+    """The storage failure as a sentence fragment a person can act on."""
+    if isinstance(exc, gexc.NotFound):
+        return LookupError("the bucket does not exist (404)")
+    if isinstance(exc, gexc.Forbidden | gexc.Unauthorized):
+        return PermissionError(f"the function's service account may not do this ({exc.code})")
+    return exc
 
 
 def _is_permanent(exc: BaseException) -> bool:

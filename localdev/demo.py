@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import tempfile
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,10 @@ def main() -> int:
             # The demo serves its images from loopback; never set this in production.
             "ALLOW_PRIVATE_URLS": "true",
         }
-        if real:
+        endpoint = os.environ.get("GOOGLE_GEMINI_BASE_URL")
+        if real and endpoint:
+            print(f"Gemini: the endpoint {endpoint} (GOOGLE_GEMINI_BASE_URL is set).")
+        elif real:
             print("Gemini: the real API (credentials found in the environment).")
         else:
             sim = start_in_thread(SimConfig(latency_ms=300))
@@ -128,8 +132,12 @@ def _send_event(port: int, blob: storage.Blob) -> None:
     """A binary-mode CloudEvent, as Eventarc delivers object.v1.finalized."""
     headers, body = finalized_event(blob)
     request = urllib.request.Request(f"http://127.0.0.1:{port}/", data=body, headers=headers)
-    with urllib.request.urlopen(request, timeout=300) as response:
-        response.read()
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            response.read()
+    except urllib.error.HTTPError as exc:
+        # describe_gcs fails an event to have it redelivered (e.g. Gemini unreachable).
+        print(f"   the function failed the event ({exc.code}): Eventarc would redeliver it")
 
 
 def _print_record(record: dict[str, Any]) -> None:

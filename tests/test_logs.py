@@ -93,3 +93,14 @@ def test_the_function_refuses_to_start_with_no_time_to_work(
     with pytest.raises(RuntimeError, match="exited"):
         procs.start_function("describe_http", procs.free_port(), env, log_path=log_path)
     assert "DEADLINE_MARGIN_S (30.0) must be less than FUNCTION_TIMEOUT_S" in log_path.read_text()
+
+
+def test_the_function_refuses_to_start_without_gemini_credentials(
+    emulator_url: str, sim_server: RunningSimulator, tmp_path: Path
+) -> None:
+    """No key and no Vertex AI: every image would fail, so the instance does not start."""
+    env = function_env(emulator_url, sim_server.url, GEMINI_API_KEY="", GOOGLE_API_KEY="")
+    log_path = tmp_path / "refused.log"
+    with pytest.raises(RuntimeError, match="exited"):
+        procs.start_function("describe_http", procs.free_port(), env, log_path=log_path)
+    assert "no Gemini credentials: set GEMINI_API_KEY" in log_path.read_text()
