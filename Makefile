@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(VENV)/bin/shellcheck -x deploy/*.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis bench-results
 
 # The benchmark (bench/README.md): not part of `make test`. Options through BENCH_ARGS,
 # e.g. make bench BENCH_ARGS=--quick

@@ -249,6 +249,9 @@ def render_text(results: dict[str, Any]) -> str:
     lines += [line(header)]
     lines += [line(row) for row in body]
     lines += ["", *_footnotes(results), "", _prep_text(results["preparation"]), "", "Targets:"]
+    if results["settings"]["quick"]:
+        # The targets are stated for N=1000; a quick run's verdicts only hint at them.
+        lines[-1] = "Targets (INDICATIVE: a quick run measures smaller batches than they state):"
     for target in results["targets"]:
         verdict = {True: "MET      ", False: "NOT MET  ", None: "NOT SHOWN"}[target["met"]]
         lines.append(f"  {verdict} {target['target']}: {target['measured']}")
