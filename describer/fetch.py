@@ -23,6 +23,7 @@ from .batch import GcsSource, HttpSource, Source
 from .errors import Code, SourceError
 from .netguard import AddressCheck, ForbiddenAddress, GuardedResolver, check_literal_host, is_public
 from .settings import Settings
+from .store import is_permanent
 
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -189,10 +190,10 @@ class Fetcher:
                 transient=True,
             ) from None
         except gexc.GoogleAPIError as exc:  # RetryError too: retries ran out
-            # 4xx other than 408/429 will answer the same next time; the rest may pass.
-            passing = not isinstance(exc, gexc.ClientError) or exc.code in (408, 429)
             raise SourceError(
-                Code.DOWNLOAD_FAILED, f"Cloud Storage failed: {exc}.", transient=passing
+                Code.DOWNLOAD_FAILED,
+                f"Cloud Storage failed: {exc}.",
+                transient=not is_permanent(exc),
             ) from None
         except (TimeoutError, OSError, GoogleAuthError) as exc:
             raise SourceError(

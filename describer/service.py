@@ -35,7 +35,14 @@ from .netguard import AddressCheck, is_public
 from .pipeline import DEFAULT_WRITE_CONCURRENCY, Pipeline, StageLimits
 from .records import Record, counts, dumps_jsonl, to_jsonl, total_usage
 from .settings import Settings
-from .store import COMPLETE_KEY, SOURCE_GENERATION_KEY, ResultStore, Store, is_own_output
+from .store import (
+    COMPLETE_KEY,
+    SOURCE_GENERATION_KEY,
+    ResultStore,
+    Store,
+    is_own_output,
+    is_permanent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -185,12 +192,13 @@ def handle_http(
             runtime, request.images, prompt, allowed, output.bucket, results_name, stop_at
         )
     )
+    results = [r.to_json() for r in records]
     body: dict[str, Any] = {
         "batch_id": batch_id,
         "results_uri": f"gs://{output.bucket}/{results_name}",
         "counts": counts(records),
-        "usage": total_usage(r.to_json() for r in records),
-        "results": [r.to_json() for r in records],
+        "usage": total_usage(results),
+        "results": results,
     }
     if write_error is not None:
         # The descriptions are done and paid for: hand them back even though
@@ -586,8 +594,7 @@ async def _read_manifest(runtime: Runtime, bucket: str, name: str, generation: s
     except (gexc.NotFound, gexc.PreconditionFailed):
         return None
     except (gexc.GoogleAPIError, GoogleAuthError, OSError) as exc:
-        passing = not isinstance(exc, gexc.ClientError) or exc.code in (408, 429)
-        raise StorageUnavailable(f"gs://{bucket}/{name}", exc, permanent=not passing) from exc
+        raise StorageUnavailable(f"gs://{bucket}/{name}", exc, permanent=is_permanent(exc)) from exc
 
 
 @asynccontextmanager

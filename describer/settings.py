@@ -22,7 +22,7 @@ DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 DEFAULT_DOWNLOAD_CONCURRENCY = 16
 DEFAULT_MODEL_CONCURRENCY = 16
 # Gemini 3 bills an image by MEDIA_RESOLUTION and samples it down itself; 1024 px
-# keeps every detail a description needs while a 12 MP photo sends ~6% of its bytes.
+# keeps every detail a description needs while a 12 MP photo sends ~3% of its bytes.
 DEFAULT_IMAGE_MAX_SIDE = 1024
 # Pillow's own warning threshold is ~89 MP; a 100 MP cap still admits every
 # real camera photo while refusing decompression bombs before any decoding.

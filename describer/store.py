@@ -95,7 +95,7 @@ class ResultStore:
         except gexc.PreconditionFailed:
             raise
         except (gexc.GoogleAPIError, GoogleAuthError, OSError) as exc:
-            raise StorageUnavailable(uri, _plainly(exc), permanent=_is_permanent(exc)) from exc
+            raise StorageUnavailable(uri, _plainly(exc), permanent=is_permanent(exc)) from exc
 
     async def read_json(self, bucket: str, name: str) -> tuple[dict[str, Any] | None, int | None]:
         """The JSON object stored at bucket/name and its generation, or (None, None)."""
@@ -214,8 +214,8 @@ def _plainly(exc: BaseException) -> BaseException:
     return exc
 
 
-def _is_permanent(exc: BaseException) -> bool:
-    """Whether a retry of the invocation would fail the same way (permission, no such bucket)."""
+def is_permanent(exc: BaseException) -> bool:
+    """Whether a retry would fail the same way: a 4xx other than 408/429 (no bucket, no access)."""
     return isinstance(exc, gexc.ClientError) and exc.code not in (408, 429)
 
 

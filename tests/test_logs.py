@@ -8,11 +8,13 @@ from typing import Any
 
 import pytest
 import requests
+from google.cloud import storage
 
 from localdev import procs
+from localdev.events import finalized_event
 from localdev.gemini_sim import RunningSimulator
 
-from .conftest import function_env
+from .conftest import function_env, make_image, upload
 
 
 def _lines_of(log_path: Path, batch_id: str) -> list[dict[str, Any]]:
@@ -104,3 +106,20 @@ def test_the_function_refuses_to_start_without_gemini_credentials(
     with pytest.raises(RuntimeError, match="exited"):
         procs.start_function("describe_http", procs.free_port(), env, log_path=log_path)
     assert "no Gemini credentials: set GEMINI_API_KEY" in log_path.read_text()
+
+
+def test_an_events_lines_carry_the_cloudevent_traceparent(
+    gcs_function: str, function_logs: Path, bucket: storage.Bucket, sim: RunningSimulator
+) -> None:
+    """A storage event's log lines carry the trace Eventarc sends as the traceparent extension."""
+    blob = upload(bucket, "traced.png", make_image(40, 30, "red", "PNG"), "image/png")
+    headers, body = finalized_event(blob)
+    headers["ce-traceparent"] = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert requests.post(gcs_function, data=body, headers=headers, timeout=60).status_code == 200
+    lines = _lines_of(
+        function_logs / "describe_gcs.log", f"{bucket.name}/traced.png#{blob.generation}"
+    )
+    assert lines, "no log line carries the event's batch id"
+    assert all(
+        e["logging.googleapis.com/trace"] == "0af7651916cd43dd8448eb211c80319c" for e in lines
+    )
