@@ -7,9 +7,11 @@ handlers that ``main.py`` wires to functions-framework.
 from __future__ import annotations
 
 from .errors import Code, ConfigError, DescriberError, RequestError, SourceError, StorageUnavailable
+from .events import handle_storage_event
+from .http_api import HttpReply, handle_http
 from .logs import configure as configure_logging
 from .records import Record
-from .service import HttpReply, Runtime, handle_http, handle_storage_event
+from .runtime import Runtime
 from .settings import Settings
 
 __all__ = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
@@ -68,3 +69,19 @@ def configure(level: int = logging.INFO) -> None:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+
+
+def trace_from_headers(headers: Mapping[str, str], project: str | None) -> str | None:
+    """The trace id from X-Cloud-Trace-Context or W3C traceparent (header names ignore case)."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    trace_id = None
+    cloud = lowered.get("x-cloud-trace-context")
+    if cloud:
+        trace_id = cloud.split("/", 1)[0].strip()
+    else:
+        parent = lowered.get("traceparent", "").split("-")
+        if len(parent) == 4:
+            trace_id = parent[1]
+    if not trace_id or not trace_id.isalnum():
+        return None
+    return f"projects/{project}/traces/{trace_id}" if project else trace_id

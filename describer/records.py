@@ -11,6 +11,8 @@ from .errors import Code, SourceError
 
 OK = "ok"
 ERROR = "error"
+JSON_TYPE = "application/json"
+JSONL_TYPE = "application/x-ndjson"
 
 
 @dataclass(frozen=True)
@@ -116,3 +118,8 @@ def to_jsonl(records: Iterable[Record]) -> bytes:
 
 def dumps_jsonl(objects: Iterable[dict[str, Any]]) -> bytes:
     return b"".join(json.dumps(o, separators=(",", ":")).encode() + b"\n" for o in objects)
+
+
+def dumps_json(obj: Any) -> bytes:
+    """A single JSON document (a sidecar, a report), indented for people who open it."""
+    return json.dumps(obj, indent=1).encode()

@@ -235,3 +235,11 @@ async def bounded_map(
         for _ in range(min(limit, len(indexed))):
             group.create_task(worker())
     return results  # type: ignore[return-value]
+
+
+def generation_number(value: object) -> int:
+    """Generations compare as integers; anything unreadable sorts first."""
+    try:
+        return int(str(value))
+    except ValueError:
+        return -1

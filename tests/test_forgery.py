@@ -38,7 +38,7 @@ from describer.batch import HttpSource
 from describer.fetch import Fetcher
 from describer.gemini import GeminiConnector
 from describer.netguard import ForbiddenAddress, GuardedResolver, check_literal_host, is_public
-from describer.service import open_pipeline
+from describer.runtime import open_pipeline
 from describer.settings import GeminiAccess
 from localdev import procs
 from localdev.gemini_sim import RunningSimulator

@@ -1,0 +1,148 @@
+"""What one process shares across invocations, and what one invocation opens.
+
+Each entry point runs exactly one event loop (``asyncio.run``) around one async
+pipeline. Everything bound to that loop (aiohttp sessions, the Gemini client)
+is opened and closed inside it by :func:`open_pipeline`; what is safe to share
+across invocations and threads (settings, storage client, thread pools, TLS
+context) lives in :class:`Runtime`, built once per process.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from google.auth.exceptions import GoogleAuthError
+from google.cloud import storage
+
+from .errors import ConfigError
+from .fetch import Fetcher, open_http_session
+from .gemini import Describer, GeminiConnector
+from .netguard import AddressCheck, is_public
+from .pipeline import DEFAULT_WRITE_CONCURRENCY, Pipeline, StageLimits
+from .settings import Settings
+from .store import ResultStore, Store
+
+
+@dataclass
+class Runtime:
+    """Process-wide resources, shared by every invocation and thread."""
+
+    settings: Settings
+    storage_client: storage.Client
+    gemini: GeminiConnector
+    # Which resolved addresses downloads may reach; tests widen it, nothing else does.
+    address_allowed: AddressCheck = is_public
+    # Where results go; Cloud Storage unless a test passes its own Store.
+    store: Store = None  # type: ignore[assignment]
+    io_executor: ThreadPoolExecutor = field(init=False)
+    store_executor: ThreadPoolExecutor = field(init=False)
+    cpu_executor: ThreadPoolExecutor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.io_executor = ThreadPoolExecutor(
+            max_workers=self.settings.download_concurrency, thread_name_prefix="describer-io"
+        )
+        # Results get threads of their own: at the deadline, gs:// reads still
+        # running on the I/O pool must not queue ahead of the final writes.
+        self.store_executor = ThreadPoolExecutor(
+            max_workers=DEFAULT_WRITE_CONCURRENCY, thread_name_prefix="describer-store"
+        )
+        if self.store is None:
+            self.store = ResultStore(
+                self.storage_client,
+                self.store_executor,
+                # Writes happen in the deadline margin: each must fit well inside it.
+                timeout_s=max(2.0, self.settings.deadline_margin_s / 2),
+            )
+        self.cpu_executor = ThreadPoolExecutor(
+            # The CPUs this process may run on (the instance's vCPUs on Cloud Run), not the host's.
+            max_workers=len(os.sched_getaffinity(0)) or 1,
+            thread_name_prefix="describer-cpu",
+        )
+
+    @classmethod
+    def create(cls, settings: Settings) -> Runtime:
+        """Build the shared clients; the storage client honours STORAGE_EMULATOR_HOST itself.
+
+        Refuses (ConfigError) when Gemini or Cloud Storage has no credentials, so an
+        instance that could only fail every image never starts.
+        """
+        access = settings.gemini
+        if not access.api_key and not access.use_vertexai:
+            raise ConfigError(
+                "no Gemini credentials: set GEMINI_API_KEY (or GOOGLE_API_KEY), or "
+                "GOOGLE_GENAI_USE_VERTEXAI=true with GOOGLE_CLOUD_PROJECT and GOOGLE_CLOUD_LOCATION"
+            )
+        try:
+            client = storage.Client()
+        except GoogleAuthError as exc:
+            raise ConfigError(
+                f"no Cloud Storage credentials ({exc}); locally, set STORAGE_EMULATOR_HOST"
+            ) from exc
+        return cls(settings=settings, storage_client=client, gemini=GeminiConnector(access))
+
+    def close(self) -> None:
+        self.io_executor.shutdown(wait=False)
+        self.store_executor.shutdown(wait=False)
+        self.cpu_executor.shutdown(wait=False)
+
+
+@asynccontextmanager
+async def open_pipeline(
+    runtime: Runtime,
+    *,
+    prompt: str,
+    allowed_buckets: Collection[str],
+    pinned_generations: Mapping[str, str] | None = None,
+) -> AsyncIterator[Pipeline]:
+    """Open this invocation's loop-bound resources and close them all on the way out."""
+    settings = runtime.settings
+    async with (
+        open_http_session(
+            settings, runtime.gemini.ssl_context, address_allowed=runtime.address_allowed
+        ) as http,
+        runtime.gemini.open_session() as model_session,
+    ):
+        client = runtime.gemini.client(model_session, timeout_s=settings.model_timeout_s)
+        try:
+            yield Pipeline(
+                fetcher=Fetcher(
+                    session=http,
+                    storage_client=runtime.storage_client,
+                    io_executor=runtime.io_executor,
+                    settings=settings,
+                    allowed_buckets=allowed_buckets,
+                    pinned_generations=pinned_generations,
+                    address_allowed=runtime.address_allowed,
+                ),
+                describer=Describer(
+                    client,
+                    model=settings.model,
+                    fallback_model=settings.fallback_model,
+                    media_resolution=settings.media_resolution,
+                    max_attempts=settings.model_max_attempts,
+                    backoff_s=settings.model_backoff_s,
+                ),
+                cpu_executor=runtime.cpu_executor,
+                limits=StageLimits(
+                    download_concurrency=settings.download_concurrency,
+                    model_concurrency=settings.model_concurrency,
+                    image_max_side=settings.image_max_side,
+                    max_image_pixels=settings.max_image_pixels,
+                ),
+                model=settings.model,
+                prompt=prompt,
+            )
+        finally:
+            await client.aio.aclose()
+
+
+def new_batch_id() -> str:
+    """Sortable by time, unique by its random tail."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:12]}"

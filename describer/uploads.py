@@ -1,0 +1,82 @@
+"""An image uploaded to a watched bucket: described into a sidecar beside its results."""
+
+from __future__ import annotations
+
+import logging
+
+from .batch import Location
+from .errors import Code, TransientFailure
+from .records import JSON_TYPE, dumps_json
+from .runtime import Runtime, open_pipeline
+from .store import SOURCE_GENERATION_KEY, generation_number
+
+log = logging.getLogger(__name__)
+
+
+async def describe_upload(
+    runtime: Runtime,
+    bucket: str,
+    name: str,
+    generation: str,
+    results: Location,
+    stop_at: float,
+    *,
+    sniffed: bool,
+    give_up: bool,
+) -> str:
+    settings = runtime.settings
+    store = runtime.store
+    sidecar = f"{results.prefix}{name}.json"
+    existing, existing_generation = await store.read_json(results.bucket, sidecar)
+    if existing is not None:
+        described = generation_number(existing.get("generation"))
+        if described > generation_number(generation):
+            # A late event for an older generation: the newer result stays,
+            # whatever model or prompt wrote it.
+            log.info("a newer generation is already described; ignored", extra={"uri": sidecar})
+            return "superseded"
+        if (
+            described == generation_number(generation)
+            # The fallback model answers for GEMINI_MODEL when that does not exist.
+            and existing.get("model") in {settings.model, settings.fallback_model}
+            and existing.get("prompt") == settings.prompt
+        ):
+            log.info("already described for this generation; skipped", extra={"uri": sidecar})
+            return "already_done"
+    source = f"gs://{bucket}/{name}"
+    allowed = settings.allowed_buckets | {bucket}
+    async with open_pipeline(
+        runtime,
+        prompt=settings.prompt,
+        allowed_buckets=allowed,
+        pinned_generations={source: generation},
+    ) as pipeline:
+        (record,) = await pipeline.run([source], stop_at=stop_at)
+    if record.error_code is Code.NOT_FOUND:
+        # That generation is gone: the object was replaced or deleted, and a
+        # newer event (if any) describes what is there now.
+        log.info("the event's generation no longer exists; ignored", extra={"object": name})
+        return "superseded"
+    if record.transient and not give_up:
+        # A rate limit, outage or the deadline outlasted our retries: raise so
+        # the platform redelivers the event later, not record a failure for good.
+        raise TransientFailure(record.source, record.error_message or "transient failure")
+    if sniffed and record.error_code is Code.NOT_AN_IMAGE:
+        log.info("untyped object is not an image; ignored", extra={"object": name})
+        return "ignored_not_image"
+    written = await store.write(
+        results.bucket,
+        sidecar,
+        dumps_json(record.with_generation(generation).to_json()),
+        content_type=JSON_TYPE,
+        # Create-only, or replace exactly the sidecar we read: a concurrent
+        # delivery that wrote first wins and this one counts as done.
+        if_generation_match=existing_generation or 0,
+        metadata={SOURCE_GENERATION_KEY: generation},
+    )
+    uri = results.uri(f"{name}.json")
+    if not written:
+        log.info("another delivery wrote the result first", extra={"uri": uri})
+        return "already_done"
+    log.info("described upload", extra={"uri": uri, "status": record.status})
+    return "described"
