@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean browser
 
 setup: $(STAMP)
 
@@ -19,14 +19,18 @@ $(STAMP): requirements.txt requirements-dev.txt
 demo: $(STAMP)
 	$(PY) -m localdev.demo
 
-test: $(STAMP) lint
+test: $(STAMP) lint browser
 	$(PY) -m pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/shellcheck -x deploy/*.sh
+	$(VENV)/bin/shellcheck -x deploy/*.sh scripts/*.sh
+
+# Debian's headless Chromium and chromedriver, for the tests that open pages in a real browser.
+browser:
+	bash scripts/ensure-browser.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis bench-results

@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import Code, RequestError, SourceError
+from .schemas import SCHEMAS
 from .settings import normalize_prefix
 
 MAX_URI_LENGTH = 2048
 MAX_PROMPT_CHARS = 8000
-_FIELDS = frozenset({"images", "prompt", "output"})
+_FIELDS = frozenset({"images", "prompt", "output", "schema"})
+# "text" asks for free text (the default); the others name a structured answer.
+TEXT_SCHEMA = "text"
 # Bucket names per https://cloud.google.com/storage/docs/buckets#naming (dots allowed).
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 # Cloud Storage object names: at most 1024 bytes of UTF-8, no CR or LF, and not
@@ -48,7 +52,15 @@ class GcsSource:
     name: str
 
 
-Source = HttpSource | GcsSource
+@dataclass(frozen=True)
+class LocalSource:
+    """A file on this machine: the command line's sources only, never a request's."""
+
+    uri: str
+    path: Path
+
+
+Source = HttpSource | GcsSource | LocalSource
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,8 @@ class BatchRequest:
     images: list[str]
     prompt: str | None
     output: Location | None
+    # A structured answer's schema; None leaves the choice to the function's settings.
+    schema: str | None = None
 
 
 def parse_body(body: bytes, *, max_batch_size: int) -> BatchRequest:
@@ -79,7 +93,7 @@ def parse_batch(data: Any, *, max_batch_size: int) -> BatchRequest:
             400,
             "invalid_request",
             f"Unknown field(s) {', '.join(map(repr, unknown))}; "
-            "expected 'images', 'prompt' and 'output'.",
+            "expected 'images', 'prompt', 'output' and 'schema'.",
         )
     if "images" not in data:
         raise RequestError(400, "invalid_request", "The field 'images' is missing.")
@@ -114,7 +128,22 @@ def parse_batch(data: Any, *, max_batch_size: int) -> BatchRequest:
                 400, "invalid_request", "'output' must be a gs://bucket/prefix/ URI."
             )
         output = parse_output(output)
-    return BatchRequest(images=images, prompt=prompt, output=output)
+    schema = data.get("schema")
+    if "schema" in data:
+        schema = parse_schema(schema)
+    return BatchRequest(images=images, prompt=prompt, output=output, schema=schema)
+
+
+def parse_schema(value: Any) -> str:
+    """A schema name from a request, CLI flag or setting: "text" or one of SCHEMAS."""
+    names = (TEXT_SCHEMA, *sorted(SCHEMAS))
+    if not isinstance(value, str) or value not in names:
+        raise RequestError(
+            400,
+            "invalid_request",
+            f"'schema' must be one of {', '.join(map(repr, names))}.",
+        )
+    return value
 
 
 def parse_output(uri: str) -> Location:
@@ -189,6 +218,19 @@ def parse_source(uri: str) -> Source:
     if any(c.isspace() for c in uri):
         raise SourceError(Code.INVALID_SOURCE, "The URI contains whitespace.")
     return HttpSource(uri=uri)
+
+
+def parse_local_source(uri: str) -> Source:
+    """A command-line source: a URI as :func:`parse_source` reads it, or a local path.
+
+    ``file://`` URIs and anything without a scheme are paths; Windows-style
+    drive letters are not special here (this runs on Linux and macOS).
+    """
+    lowered = uri[:8].lower()
+    if lowered.startswith(("http://", "https://", "gs://")):
+        return parse_source(uri)
+    path = Path(uri[len("file://") :] if lowered.startswith("file://") else uri).expanduser()
+    return LocalSource(uri=uri, path=path)
 
 
 def _encodable(text: str) -> bool:

@@ -19,7 +19,7 @@ from google.api_core import exceptions as gexc
 from google.auth.exceptions import GoogleAuthError
 from google.cloud import storage
 
-from .batch import GcsSource, HttpSource, Source
+from .batch import GcsSource, HttpSource, LocalSource, Source
 from .errors import Code, SourceError
 from .netguard import AddressCheck, ForbiddenAddress, GuardedResolver, check_literal_host, is_public
 from .settings import Settings
@@ -71,8 +71,11 @@ class Fetcher:
         allowed_buckets: Collection[str],
         pinned_generations: Mapping[str, str] | None = None,
         address_allowed: AddressCheck = is_public,
+        local_files: bool = False,
     ) -> None:
         self._session = session
+        # Only the command line reads local files; a request naming one is refused.
+        self._local_files = local_files
         self._address_allowed = address_allowed
         self._storage = storage_client
         self._io = io_executor
@@ -84,7 +87,30 @@ class Fetcher:
     async def fetch(self, source: Source) -> bytes:
         if isinstance(source, GcsSource):
             return await self._fetch_gcs(source)
+        if isinstance(source, LocalSource):
+            if not self._local_files:
+                raise SourceError(Code.FORBIDDEN_SOURCE, "Local files are not accepted here.")
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._io, self._read_local_blocking, source)
         return await self._fetch_http(source)
+
+    def _read_local_blocking(self, source: LocalSource) -> bytes:
+        cap = self._settings.max_image_bytes
+        try:
+            with source.path.open("rb") as file:
+                # One byte past the cap tells "too large" without reading a huge file whole.
+                data = file.read(cap + 1)
+        except FileNotFoundError:
+            raise SourceError(Code.NOT_FOUND, f"No such file: {source.path}.") from None
+        except IsADirectoryError:
+            raise SourceError(Code.INVALID_SOURCE, f"{source.path} is a folder.") from None
+        except OSError as exc:
+            raise SourceError(
+                Code.DOWNLOAD_FAILED, f"Could not read {source.path}: {exc.strerror}."
+            ) from None
+        if len(data) > cap:
+            raise SourceError(Code.TOO_LARGE, _too_large(None, cap))
+        return data
 
     async def _fetch_http(self, source: HttpSource) -> bytes:
         url = source.uri

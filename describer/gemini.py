@@ -15,7 +15,7 @@ import random
 import re
 import ssl
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -26,6 +26,7 @@ from google.genai import types
 from .errors import Code, SourceError
 from .images import PreparedImage
 from .records import Usage
+from .schemas import SCHEMAS, Schema, SchemaMismatch, validate
 from .settings import GeminiAccess
 
 # 408 and 5xx are transient on Google's side; 429 is a rate limit unless the
@@ -46,10 +47,13 @@ _MEDIA_RESOLUTION = {
 
 @dataclass(frozen=True)
 class Described:
+    """The model's answer for one image, and what it took to get it."""
+
     text: str
     usage: Usage | None
     attempts: int
     model: str
+    data: dict[str, Any] | None = None  # the validated answer, when a schema was asked for
 
 
 class GeminiConnector:
@@ -129,27 +133,73 @@ class Describer:
         self._rng = rng or random.Random()
         self._media_resolution = _MEDIA_RESOLUTION.get(media_resolution)
 
-    def _config(self, model: str) -> types.GenerateContentConfig | None:
-        """Media resolution for Gemini 3 models, which bill image tokens by it."""
-        if self._media_resolution is None or not model.removeprefix("models/").startswith(
-            "gemini-3"
-        ):
-            return None
-        return types.GenerateContentConfig(media_resolution=self._media_resolution)
+    def _config(self, model: str, shape: Schema | None) -> types.GenerateContentConfig | None:
+        """The call's options: media resolution and, for a structured answer, its schema.
 
-    async def describe(self, image: PreparedImage, prompt: str) -> Described:
-        contents: list[types.PartUnion] = [
-            types.Part.from_bytes(data=image.data, mime_type=image.mime_type),
-            prompt,
-        ]
-        attempt, budget = 0, self._max_attempts
+        Media resolution is sent to Gemini 3 models only, which bill image tokens by it.
+        """
+        resolution = (
+            self._media_resolution if model.removeprefix("models/").startswith("gemini-3") else None
+        )
+        if resolution is None and shape is None:
+            return None
+        return types.GenerateContentConfig(
+            media_resolution=resolution,
+            response_mime_type="application/json" if shape is not None else None,
+            response_json_schema=dict(shape.json_schema) if shape is not None else None,
+        )
+
+    async def describe(
+        self, image: PreparedImage, prompt: str, *, schema: str | None = None
+    ) -> Described:
+        """Describe ``image`` as ``prompt`` asks, in free text or as schema ``schema``.
+
+        ``schema`` is a name in :data:`describer.schemas.SCHEMAS` (KeyError if not);
+        the answer is then validated, ``text`` is its description and ``data`` the
+        whole validated object. An answer that does not fit is asked for once more:
+        that second call counts in ``attempts``, and ``usage`` is the sum of both
+        calls. Two misfits end in a ``model_error`` that is not transient.
+        """
+        picture = types.Part.from_bytes(data=image.data, mime_type=image.mime_type)
+        if schema is None:
+            return await self._generate([picture, prompt], None)
+        shape = SCHEMAS[schema]
+        contents: list[types.PartUnion] = [picture, f"{prompt}\n\n{shape.instruction}"]
+        first = await self._generate(contents, shape)
+        try:
+            return _structured(first, shape)
+        except SchemaMismatch as exc:
+            log.warning(
+                "the answer did not fit the schema; asking once more",
+                extra={"schema": shape.name, "reason": str(exc), "attempts": first.attempts},
+            )
+        second = await self._generate(contents, shape, attempts_before=first.attempts)
+        second = replace(second, usage=_sum_usage(first.usage, second.usage))
+        try:
+            return _structured(second, shape)
+        except SchemaMismatch as exc:
+            raise SourceError(
+                Code.MODEL_ERROR,
+                f"Gemini's answer did not fit the {shape.name} schema twice: {exc}",
+                attempts=second.attempts,
+            ) from None
+
+    async def _generate(
+        self, contents: list[types.PartUnion], shape: Schema | None, *, attempts_before: int = 0
+    ) -> Described:
+        """One answer, retrying 408, 429, 5xx, timeouts and lost connections.
+
+        ``attempts_before`` are the calls already made for this image: attempts
+        are numbered on from them, and this call gets a budget of its own.
+        """
+        attempt, budget = attempts_before, attempts_before + self._max_attempts
         while True:
             attempt += 1
             final = attempt >= budget
             model = self._model
             try:
                 response = await self._client.aio.models.generate_content(
-                    model=model, contents=contents, config=self._config(model)
+                    model=model, contents=contents, config=self._config(model, shape)
                 )
             except genai_errors.APIError as exc:
                 if exc.code == 404 and self._use_fallback_after(model):
@@ -270,6 +320,22 @@ def _answer(response: types.GenerateContentResponse, attempts: int, model: str) 
         else None
     )
     return Described(text=text, usage=usage, attempts=attempts, model=model)
+
+
+def _structured(answer: Described, shape: Schema) -> Described:
+    """``answer`` with its text parsed and checked; raises SchemaMismatch if it does not fit."""
+    data = validate(shape.name, answer.text)
+    return replace(answer, text=data[shape.text_key], data=data)
+
+
+def _sum_usage(first: Usage | None, second: Usage | None) -> Usage | None:
+    """The tokens billed for both calls (either alone when the other reported none)."""
+    if first is None or second is None:
+        return second or first
+    return Usage(
+        prompt_tokens=first.prompt_tokens + second.prompt_tokens,
+        output_tokens=first.output_tokens + second.output_tokens,
+    )
 
 
 def _connection_problem(exc: aiohttp.ClientError) -> str:

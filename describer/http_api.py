@@ -12,9 +12,10 @@ from typing import Any
 from .batch import BatchRequest, Location, parse_body
 from .errors import RequestError, StorageUnavailable
 from .logs import batch_var, trace_from_headers, trace_var
-from .records import JSON_TYPE, JSONL_TYPE, Record, counts, to_jsonl, total_usage
+from .records import JSON_TYPE, JSONL_TYPE, Record, counts, dumps_jsonl, total_usage
+from .results import write_gallery
 from .runtime import Runtime, new_batch_id, open_pipeline
-from .settings import Settings
+from .settings import Settings, schema_setting
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +90,24 @@ def handle_http(
     prompt = request.prompt or settings.prompt
     results_name = f"{output.prefix}batches/{batch_id}.jsonl"
     log.info("batch received", extra={"count": len(request.images)})
-    records, write_error = asyncio.run(
+    schema = schema_setting(request.schema) if request.schema else settings.schema
+    records, results, gallery_uri, write_error = asyncio.run(
         _describe_and_write(
-            runtime, request.images, prompt, allowed, output.bucket, results_name, stop_at
+            runtime,
+            request.images,
+            prompt,
+            schema,
+            allowed,
+            output.bucket,
+            results_name,
+            stop_at,
+            title=f"Batch {batch_id}",
         )
     )
-    results = [r.to_json() for r in records]
     body: dict[str, Any] = {
         "batch_id": batch_id,
         "results_uri": f"gs://{output.bucket}/{results_name}",
+        "gallery_uri": gallery_uri,
         "counts": counts(records),
         "usage": total_usage(results),
         "results": results,
@@ -136,19 +146,44 @@ async def _describe_and_write(
     runtime: Runtime,
     uris: list[str],
     prompt: str,
+    schema: str | None,
     allowed: Collection[str],
     bucket: str,
     results_name: str,
     stop_at: float,
-) -> tuple[list[Record], StorageUnavailable | None]:
-    """Describe every source, then write the batch JSONL once."""
-    async with open_pipeline(runtime, prompt=prompt, allowed_buckets=allowed) as pipeline:
+    *,
+    title: str,
+) -> tuple[list[Record], list[dict[str, Any]], str | None, StorageUnavailable | None]:
+    """Describe every source, then write the batch JSONL once, and its gallery.
+
+    Returns the records, their JSON, the gallery's URI (None when none was
+    written) and the error that kept the JSONL from being written, if any.
+    """
+    started = time.monotonic()
+    gallery = runtime.settings.gallery
+    async with open_pipeline(
+        runtime, prompt=prompt, allowed_buckets=allowed, schema=schema, thumbnails=gallery
+    ) as pipeline:
         records = await pipeline.run(uris, stop_at=stop_at)
+    results = [r.to_json() for r in records]
     try:
-        await runtime.store.write(bucket, results_name, to_jsonl(records), content_type=JSONL_TYPE)
+        await runtime.store.write(
+            bucket, results_name, dumps_jsonl(results), content_type=JSONL_TYPE
+        )
     except StorageUnavailable as exc:
-        return records, exc
-    return records, None
+        return records, results, None, exc
+    gallery_uri = None
+    if gallery:
+        gallery_uri = await write_gallery(
+            runtime.store,
+            bucket,
+            results_name,
+            results,
+            [r.thumbnail for r in records],
+            title=title,
+            elapsed_s=time.monotonic() - started,
+        )
+    return records, results, gallery_uri, None
 
 
 def _http_output(request: BatchRequest, settings: Settings) -> Location:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 batch_var: ContextVar[str | None] = ContextVar("batch_id", default=None)
 source_var: ContextVar[str | None] = ContextVar("source", default=None)
@@ -58,12 +58,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure(level: int = logging.INFO) -> None:
-    """Send the package's logs to stdout as JSON lines (idempotent)."""
+def configure(level: int = logging.INFO, stream: TextIO | None = None) -> None:
+    """Send the package's logs to ``stream`` (stdout) as JSON lines (idempotent)."""
     logger = logging.getLogger(_ROOT)
     if any(getattr(h, "_describer", False) for h in logger.handlers):
         return
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter())
     handler._describer = True  # type: ignore[attr-defined]
     logger.addHandler(handler)

@@ -8,6 +8,7 @@ conditionally on the generation read, so a complete result is never downgraded.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -18,13 +19,17 @@ from google.auth.exceptions import GoogleAuthError
 from .batch import Location, parse_body
 from .errors import Code, RequestError, StorageUnavailable, TransientFailure
 from .records import JSON_TYPE, JSONL_TYPE, Record, dumps_json, dumps_jsonl, total_usage
+from .results import write_gallery
 from .runtime import Runtime, open_pipeline
+from .settings import schema_setting
 from .store import COMPLETE_KEY, SOURCE_GENERATION_KEY, Store, generation_number, is_permanent
 
 log = logging.getLogger(__name__)
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MANIFEST_SUFFIX = ".batch.json"
+# Checkpoints carry the gallery thumbnail under this key; it never reaches the JSONL.
+_THUMBNAIL_KEY = "_thumbnail"
 
 
 async def describe_manifest(
@@ -74,15 +79,22 @@ async def describe_manifest(
     checkpoints = _Checkpoints(
         store, output.bucket, f"{output.prefix}batches/{stem}.parts/", generation
     )
-    done = await checkpoints.load(request.images)
+    done, thumbnails = await checkpoints.load(request.images)
     todo = [i for i in range(len(request.images)) if i not in done]
     log.info(
         "manifest received",
         extra={"count": len(request.images), "already_done": len(done), "uri": manifest_uri},
     )
     prompt = request.prompt or settings.prompt
+    schema = schema_setting(request.schema) if request.schema else settings.schema
     allowed = settings.allowed_buckets | {bucket} | _present(settings.results_bucket)
-    async with open_pipeline(runtime, prompt=prompt, allowed_buckets=allowed) as pipeline:
+    async with open_pipeline(
+        runtime,
+        prompt=prompt,
+        allowed_buckets=allowed,
+        schema=schema,
+        thumbnails=settings.gallery,
+    ) as pipeline:
         fresh = await pipeline.run(
             [request.images[i] for i in todo],
             stop_at=stop_at,
@@ -90,13 +102,15 @@ async def describe_manifest(
         )
     for index, record in zip(todo, fresh, strict=True):
         done[index] = record.to_json()
+        thumbnails[index] = record.thumbnail
     remaining = sum(r.error_code is Code.DEADLINE_EXCEEDED for r in fresh)
+    ordered = [done[i] for i in range(len(request.images))]
     # Replace exactly the JSONL read above (or create it): a concurrent delivery
     # that wrote in between wins, and a complete result is never downgraded.
     written = await store.write(
         output.bucket,
         results_name,
-        dumps_jsonl(done[i] for i in range(len(request.images))),
+        dumps_jsonl(ordered),
         content_type=JSONL_TYPE,
         if_generation_match=existing[1] if existing else 0,
         metadata={SOURCE_GENERATION_KEY: generation, COMPLETE_KEY: str(not remaining).lower()},
@@ -109,6 +123,19 @@ async def describe_manifest(
             log.info("another delivery finished the manifest first", extra={"state": state})
             return state
         raise TransientFailure(manifest_uri, "another delivery wrote the results at the same time")
+    if settings.gallery:
+        # Written after the JSONL it shows; an incomplete batch gets one too, so
+        # what is missing can be seen while redeliveries carry on.
+        await write_gallery(
+            store,
+            output.bucket,
+            results_name,
+            ordered,
+            [thumbnails.get(i) for i in range(len(request.images))],
+            title=f"Manifest {manifest_uri}",
+            elapsed_s=None,
+            metadata={SOURCE_GENERATION_KEY: generation},
+        )
     if not remaining:
         await checkpoints.clear()
         log.info(
@@ -157,15 +184,21 @@ class _Checkpoints:
         self._generation = generation
         self.saved = 0
 
-    async def load(self, uris: list[str]) -> dict[int, dict[str, Any]]:
+    async def load(
+        self, uris: list[str]
+    ) -> tuple[dict[int, dict[str, Any]], dict[int, bytes | None]]:
+        """The records already finished, and their gallery thumbnails, by source index."""
         found = await self._store.read_all_json(self._bucket, self._prefix)
         done: dict[int, dict[str, Any]] = {}
+        thumbnails: dict[int, bytes | None] = {}
         for name, record in found.items():
             stem = name[len(self._prefix) :].removesuffix(".json")
             index = int(stem) if stem.isdigit() else -1
+            thumbnail = record.pop(_THUMBNAIL_KEY, None)
             if 0 <= index < len(uris) and record.get("source") == uris[index]:
                 done[index] = record
-        return done
+                thumbnails[index] = _unbase64(thumbnail)
+        return done, thumbnails
 
     async def save(self, index: int, record: Record) -> None:
         if record.transient:
@@ -173,7 +206,7 @@ class _Checkpoints:
         written = await self._store.write(
             self._bucket,
             f"{self._prefix}{index:06d}.json",
-            dumps_json(record.to_json()),
+            dumps_json(_with_thumbnail(record)),
             content_type=JSON_TYPE,
             if_generation_match=0,
             metadata={SOURCE_GENERATION_KEY: self._generation},
@@ -211,6 +244,23 @@ async def _read_manifest(runtime: Runtime, bucket: str, name: str, generation: s
         return None
     except (gexc.GoogleAPIError, GoogleAuthError, OSError) as exc:
         raise StorageUnavailable(f"gs://{bucket}/{name}", exc, permanent=is_permanent(exc)) from exc
+
+
+def _with_thumbnail(record: Record) -> dict[str, Any]:
+    """A checkpoint: the record, and its thumbnail so a resumed batch's gallery has it."""
+    out = record.to_json()
+    if record.thumbnail is not None:
+        out[_THUMBNAIL_KEY] = base64.b64encode(record.thumbnail).decode("ascii")
+    return out
+
+
+def _unbase64(value: Any) -> bytes | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
 
 
 def _present(value: str | None) -> set[str]:

@@ -24,7 +24,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
 
-from .batch import parse_source
+from .batch import Source, parse_source
 from .errors import Code, SourceError
 from .fetch import Fetcher
 from .gemini import Describer
@@ -53,6 +53,8 @@ class StageLimits:
     image_max_side: int
     max_image_pixels: int
     write_concurrency: int = DEFAULT_WRITE_CONCURRENCY
+    # Side of the gallery thumbnails made during preparation; 0 makes none.
+    thumbnail_side: int = 0
 
 
 class Pipeline:
@@ -67,8 +69,13 @@ class Pipeline:
         limits: StageLimits,
         model: str,
         prompt: str,
+        schema: str | None = None,
+        parse: Callable[[str], Source] = parse_source,
     ) -> None:
         self._fetcher = fetcher
+        self._schema = schema
+        # The CLI widens this to local paths; the function never does.
+        self._parse = parse
         self._describer = describer
         self._cpu = cpu_executor
         self._limits = limits
@@ -130,6 +137,7 @@ class Pipeline:
             ),
             model=self._model,
             prompt=self._prompt,
+            schema=self._schema,
         )
 
     async def _download_worker(
@@ -162,13 +170,14 @@ class Pipeline:
             await queue.put(ready)
 
     async def _download_one(self, index: int, uri: str, started: float) -> _Ready:
-        source = parse_source(uri)
+        source = self._parse(uri)
         data = await self._fetcher.fetch(source)
         job = partial(
             prepare,
             data,
             max_side=self._limits.image_max_side,
             max_pixels=self._limits.max_image_pixels,
+            thumbnail_side=self._limits.thumbnail_side,
         )
         image = await asyncio.get_running_loop().run_in_executor(self._cpu, job)
         return _Ready(index, image, started)
@@ -186,9 +195,10 @@ class Pipeline:
                 "mime_type": image.source_mime_type,
                 "width": image.width,
                 "height": image.height,
+                "thumbnail": image.thumbnail,
             }
             try:
-                answer = await self._describer.describe(image, self._prompt)
+                answer = await self._describer.describe(image, self._prompt, schema=self._schema)
             except SourceError as exc:
                 batch.finish(ready.index, self._failed(uri, exc, ready.started, **known))
             except Exception as exc:
@@ -209,6 +219,8 @@ class Pipeline:
                     model=answer.model,
                     prompt=self._prompt,
                     description=answer.text,
+                    data=answer.data,
+                    schema=self._schema,
                     usage=answer.usage,
                     attempts=answer.attempts,
                     latency_ms=_elapsed_ms(ready.started),
@@ -228,6 +240,7 @@ class Pipeline:
             exc,
             model=self._model,
             prompt=self._prompt,
+            schema=self._schema,
             latency_ms=_elapsed_ms(started),
             **known,
         )

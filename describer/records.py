@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import Code, SourceError
@@ -32,6 +32,9 @@ class Record:
     model: str
     prompt: str
     description: str | None = None
+    # The validated structured answer when a schema was asked for.
+    data: dict[str, Any] | None = None
+    schema: str | None = None
     mime_type: str | None = None
     width: int | None = None
     height: int | None = None
@@ -43,6 +46,8 @@ class Record:
     generation: str | None = None
     # Not serialised: whether a later retry could turn this error into a description.
     transient: bool = False
+    # Not serialised: the gallery's thumbnail, when one was made.
+    thumbnail: bytes | None = field(default=None, repr=False)
 
     @classmethod
     def failed(
@@ -69,8 +74,12 @@ class Record:
         out: dict[str, Any] = {"source": self.source, "status": self.status}
         if self.description is not None:
             out["description"] = self.description
+        if self.data is not None:
+            out["data"] = self.data
         out["model"] = self.model
         out["prompt"] = self.prompt
+        if self.schema is not None:
+            out["schema"] = self.schema
         if self.mime_type is not None:
             out["mime_type"] = self.mime_type
         if self.width is not None and self.height is not None:

@@ -20,9 +20,11 @@ from datetime import UTC, datetime
 from google.auth.exceptions import GoogleAuthError
 from google.cloud import storage
 
+from .batch import parse_local_source, parse_source
 from .errors import ConfigError
 from .fetch import Fetcher, open_http_session
 from .gemini import Describer, GeminiConnector
+from .images import THUMBNAIL_SIDE
 from .netguard import AddressCheck, is_public
 from .pipeline import DEFAULT_WRITE_CONCURRENCY, Pipeline, StageLimits
 from .settings import Settings
@@ -99,9 +101,16 @@ async def open_pipeline(
     *,
     prompt: str,
     allowed_buckets: Collection[str],
+    schema: str | None = None,
+    thumbnails: bool = False,
     pinned_generations: Mapping[str, str] | None = None,
+    local_files: bool = False,
 ) -> AsyncIterator[Pipeline]:
-    """Open this invocation's loop-bound resources and close them all on the way out."""
+    """Open this invocation's loop-bound resources and close them all on the way out.
+
+    ``thumbnails`` makes gallery thumbnails during preparation; ``local_files``
+    (the command line only) accepts paths on this machine as sources.
+    """
     settings = runtime.settings
     async with (
         open_http_session(
@@ -120,6 +129,7 @@ async def open_pipeline(
                     allowed_buckets=allowed_buckets,
                     pinned_generations=pinned_generations,
                     address_allowed=runtime.address_allowed,
+                    local_files=local_files,
                 ),
                 describer=Describer(
                     client,
@@ -135,9 +145,12 @@ async def open_pipeline(
                     model_concurrency=settings.model_concurrency,
                     image_max_side=settings.image_max_side,
                     max_image_pixels=settings.max_image_pixels,
+                    thumbnail_side=THUMBNAIL_SIDE if thumbnails else 0,
                 ),
                 model=settings.model,
                 prompt=prompt,
+                schema=schema,
+                parse=parse_local_source if local_files else parse_source,
             )
         finally:
             await client.aio.aclose()

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
+from .schemas import SCHEMAS
 
 DEFAULT_MODEL = "gemini-3.5-flash-lite"
 DEFAULT_PROMPT = "Describe this image in just 3 words."
@@ -87,6 +88,10 @@ class Settings:
     deadline_margin_s: float = DEFAULT_DEADLINE_MARGIN_S
     fallback_model: str | None = None
     media_resolution: str = DEFAULT_MEDIA_RESOLUTION
+    # A structured answer's schema for batches and uploads that name none; None is free text.
+    schema: str | None = None
+    # An HTML gallery beside every batch's JSONL.
+    gallery: bool = True
     event_retry_window_s: float = DEFAULT_EVENT_RETRY_WINDOW_S
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
@@ -118,6 +123,11 @@ class Settings:
             raise ConfigError(
                 f"MEDIA_RESOLUTION must be one of {', '.join(MEDIA_RESOLUTIONS)}, "
                 f"got {self.media_resolution!r}"
+            )
+        if self.schema is not None and self.schema not in SCHEMAS:
+            raise ConfigError(
+                f"DESCRIBE_SCHEMA must be text or one of {', '.join(sorted(SCHEMAS))}, "
+                f"got {self.schema!r}"
             )
         if self.deadline_margin_s >= self.function_timeout_s:
             raise ConfigError(
@@ -170,6 +180,8 @@ class Settings:
             deadline_margin_s=reader.number("DEADLINE_MARGIN_S", DEFAULT_DEADLINE_MARGIN_S),
             fallback_model=reader.text("GEMINI_FALLBACK_MODEL", "") or None,
             media_resolution=reader.text("MEDIA_RESOLUTION", DEFAULT_MEDIA_RESOLUTION).lower(),
+            schema=schema_setting(reader.text("DESCRIBE_SCHEMA", "")),
+            gallery=reader.flag("GALLERY", default=True),
             event_retry_window_s=reader.number(
                 "EVENT_RETRY_WINDOW_S", DEFAULT_EVENT_RETRY_WINDOW_S
             ),
@@ -185,6 +197,11 @@ class Settings:
             ),
             storage_emulator_host=reader.text("STORAGE_EMULATOR_HOST", "") or None,
         )
+
+
+def schema_setting(name: str | None) -> str | None:
+    """A schema name as settings hold it: "text" (or nothing) is free text, None."""
+    return None if not name or name == "text" else name
 
 
 def normalize_prefix(prefix: str) -> str:
@@ -203,9 +220,11 @@ class _Reader:
         value = self._env.get(name)
         return default if value is None else value.strip()
 
-    def flag(self, name: str) -> bool:
+    def flag(self, name: str, *, default: bool = False) -> bool:
         value = self._env.get(name, "").strip().lower()
-        if value in ("", "0", "false", "no", "off"):
+        if not value:
+            return default
+        if value in ("0", "false", "no", "off"):
             return False
         if value in ("1", "true", "yes", "on"):
             return True

@@ -40,6 +40,7 @@ async def describe_upload(
             # The fallback model answers for GEMINI_MODEL when that does not exist.
             and existing.get("model") in {settings.model, settings.fallback_model}
             and existing.get("prompt") == settings.prompt
+            and existing.get("schema") == settings.schema
         ):
             log.info("already described for this generation; skipped", extra={"uri": sidecar})
             return "already_done"
@@ -49,6 +50,7 @@ async def describe_upload(
         runtime,
         prompt=settings.prompt,
         allowed_buckets=allowed,
+        schema=settings.schema,
         pinned_generations={source: generation},
     ) as pipeline:
         (record,) = await pipeline.run([source], stop_at=stop_at)

@@ -4,15 +4,18 @@ Starts the Cloud Storage emulator, the Gemini simulator (unless a real key or
 Vertex AI is configured), a loopback image server and functions-framework
 with both targets; uploads the sample images; calls describe_http with a
 batch; sends finalize CloudEvents to describe_gcs for an upload and for a
-manifest; then prints each description and where it was written.
+manifest; runs the command line on the samples with structured descriptions;
+then prints each description, where it was written, and where the galleries are.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
+import textwrap
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -91,7 +94,12 @@ def main() -> int:
         reply = _post_json(f"http://127.0.0.1:{http_port}/", {"images": batch})
         for record in reply["results"]:
             _print_record(record)
-        print(f"   counts {reply['counts']}; written to {reply['results_uri']}\n")
+        print(f"   counts {reply['counts']}; written to {reply['results_uri']}")
+        # The emulator keeps everything in memory: copy the gallery out to open it later.
+        gallery = logs / "http-batch-gallery.html"
+        _, gallery_name = reply["gallery_uri"].removeprefix("gs://").split("/", 1)
+        client.bucket(RESULTS).blob(gallery_name).download_to_filename(str(gallery))
+        print(f"   gallery {reply['gallery_uri']}, copied to {gallery.as_uri()}\n")
 
         upload = f"photos/{images[0].name}"
         print(f"2. Upload event for gs://{UPLOADS}/{upload} -> describe_gcs")
@@ -112,9 +120,22 @@ def main() -> int:
         jsonl = "descriptions/batches/demo.jsonl"
         for line in client.bucket(RESULTS).blob(jsonl).download_as_text().splitlines():
             _print_record(json.loads(line))
-        print(f"   written to gs://{RESULTS}/{jsonl}")
+        print(f"   written to gs://{RESULTS}/{jsonl}\n")
         server.shutdown()
-        return 0
+
+        out = logs / "cli"
+        command = ["describe", str(SAMPLES), "--schema", "alt_text", "--out", str(out)]
+        print(f"4. Command line: python -m describer {' '.join(command)}")
+        cli = subprocess.run(
+            [sys.executable, "-m", "describer", *command],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        print(textwrap.indent(cli.stdout.rstrip(), "   "))
+        print(textwrap.indent(cli.stderr.rstrip(), "   "))
+        return 0 if cli.returncode == 0 else 1
     finally:
         for proc in reversed(started):
             procs.stop(proc)

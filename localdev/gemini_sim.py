@@ -4,9 +4,13 @@ Used by the tests and the local demo in place of the real API.
 It checks requests the way the real API does (an API key or bearer token; each
 inline image of a supported MIME type whose bytes decode as that type) and
 answers with descriptions that are deterministic and depend on the image, so a
-test can tell which image a description belongs to. It can be told to add
-latency, refuse calls above a number in flight, answer 429 with RetryInfo,
-500s, hang past the client's timeout, exhaust a daily quota, or block images.
+test can tell which image a description belongs to. Asked for JSON with a schema
+(``responseMimeType: application/json`` and ``responseJsonSchema`` or
+``responseSchema``), it answers with an object that fits the schema, its values
+drawn from the same description. It can be told to add latency, refuse calls
+above a number in flight, answer 429 with RetryInfo, 500s, hang past the
+client's timeout, exhaust a daily quota, block images, or give structured
+answers that do not fit their schema.
 
 Run it alone:  python -m localdev.gemini_sim --port 8090 --latency-ms 500
 Control it:    POST /_sim/config {"latency_ms": 200, ...}, GET /_sim/stats, POST /_sim/reset
@@ -69,6 +73,9 @@ class SimConfig:
     fail_first: int = 0  # every distinct image gets this many 429s first
     daily_quota_exhausted: bool = False
     block_colours: list[str] = field(default_factory=list)
+    # Every distinct image's first this many structured answers misfit their
+    # schema: invalid JSON first, then an over-long string and a missing key in turn.
+    schema_misfits: int = 0
     # After this many answers, further calls are held (unanswered) until the
     # configuration changes: a way to stop a run at a known point and kill it.
     answer_limit: int | None = None
@@ -85,6 +92,9 @@ class SimStats:
     held: int = 0  # calls waiting at answer_limit right now
     dropped: int = 0  # connections closed without an answer (rate_drop)
     media_resolutions: list[str] = field(default_factory=list)  # per answered call
+    structured: int = 0  # answered calls that asked for JSON with a schema
+    schemas: list[Any] = field(default_factory=list)  # the schema of each of those calls
+    misfits: int = 0  # structured answers made not to fit (schema_misfits)
     images: list[dict[str, Any]] = field(default_factory=list)
 
     def count(self, status: int) -> None:
@@ -99,6 +109,7 @@ class GeminiSimulator:
         self.stats = SimStats()
         self._rng = random.Random(self.config.seed)
         self._failures: dict[str, int] = {}
+        self._misfits: dict[str, int] = {}
         self._released = asyncio.Event()
         self._admitted = 0  # calls let past answer_limit since the last reset
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -116,6 +127,7 @@ class GeminiSimulator:
         self.stats = SimStats()
         self._rng = random.Random(self.config.seed)
         self._failures = {}
+        self._misfits = {}
         self._admitted = 0
         # Wake the calls held at the old answer_limit; they re-check the new one.
         self._released.set()
@@ -210,8 +222,13 @@ class GeminiSimulator:
         if cfg.latency_ms:
             await asyncio.sleep(cfg.latency_ms / 1000)
         self.stats.images.extend(decoded)
-        resolution = str((body.get("generationConfig") or {}).get("mediaResolution") or "")
+        generation = body.get("generationConfig") or {}
+        resolution = str(generation.get("mediaResolution") or "")
         self.stats.media_resolutions.append(resolution)
+        schema = _requested_schema(generation)
+        if schema is not None:
+            self.stats.structured += 1
+            self.stats.schemas.append(schema)
         prompt_tokens = _image_tokens(model, resolution) * len(decoded) + len(text.split())
         if any(d["colour"] in cfg.block_colours for d in decoded):
             return web.json_response(
@@ -233,7 +250,10 @@ class GeminiSimulator:
                     "modelVersion": model,
                 }
             )
-        answer = " / ".join(d["description"] for d in decoded) or f"Text: {text[:40]}"
+        if schema is not None:
+            answer = self._structured(schema, decoded[0] if decoded else _text_info(text))
+        else:
+            answer = " / ".join(d["description"] for d in decoded) or f"Text: {text[:40]}"
         output_tokens = len(answer.split())
         return web.json_response(
             {
@@ -253,6 +273,18 @@ class GeminiSimulator:
                 "responseId": f"sim-{self.stats.calls}",
             }
         )
+
+    def _structured(self, schema: Any, info: dict[str, Any]) -> str:
+        """The JSON text answering for the image ``info``, made to misfit if configured."""
+        schema = _camel_case(schema)
+        answer = _fill(schema, info)
+        fingerprint = info["fingerprint"]
+        given = self._misfits.get(fingerprint, 0)
+        if given >= self.config.schema_misfits:
+            return json.dumps(answer)
+        self._misfits[fingerprint] = given + 1
+        self.stats.misfits += 1
+        return _misfit(schema, answer, given)
 
     async def _get_stats(self, _request: web.Request) -> web.Response:
         return web.json_response(asdict(self.stats))
@@ -274,6 +306,124 @@ class GeminiSimulator:
 def describe_image(data: bytes) -> str:
     """The simulator's description of an image: its colour, shape and a fingerprint."""
     return _decode_pil(*_open_small(data))["description"]
+
+
+def structured_answer(data: bytes, schema: Any) -> Any:
+    """The simulator's structured answer for an image: ``schema`` filled from its description."""
+    return _fill(_camel_case(schema), _decode_pil(*_open_small(data)))
+
+
+def _fill(schema: Any, info: dict[str, Any], index: int | None = None) -> Any:
+    """A value fitting ``schema`` (JSON Schema or Gemini's OpenAPI form), drawn from ``info``.
+
+    Strings are the image's description, or one of its facts (colour, shape,
+    fingerprint) as the ``index``-th item of an array, cut to ``maxLength`` and
+    padded to ``minLength``; numbers and booleans come from the fingerprint;
+    every property is filled, required or not.
+    """
+    if not isinstance(schema, dict):
+        return info["description"]
+    for union in ("anyOf", "oneOf"):
+        if isinstance(schema.get(union), list) and schema[union]:
+            return _fill(schema[union][0], info, index)
+    seed = int(info["fingerprint"], 16)
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][seed % len(schema["enum"])]
+    kind = _schema_type(schema)
+    if kind == "object":
+        properties = schema.get("properties") or {}
+        value = {name: _fill(sub, info) for name, sub in properties.items()}
+        for name in schema.get("required") or []:
+            value.setdefault(name, info["description"])
+        return value
+    if kind == "array":
+        count = max(int(schema.get("minItems", 0)), min(int(schema.get("maxItems", 3)), 3))
+        return [_fill(schema.get("items"), info, i) for i in range(count)]
+    if kind in ("integer", "number"):
+        low, high = schema.get("minimum", 0), schema.get("maximum", 100)
+        number = min(max(seed % 100, int(low)), int(high))
+        return number if kind == "integer" else float(number)
+    if kind == "boolean":
+        return bool(seed & 1)
+    if kind == "null":
+        return None
+    facts = (info["colour"], info["shape"], info["fingerprint"])
+    text = info["description"] if index is None else facts[index % len(facts)]
+    if "maxLength" in schema:
+        text = text[: int(schema["maxLength"])].rstrip()
+    return text.ljust(int(schema.get("minLength", 0)), "#")
+
+
+def _camel_case(schema: Any) -> Any:
+    """``schema`` with camelCase keywords throughout.
+
+    The API reads proto JSON, which takes ``max_length`` as well as ``maxLength``,
+    and google-genai sends ``responseSchema`` in snake_case. Property names are
+    the caller's own and stay as they are.
+    """
+    if isinstance(schema, list):
+        return [_camel_case(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    result: dict[str, Any] = {}
+    for key, value in schema.items():
+        head, *rest = key.split("_")
+        name = head + "".join(part.title() for part in rest)
+        if name == "properties" and isinstance(value, dict):
+            result[name] = {prop: _camel_case(sub) for prop, sub in value.items()}
+        elif name in ("enum", "required", "propertyOrdering", "example", "default"):
+            result[name] = value
+        else:
+            result[name] = _camel_case(value)
+    return result
+
+
+def _schema_type(schema: dict[str, Any]) -> str:
+    """The lower-case type a schema describes (Gemini's OpenAPI form says ``STRING``)."""
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if str(k).lower() != "null"), "null")
+    if kind is None:
+        kind = "object" if "properties" in schema else "string"
+    return str(kind).lower()
+
+
+def _requested_schema(generation: dict[str, Any]) -> Any:
+    """The schema a generationConfig asks the answer to fit, or None for free text."""
+    if generation.get("responseMimeType") != "application/json":
+        return None
+    return generation.get("responseJsonSchema") or generation.get("responseSchema")
+
+
+def _misfit(schema: Any, answer: Any, given: int) -> str:
+    """``answer`` spoilt: invalid JSON first, then an over-long string, a missing key, ..."""
+    text = json.dumps(answer)
+    if given == 0 or not isinstance(answer, dict) or not answer:
+        return text[: len(text) // 2]  # cut off mid-way, as at an output token limit
+    properties = schema.get("properties") or {}
+    limited = [
+        name
+        for name, sub in properties.items()
+        if isinstance(sub, dict) and "maxLength" in sub and isinstance(answer.get(name), str)
+    ]
+    if given % 2 == 1 and limited:
+        longest = int(properties[limited[0]]["maxLength"])
+        while len(answer[limited[0]]) <= longest:
+            answer[limited[0]] += " and more"  # just over the limit, as a model overshoots
+        return json.dumps(answer)
+    del answer[next(iter(schema.get("required") or answer))]
+    return json.dumps(answer)
+
+
+def _text_info(text: str) -> dict[str, Any]:
+    """What a structured answer for a request without an image is drawn from."""
+    fingerprint = f"{sum(text.encode()) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+    return {
+        "colour": "none",
+        "shape": "text",
+        "fingerprint": fingerprint,
+        "description": f"Text: {text[:40]}",
+    }
 
 
 def _decode(mime: str, data: bytes) -> dict[str, Any]:
@@ -330,6 +480,7 @@ def _decode_pil(image: Image.Image, size: tuple[int, int]) -> dict[str, Any]:
         "height": height,
         "colour": colour,
         "fingerprint": fingerprint,
+        "shape": shape,
         "description": f"Mostly {colour}, {shape} picture #{fingerprint}",
     }
 

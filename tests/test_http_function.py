@@ -40,7 +40,7 @@ def test_batch_results_come_back_in_input_order_and_match_the_jsonl(
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("application/json")
     body = response.json()
-    assert list(body) == ["batch_id", "results_uri", "counts", "usage", "results"]
+    assert list(body) == ["batch_id", "results_uri", "gallery_uri", "counts", "usage", "results"]
     assert [r["source"] for r in body["results"]] == images
     for record, name in zip(body["results"], [*names, "rocket.jpg"], strict=True):
         assert record["status"] == "ok", record
@@ -60,6 +60,16 @@ def test_batch_results_come_back_in_input_order_and_match_the_jsonl(
     lines = blob.download_as_text().splitlines()
     assert [json.loads(line) for line in lines] == body["results"]
     assert blob.metadata == {"describer-output": "true"}
+
+    # AND the gallery sits beside it, one card per source
+    assert body["gallery_uri"] == expected_uri.removesuffix(".jsonl") + ".html"
+    page = gcs.bucket(RESULTS_BUCKET).get_blob(f"descriptions/batches/{body['batch_id']}.html")
+    assert page is not None
+    assert (page.content_type or "").startswith("text/html")
+    assert page.metadata == {"describer-output": "true"}
+    html = page.download_as_text()
+    assert html.count('class="card') == len(images)
+    assert html.count("data:image/jpeg;base64,") == len(images)
 
 
 def test_record_carries_source_facts_and_the_prompt_override(

@@ -249,6 +249,12 @@ def test_a_manifest_cut_off_by_the_deadline_resumes_on_redelivery_without_repeat
     assert [line["status"] for line in lines] == ["ok"] * 6
     assert meta[COMPLETE_KEY] == "true"
     assert meta[SOURCE_GENERATION_KEY] == str(manifest.generation)
+    # AND the gallery shows all 6, thumbnails of the first delivery's 2 kept by their checkpoints
+    gallery = bucket.get_blob("descriptions/batches/job.html")
+    assert gallery is not None
+    html = gallery.download_as_text()
+    assert html.count('class="card') == 6
+    assert html.count("data:image/jpeg;base64,") == 6
     # AND the checkpoints are gone, and a third delivery does nothing
     assert not list(bucket.list_blobs(prefix=PARTS))
     assert handle_storage_event(runtime, _event(manifest)) == "already_done"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
 from google import genai
 from google.genai import errors, types
 
-from localdev.gemini_sim import RunningSimulator, describe_image
+from localdev.gemini_sim import RunningSimulator, describe_image, structured_answer
 
 from .conftest import API_KEY, make_image
 
@@ -84,3 +85,123 @@ def test_calls_above_the_in_flight_limit_get_429(sim: RunningSimulator) -> None:
     limited = [r for r in results if isinstance(r, errors.ClientError) and r.code == 429]
     assert len(limited) == 2
     assert sim.stats.by_status == {"200": 2, "429": 2}
+
+
+# --- structured answers -------------------------------------------------------------------------
+
+RICH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "caption": {"type": "string"},
+        "labels": {"type": "array", "items": {"type": "string"}},
+        "count": {"type": "integer", "minimum": 1, "maximum": 9},
+        "outdoor": {"type": "boolean"},
+        "size": {
+            "type": "object",
+            "properties": {"width": {"type": "number"}, "unit": {"enum": ["px", "cm"]}},
+            "required": ["width", "unit"],
+        },
+    },
+    "required": ["caption", "labels", "count", "outdoor", "size"],
+    "additionalProperties": False,
+}
+
+
+def _generate_json(
+    sim: RunningSimulator, data: bytes, config: types.GenerateContentConfig
+) -> types.GenerateContentResponse:
+    """Ask for a structured answer about a PNG, through the real google-genai client."""
+
+    parts: list[types.PartUnion] = [
+        types.Part.from_bytes(data=data, mime_type="image/png"),
+        "Describe.",
+    ]
+
+    async def call() -> types.GenerateContentResponse:
+        options = types.HttpOptions(base_url=sim.url)
+        async with genai.Client(api_key=API_KEY, http_options=options).aio as client:
+            return await client.models.generate_content(
+                model="gemini-test", contents=parts, config=config
+            )
+
+    return asyncio.run(call())
+
+
+def _json_config(schema: dict[str, Any]) -> types.GenerateContentConfig:
+    return types.GenerateContentConfig(
+        response_mime_type="application/json", response_json_schema=schema
+    )
+
+
+def test_a_json_schema_gets_a_fitting_object_drawn_from_the_image(sim: RunningSimulator) -> None:
+    # GIVEN a schema with strings, an array, numbers, a boolean and a nested object
+    data = make_image(60, 30, "blue", "PNG")
+    # WHEN an image is described with it
+    response = _generate_json(sim, data, _json_config(RICH_SCHEMA))
+    # THEN the answer is JSON of that shape, the same every time for the same image
+    answer = json.loads(response.text or "")
+    assert answer == structured_answer(data, RICH_SCHEMA)
+    assert answer["caption"] == describe_image(data)
+    assert answer["labels"] and all(isinstance(label, str) for label in answer["labels"])
+    assert isinstance(answer["count"], int) and 1 <= answer["count"] <= 9
+    assert isinstance(answer["outdoor"], bool)
+    assert isinstance(answer["size"]["width"], float) and answer["size"]["unit"] in ("px", "cm")
+    # AND the schema arrived as the SDK sent it, with the JSON mime type
+    assert sim.stats.structured == 1
+    assert sim.stats.schemas == [RICH_SCHEMA]
+
+
+def test_string_lengths_in_the_schema_are_honoured(sim: RunningSimulator) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "short": {"type": "string", "maxLength": 10},
+            "long": {"type": "string", "minLength": 80},
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}},
+        },
+        "required": ["short", "long", "tags"],
+    }
+    answer = json.loads(
+        _generate_json(sim, make_image(40, 40, "red", "PNG"), _json_config(schema)).text or ""
+    )
+    assert 0 < len(answer["short"]) <= 10
+    assert len(answer["long"]) >= 80
+    assert all(0 < len(tag) <= 4 for tag in answer["tags"])
+
+
+def test_the_openapi_response_schema_is_answered_too(sim: RunningSimulator) -> None:
+    # GIVEN Gemini's older OpenAPI-style schema (upper-case types), sent as responseSchema
+    schema = types.Schema(
+        type=types.Type.OBJECT,
+        properties={"caption": types.Schema(type=types.Type.STRING, max_length=12)},
+        required=["caption"],
+    )
+    config = types.GenerateContentConfig(
+        response_mime_type="application/json", response_schema=schema
+    )
+    # WHEN an image is described THEN the answer fits it
+    answer = json.loads(_generate_json(sim, make_image(40, 40, "red", "PNG"), config).text or "")
+    assert list(answer) == ["caption"] and 0 < len(answer["caption"]) <= 12
+    assert sim.stats.structured == 1
+
+
+def test_misfits_come_as_invalid_json_then_an_over_long_string_then_a_missing_key(
+    sim: RunningSimulator,
+) -> None:
+    # GIVEN a simulator told to misfit each image's first three structured answers
+    sim.configure(api_key=API_KEY, schema_misfits=3)
+    schema = {
+        "type": "object",
+        "properties": {"alt": {"type": "string", "maxLength": 20}, "tags": {"type": "array"}},
+        "required": ["alt", "tags"],
+    }
+    data = make_image(40, 40, "red", "PNG")
+    # WHEN the same image is described four times
+    texts = [_generate_json(sim, data, _json_config(schema)).text or "" for _ in range(4)]
+    # THEN the answers are broken JSON, too long, lacking a key, and finally fitting
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(texts[0])
+    assert len(json.loads(texts[1])["alt"]) > 20
+    assert "alt" not in json.loads(texts[2])
+    assert json.loads(texts[3]) == structured_answer(data, schema)
+    assert (sim.stats.misfits, sim.stats.structured) == (3, 4)

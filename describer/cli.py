@@ -1,0 +1,415 @@
+"""The command line: describe local files, folders, URLs and gs:// objects with the same pipeline.
+
+    python -m describer describe PATH|DIR|URL|gs://... [options]
+
+Results go to stdout (text, json or jsonl), a progress bar to stderr when it
+is a terminal, and with ``--out`` the batch JSONL and its gallery to a folder
+or a bucket, laid out as the function lays out its batches. The exit status
+says whether every image was described (0), some failed (1), the command was
+wrong or could not start (2), or the results could not be written (3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TextIO
+
+from google.auth.exceptions import GoogleAuthError
+from google.cloud import storage
+from tqdm import tqdm
+
+from .batch import GcsSource, LocalSource, Location, parse_local_source, parse_output
+from .errors import ConfigError, RequestError, SourceError, StorageUnavailable
+from .gallery import GalleryEntry, render_gallery
+from .gemini import GeminiConnector
+from .logs import configure as configure_logging
+from .records import JSONL_TYPE, Record, counts, dumps_jsonl, total_usage
+from .results import HTML_TYPE, gallery_name
+from .runtime import Runtime, new_batch_id, open_pipeline
+from .schemas import SCHEMAS
+from .settings import Settings, schema_setting
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNWRITTEN = 3
+# What a folder contributes: the extensions of every format the function reads.
+IMAGE_SUFFIXES = frozenset(
+    {
+        ".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
+        ".heic", ".heif", ".avif", ".ico", ".jp2", ".j2k", ".tga", ".ppm", ".pgm", ".pbm",
+    }
+)  # fmt: skip
+# Listing a gs:// prefix takes objects whose names or types say they are images.
+_LIST_PAGE = 1000
+
+_EPILOG = """\
+sources:
+  PATH              an image file on this machine
+  DIR               every image file under a folder (recursively, sorted, hidden files skipped)
+  URL               an http:// or https:// image; private addresses need ALLOW_PRIVATE_URLS=true
+  gs://BUCKET/NAME  an object in Cloud Storage (your gcloud application-default credentials)
+  gs://BUCKET/PFX/  every image object under a prefix
+
+Gemini is reached as the function reaches it: GEMINI_API_KEY (or GOOGLE_API_KEY), or
+GOOGLE_GENAI_USE_VERTEXAI=true with GOOGLE_CLOUD_PROJECT and GOOGLE_CLOUD_LOCATION;
+GOOGLE_GEMINI_BASE_URL points it at another endpoint (the local simulator). Every other
+setting (GEMINI_MODEL, IMAGE_MAX_SIDE, MEDIA_RESOLUTION, ...) is read from the environment
+too; see the README's settings table.
+
+exit status: 0 every image described, 1 some failed (see their records),
+2 bad command line or settings, 3 the --out results could not be written.
+
+examples:
+  python -m describer describe samples/
+  python -m describer describe photo.jpg --schema alt_text --format json
+  python -m describer describe gs://my-photos/2026/ --out gs://my-results/run1/ --concurrency 32
+"""
+
+
+@dataclass(frozen=True)
+class Options:
+    sources: list[str]
+    prompt: str | None
+    schema: str | None
+    out: str | None
+    format: str
+    concurrency: int | None
+    gallery: bool
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m describer",
+        description="Describe images with Gemini, concurrently.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    describe = commands.add_parser(
+        "describe",
+        help="describe images from files, folders, URLs or Cloud Storage",
+        description="Describe images with Gemini: one record per source, in the order given.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    describe.add_argument("sources", nargs="+", metavar="SOURCE", help="see 'sources' below")
+    describe.add_argument(
+        "--prompt", help="what to ask about each image (default: DESCRIBE_PROMPT or the built-in)"
+    )
+    describe.add_argument(
+        "--schema",
+        choices=["text", *sorted(SCHEMAS)],
+        help="text: free text (default, or DESCRIBE_SCHEMA); alt_text: JSON with alt_text "
+        "(<= 125 characters), description, tags and text_in_image, under each record's 'data'",
+    )
+    describe.add_argument(
+        "--out",
+        metavar="DIR|gs://BUCKET/PREFIX/",
+        help="also write the batch JSONL and its HTML gallery there, under batches/",
+    )
+    describe.add_argument(
+        "--format",
+        choices=["text", "json", "jsonl"],
+        default="text",
+        help="stdout: text (one block per image), json (one document with counts and "
+        "usage) or jsonl (one record per line); default text",
+    )
+    describe.add_argument(
+        "--concurrency",
+        type=_positive,
+        metavar="N",
+        help="model calls in flight (default: MODEL_CONCURRENCY, 16)",
+    )
+    describe.add_argument(
+        "--no-gallery", action="store_true", help="with --out, write the JSONL only"
+    )
+    describe.add_argument(
+        "--verbose",
+        action="store_true",
+        help="log every step to stderr as JSON lines (default: errors only)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> int:
+    stdout = stdout or sys.stdout
+    args = build_parser().parse_args(argv)
+    # Failed images are in the results already; the log adds only what is not.
+    configure_logging(logging.INFO if args.verbose else logging.ERROR, stream=sys.stderr)
+    options = Options(
+        sources=args.sources,
+        prompt=args.prompt,
+        schema=args.schema,
+        out=args.out,
+        format=args.format,
+        concurrency=args.concurrency,
+        gallery=not args.no_gallery,
+    )
+    try:
+        return run(options, Settings.from_env(), stdout=stdout)
+    except (ConfigError, RequestError) as exc:
+        message = exc.message if isinstance(exc, RequestError) else str(exc)
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def run(options: Options, settings: Settings, *, stdout: TextIO) -> int:
+    """Describe ``options.sources`` with ``settings``; write to ``stdout`` and ``--out``."""
+    if options.concurrency is not None:
+        settings = replace(settings, model_concurrency=options.concurrency)
+    if options.prompt is not None and not options.prompt.strip():
+        raise ConfigError("--prompt must not be empty")
+    output = _output(options.out)
+    schema = schema_setting(options.schema) if options.schema else settings.schema
+    prompt = options.prompt or settings.prompt
+    needs_storage = any(s.lower().startswith("gs://") for s in options.sources) or isinstance(
+        output, Location
+    )
+    runtime = _runtime(settings, needs_storage=needs_storage)
+    try:
+        uris = list(_expand(options.sources, runtime.storage_client))
+        if not uris:
+            raise ConfigError("the sources hold no images")
+        started = time.monotonic()
+        records = asyncio.run(_describe(runtime, uris, prompt, schema, gallery=_gallery(options)))
+        elapsed = time.monotonic() - started
+        results = [r.to_json() for r in records]
+        written = _write_out(runtime, output, records, results, options, elapsed)
+    finally:
+        runtime.close()
+    _print(stdout, options.format, records, results, elapsed, written)
+    if written is None and output is not None:
+        return EXIT_UNWRITTEN
+    return EXIT_OK if all(r.status == "ok" for r in records) else EXIT_SOME_FAILED
+
+
+def _gallery(options: Options) -> bool:
+    return options.out is not None and options.gallery
+
+
+async def _describe(
+    runtime: Runtime, uris: list[str], prompt: str, schema: str | None, *, gallery: bool
+) -> list[Record]:
+    allowed = {s.bucket for s in map(_gcs_or_none, uris) if s is not None}
+    with tqdm(
+        total=len(uris),
+        unit="image",
+        file=sys.stderr,
+        # Hidden unless stderr is a terminal: pipes and CI logs get no bar.
+        disable=None,
+        dynamic_ncols=True,
+    ) as bar:
+        failed = 0
+
+        async def progress(_index: int, record: Record) -> None:
+            nonlocal failed
+            failed += record.status != "ok"
+            bar.set_postfix(failed=failed, refresh=False)
+            bar.update(1)
+
+        async with open_pipeline(
+            runtime,
+            prompt=prompt,
+            allowed_buckets=allowed,
+            schema=schema,
+            thumbnails=gallery,
+            local_files=True,
+        ) as pipeline:
+            return await pipeline.run(uris, on_record=progress)
+
+
+def _write_out(
+    runtime: Runtime,
+    output: Location | Path | None,
+    records: list[Record],
+    results: list[dict[str, Any]],
+    options: Options,
+    elapsed_s: float,
+) -> dict[str, str] | None:
+    """Write the JSONL (and gallery) to --out; what was written where, or None on failure."""
+    if output is None:
+        return {}
+    jsonl_name = f"batches/{new_batch_id()}.jsonl"
+    files = {"results": (jsonl_name, dumps_jsonl(results), JSONL_TYPE)}
+    if _gallery(options):
+        page = render_gallery(
+            [GalleryEntry(r, rec.thumbnail) for r, rec in zip(results, records, strict=True)],
+            title=f"{len(records)} images",
+            elapsed_s=elapsed_s,
+        )
+        files["gallery"] = (gallery_name(jsonl_name), page, HTML_TYPE)
+    written: dict[str, str] = {}
+    try:
+        for key, (name, data, content_type) in files.items():
+            if isinstance(output, Path):
+                target = output / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+                written[key] = str(target)
+            else:
+                asyncio.run(
+                    runtime.store.write(
+                        output.bucket, output.prefix + name, data, content_type=content_type
+                    )
+                )
+                written[key] = output.uri(name)
+    except (OSError, StorageUnavailable) as exc:
+        print(f"error: could not write the results: {exc}", file=sys.stderr)
+        return None
+    return written
+
+
+def _print(
+    out: TextIO,
+    fmt: str,
+    records: list[Record],
+    results: list[dict[str, Any]],
+    elapsed_s: float,
+    written: dict[str, str] | None,
+) -> None:
+    tally = counts(records)
+    usage = total_usage(results)
+    if fmt == "jsonl":
+        out.write(dumps_jsonl(results).decode())
+    elif fmt == "json":
+        document = {
+            "counts": tally,
+            "usage": usage,
+            "elapsed_s": round(elapsed_s, 3),
+            **({f"{k}_uri": v for k, v in written.items()} if written else {}),
+            "results": results,
+        }
+        out.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    else:
+        for record in records:
+            out.write(_text_block(record))
+    summary = (
+        f"{tally['ok']} described, {tally['error']} failed in {elapsed_s:.1f} s; "
+        f"{usage['prompt_tokens']} prompt + {usage['output_tokens']} output tokens"
+    )
+    print(summary, file=sys.stderr)
+    for key, where in (written or {}).items():
+        print(f"{key}: {where}", file=sys.stderr)
+
+
+def _text_block(record: Record) -> str:
+    lines = [record.source]
+    if record.error_code is not None:
+        lines.append(f"  error {record.error_code}: {record.error_message}")
+    elif record.data is not None:
+        for key, value in record.data.items():
+            shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+            lines.append(f"  {key}: {_one_line(shown)}")
+    else:
+        lines.append(f"  {_one_line(record.description or '')}")
+    return "\n".join(lines) + "\n\n"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _output(out: str | None) -> Location | Path | None:
+    if out is None:
+        return None
+    if out.lower().startswith("gs://"):
+        return parse_output(out)
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder or gs://bucket/prefix/")
+    return path
+
+
+def _runtime(settings: Settings, *, needs_storage: bool) -> Runtime:
+    access = settings.gemini
+    if not access.api_key and not access.use_vertexai:
+        raise ConfigError(
+            "no Gemini credentials: set GEMINI_API_KEY (or GOOGLE_API_KEY), or "
+            "GOOGLE_GENAI_USE_VERTEXAI=true with GOOGLE_CLOUD_PROJECT and GOOGLE_CLOUD_LOCATION"
+        )
+    if needs_storage:
+        try:
+            client = storage.Client()
+        except GoogleAuthError as exc:
+            raise ConfigError(
+                f"gs:// sources or --out need Cloud Storage credentials ({exc}): run "
+                "'gcloud auth application-default login', or set STORAGE_EMULATOR_HOST"
+            ) from exc
+    else:
+        # Local files and URLs only: a client that never authenticates, so no
+        # credentials are needed (and none are looked up).
+        client = storage.Client.create_anonymous_client()
+    return Runtime(settings=settings, storage_client=client, gemini=GeminiConnector(access))
+
+
+def _expand(sources: Sequence[str], client: storage.Client) -> Iterator[str]:
+    """Each source as given, folders and gs:// prefixes replaced by the images under them."""
+    for given in sources:
+        if given.lower().startswith("gs://") and given.endswith("/"):
+            yield from _prefix_images(client, given)
+            continue
+        try:
+            source = parse_local_source(given)
+        except SourceError:
+            yield given  # its record will say what is wrong with it
+            continue
+        if isinstance(source, LocalSource) and source.path.is_dir():
+            yield from _folder_images(source.path)
+        else:
+            yield given
+
+
+def _folder_images(folder: Path) -> Iterator[str]:
+    found = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    yield from (str(p) for p in found)
+
+
+def _prefix_images(client: storage.Client, uri: str) -> Iterator[str]:
+    location = parse_output(uri)
+    try:
+        blobs = client.list_blobs(
+            location.bucket, prefix=location.prefix, page_size=_LIST_PAGE, timeout=60
+        )
+        for blob in blobs:
+            name = str(blob.name)
+            content_type = (blob.content_type or "").lower()
+            if name.endswith("/"):
+                continue
+            if content_type.startswith("image/") or Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                yield f"gs://{location.bucket}/{name}"
+    except Exception as exc:  # noqa: BLE001 - the client raises API, auth and network errors
+        raise ConfigError(f"could not list {uri}: {exc}") from None
+
+
+def _gcs_or_none(uri: str) -> GcsSource | None:
+    try:
+        source = parse_local_source(uri)
+    except SourceError:
+        return None
+    return source if isinstance(source, GcsSource) else None
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number

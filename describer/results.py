@@ -1,0 +1,50 @@
+"""A batch's results beside each other: the JSONL, and the gallery people look at."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .errors import StorageUnavailable
+from .gallery import GalleryEntry, render_gallery
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+HTML_TYPE = "text/html; charset=utf-8"
+
+
+def gallery_name(jsonl_name: str) -> str:
+    """``batches/x.jsonl`` -> ``batches/x.html``: the gallery sits beside its JSONL."""
+    return jsonl_name.removesuffix(".jsonl") + ".html"
+
+
+async def write_gallery(
+    store: Store,
+    bucket: str,
+    jsonl_name: str,
+    records: Sequence[Mapping[str, Any]],
+    thumbnails: Sequence[bytes | None],
+    *,
+    title: str,
+    elapsed_s: float | None,
+    metadata: Mapping[str, str] | None = None,
+) -> str | None:
+    """Write the batch's gallery; its gs:// URI, or None when it could not be written.
+
+    A gallery is for looking at: when it cannot be written, the batch (whose
+    JSONL is the record of truth) does not fail for it.
+    """
+    name = gallery_name(jsonl_name)
+    page = render_gallery(
+        [GalleryEntry(r, t) for r, t in zip(records, thumbnails, strict=True)],
+        title=title,
+        elapsed_s=elapsed_s,
+    )
+    try:
+        await store.write(bucket, name, page, content_type=HTML_TYPE, metadata=metadata)
+    except StorageUnavailable as exc:
+        log.error("could not write the gallery", extra={"uri": exc.uri, "reason": str(exc)})
+        return None
+    return f"gs://{bucket}/{name}"
