@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,6 +16,9 @@ from .settings import normalize_prefix
 MAX_URI_LENGTH = 2048
 MAX_PROMPT_CHARS = 8000
 _FIELDS = frozenset({"images", "prompt", "output", "schema"})
+# Only shard manifests, which this function writes, carry these.
+_SHARD_FIELDS = frozenset({"shard", "generations", "sidecar_generations"})
+SHARD_KINDS = ("manifest", "backfill")
 # "text" asks for free text (the default); the others name a structured answer.
 TEXT_SCHEMA = "text"
 # Bucket names per https://cloud.google.com/storage/docs/buckets#naming (dots allowed).
@@ -64,6 +67,20 @@ Source = HttpSource | GcsSource | LocalSource
 
 
 @dataclass(frozen=True)
+class ShardInfo:
+    """Where a shard sits in its batch: its slice of the sources and its run."""
+
+    batch: str  # the batch's name: results go to batches/<batch>.*
+    index: int
+    count: int  # shards in the batch
+    offset: int  # the position of the shard's first source in the batch
+    total: int  # sources in the batch
+    run: str  # the run the shard belongs to; the status object names the current one
+    kind: str  # "manifest" or "backfill"
+    source: str  # the manifest or backfilled prefix, for people reading the status
+
+
+@dataclass(frozen=True)
 class BatchRequest:
     """A validated batch: the image URIs as given, the prompt, the optional output."""
 
@@ -72,22 +89,33 @@ class BatchRequest:
     output: Location | None
     # A structured answer's schema; None leaves the choice to the function's settings.
     schema: str | None = None
+    # Shard manifests only: the shard's place, and for backfills the generations of the
+    # sources and of their sidecars (0: none) when they were listed.
+    shard: ShardInfo | None = None
+    generations: list[str] | None = None
+    sidecar_generations: list[int] | None = None
 
 
-def parse_body(body: bytes, *, max_batch_size: int) -> BatchRequest:
-    """Validate a request or manifest body; raise :class:`RequestError` on any flaw."""
+def parse_body(body: bytes, *, max_batch_size: int, shard: bool = False) -> BatchRequest:
+    """Validate a request or manifest body; raise :class:`RequestError` on any flaw.
+
+    ``shard`` accepts (and requires) the fields of a shard manifest.
+    """
+    return parse_batch(decode_json(body), max_batch_size=max_batch_size, shard=shard)
+
+
+def decode_json(body: bytes) -> Any:
     try:
-        data = json.loads(body.decode("utf-8"))
+        return json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise RequestError(400, "invalid_json", "The body is not valid UTF-8 JSON.") from None
-    return parse_batch(data, max_batch_size=max_batch_size)
 
 
-def parse_batch(data: Any, *, max_batch_size: int) -> BatchRequest:
+def parse_batch(data: Any, *, max_batch_size: int, shard: bool = False) -> BatchRequest:
     """Validate an already decoded batch object."""
     if not isinstance(data, dict):
         raise RequestError(400, "invalid_request", "The body must be a JSON object.")
-    unknown = sorted(set(data) - _FIELDS)
+    unknown = sorted(set(data) - _FIELDS - (_SHARD_FIELDS if shard else frozenset()))
     if unknown:
         raise RequestError(
             400,
@@ -111,16 +139,7 @@ def parse_batch(data: Any, *, max_batch_size: int) -> BatchRequest:
             f"{len(images)} images is more than MAX_BATCH_SIZE ({max_batch_size}); "
             "split the batch.",
         )
-    prompt = data.get("prompt")
-    if "prompt" in data:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise RequestError(400, "invalid_request", "'prompt' must be a non-empty string.")
-        if not _encodable(prompt):
-            raise RequestError(400, "invalid_request", "'prompt' is not valid Unicode text.")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise RequestError(
-                400, "invalid_request", f"'prompt' is longer than {MAX_PROMPT_CHARS} characters."
-            )
+    prompt = parse_prompt(data["prompt"]) if "prompt" in data else None
     output = data.get("output")
     if "output" in data:
         if not isinstance(output, str):
@@ -131,7 +150,59 @@ def parse_batch(data: Any, *, max_batch_size: int) -> BatchRequest:
     schema = data.get("schema")
     if "schema" in data:
         schema = parse_schema(schema)
-    return BatchRequest(images=images, prompt=prompt, output=output, schema=schema)
+    request = BatchRequest(images=images, prompt=prompt, output=output, schema=schema)
+    return _with_shard(request, data) if shard else request
+
+
+def _with_shard(request: BatchRequest, data: dict[str, Any]) -> BatchRequest:
+    """A shard manifest's own fields, checked as strictly as a request's."""
+
+    def bad(what: str) -> RequestError:
+        return RequestError(400, "invalid_shard", f"The shard manifest {what}.")
+
+    info = data.get("shard")
+    if not isinstance(info, dict):
+        raise bad("has no 'shard' object")
+    numbers = {k: info.get(k) for k in ("index", "count", "offset", "total")}
+    if not all(type(v) is int and v >= 0 for v in numbers.values()):
+        raise bad("needs whole numbers index, count, offset and total")
+    texts = {k: info.get(k) for k in ("batch", "run", "kind", "source")}
+    if not all(isinstance(v, str) and v for v in texts.values()):
+        raise bad("needs strings batch, run, kind and source")
+    shard = ShardInfo(**numbers, **texts)  # type: ignore[arg-type]
+    if shard.kind not in SHARD_KINDS or not shard.index < shard.count:
+        raise bad("has an unknown kind or an index past its count")
+    if shard.offset + len(request.images) > shard.total:
+        raise bad("holds more sources than its batch")
+    generations = data.get("generations")
+    sidecars = data.get("sidecar_generations")
+    if (generations is None) != (sidecars is None):
+        raise bad("has generations without sidecar_generations or the other way round")
+    if generations is not None:
+        n = len(request.images)
+        if not (
+            isinstance(generations, list)
+            and len(generations) == n
+            and all(isinstance(g, str) and g.isdigit() for g in generations)
+            and isinstance(sidecars, list)
+            and len(sidecars) == n
+            and all(type(g) is int and g >= 0 for g in sidecars)
+        ):
+            raise bad("has generations that do not match its images")
+    return replace(request, shard=shard, generations=generations, sidecar_generations=sidecars)
+
+
+def parse_prompt(prompt: Any) -> str:
+    """A prompt from a request: non-empty text of at most MAX_PROMPT_CHARS."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise RequestError(400, "invalid_request", "'prompt' must be a non-empty string.")
+    if not _encodable(prompt):
+        raise RequestError(400, "invalid_request", "'prompt' is not valid Unicode text.")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise RequestError(
+            400, "invalid_request", f"'prompt' is longer than {MAX_PROMPT_CHARS} characters."
+        )
+    return prompt
 
 
 def parse_schema(value: Any) -> str:

@@ -30,6 +30,7 @@ from .batch import GcsSource, LocalSource, Location, parse_local_source, parse_o
 from .errors import ConfigError, RequestError, SourceError, StorageUnavailable
 from .gallery import GalleryEntry, render_gallery
 from .gemini import GeminiConnector
+from .images import IMAGE_SUFFIXES
 from .logs import configure as configure_logging
 from .records import JSONL_TYPE, Record, counts, dumps_jsonl, total_usage
 from .results import HTML_TYPE, gallery_name
@@ -41,13 +42,6 @@ EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNWRITTEN = 3
-# What a folder contributes: the extensions of every format the function reads.
-IMAGE_SUFFIXES = frozenset(
-    {
-        ".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
-        ".heic", ".heif", ".avif", ".ico", ".jp2", ".j2k", ".tga", ".ppm", ".pgm", ".pbm",
-    }
-)  # fmt: skip
 # Listing a gs:// prefix takes objects whose names or types say they are images.
 _LIST_PAGE = 1000
 

@@ -14,6 +14,7 @@ from .errors import StorageUnavailable, TransientFailure
 from .logs import batch_var, trace_from_headers, trace_var
 from .manifests import MANIFEST_SUFFIX, describe_manifest
 from .runtime import Runtime
+from .shards import describe_shard
 from .store import is_own_output
 from .uploads import describe_upload
 
@@ -93,6 +94,15 @@ def _handle_storage_event(
     if bucket == results.bucket and name.startswith(results.prefix):
         log.info("object is under the results prefix; ignored (loop guard)", extra=fields)
         return "ignored_results"
+    if name.startswith(settings.shards_prefix):
+        # Shards are this function's own output too, written to be delivered
+        # back: run as shards (never split again), and nothing else there is.
+        if not name.endswith(MANIFEST_SUFFIX):
+            log.info("object under the shards prefix is not a shard; ignored", extra=fields)
+            return "ignored_not_shard"
+        return asyncio.run(
+            describe_shard(runtime, bucket, name, generation, results, stop_at, give_up=give_up)
+        )
     if is_own_output(data.get("metadata")):
         log.info("object was written by this function; ignored (loop guard)", extra=fields)
         return "ignored_own_output"

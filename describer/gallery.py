@@ -56,6 +56,60 @@ def render_gallery(
     return page.encode("utf-8")
 
 
+def render_index(status: Mapping[str, Any], shard_pages: Sequence[str]) -> bytes:
+    """A sharded batch's page: its status in figures, and a link to each shard's gallery.
+
+    ``shard_pages`` are paths relative to this page. A batch of a hundred
+    thousand images would make one page of some 700 MB; one gallery per shard
+    keeps each page small enough to open.
+    """
+    usage = _as_mapping(status.get("usage"))
+    stats = [
+        ("images", "images", _int(status.get("total")) or 0),
+        ("ok", "ok", _int(status.get("ok")) or 0),
+        ("errors", "errors", _int(status.get("errors")) or 0),
+        ("prompt_tokens", "prompt tokens", _int(usage.get("prompt_tokens")) or 0),
+        ("output_tokens", "output tokens", _int(usage.get("output_tokens")) or 0),
+        ("shards", "shards", len(shard_pages)),
+    ]
+    stat_html = "".join(
+        f'<div class="stat stat-{key}" data-stat="{key}"><dt>{label}</dt><dd>{value:,}</dd></div>'
+        for key, label, value in stats
+    )
+    facts = [
+        f"<dt>{label}</dt><dd>{escape(str(status.get(key)))}</dd>"
+        for key, label in (
+            ("source", "source"),
+            ("model", "model"),
+            ("prompt", "prompt"),
+            ("elapsed_s", "seconds"),
+            ("images_per_s", "images/s"),
+        )
+        if status.get(key) is not None
+    ]
+    finished = _as_mapping(status.get("finished_shards"))
+    links = []
+    for index, page in enumerate(shard_pages):
+        tally = _as_mapping(finished.get(str(index)))
+        counts = (
+            f"{_int(tally.get('ok')) or 0:,} ok, {_int(tally.get('error')) or 0:,} errors"
+            if tally
+            else "pending"
+        )
+        links.append(
+            f'<li class="shard"><a href="{escape(page, quote=True)}">shard {index + 1}</a> '
+            f"<span>{counts}</span></li>"
+        )
+    page_html = _PAGE.format(
+        csp=escape(CONTENT_SECURITY_POLICY),
+        title=escape(f"Batch {status.get('batch', '')}"),
+        css=_CSS,
+        summary=f'<dl class="stats">{stat_html}</dl>\n<dl class="facts">{"".join(facts)}</dl>',
+        cards=f'<ol class="shards">{"".join(links)}</ol>',
+    )
+    return page_html.encode("utf-8")
+
+
 def _summary(
     records: Sequence[Mapping[str, Any]], *, elapsed_s: float | None, generated_at: datetime
 ) -> str:

@@ -9,7 +9,8 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .batch import BatchRequest, Location, parse_body
+from .backfill import is_backfill, start_backfill
+from .batch import BatchRequest, Location, decode_json, parse_batch
 from .errors import RequestError, StorageUnavailable
 from .logs import batch_var, trace_from_headers, trace_var
 from .records import JSON_TYPE, JSONL_TYPE, Record, counts, dumps_jsonl, total_usage
@@ -80,7 +81,10 @@ def handle_http(
             413, "request_too_large", f"The body is larger than {MAX_REQUEST_BYTES} bytes."
         )
     try:
-        request = parse_body(raw, max_batch_size=settings.max_batch_size)
+        data = decode_json(raw)
+        if is_backfill(data):
+            return _backfill(runtime, data)
+        request = parse_batch(data, max_batch_size=settings.max_batch_size)
         output = _http_output(request, settings)
     except RequestError as exc:
         return error_reply(exc.status, exc.code, exc.message)
@@ -184,6 +188,18 @@ async def _describe_and_write(
             elapsed_s=time.monotonic() - started,
         )
     return records, results, gallery_uri, None
+
+
+def _backfill(runtime: Runtime, data: dict[str, Any]) -> HttpReply:
+    batch_var.set(None)
+    try:
+        status, body = asyncio.run(start_backfill(runtime, data))
+    except StorageUnavailable as exc:
+        log.error(str(exc), extra={"uri": exc.uri})
+        if exc.permanent:
+            return error_reply(400, "storage_unreadable", f"The function {exc}.")
+        return error_reply(503, "storage_unavailable", f"The function {exc}; retry later.")
+    return HttpReply(status, body)
 
 
 def _http_output(request: BatchRequest, settings: Settings) -> Location:

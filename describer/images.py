@@ -29,11 +29,19 @@ from .errors import Code, SourceError
 # format to Pillow's table, so doing it once per process, here, is enough.
 register_heif_opener()
 
-# Detail survives at 85 while the file is a fraction of the size at 95+.
+# File name endings of the formats read here: what a folder (CLI) or a backfill's
+# untyped objects contribute.
+IMAGE_SUFFIXES = frozenset(
+    {
+        ".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
+        ".heic", ".heif", ".avif", ".ico", ".jp2", ".j2k", ".tga", ".ppm", ".pgm", ".pbm",
+    }
+)  # fmt: skip
 # Thumbnails are looked at by people at 1x in a grid; 70 looks the same there.
 THUMBNAIL_QUALITY = 70
 # Cards in a gallery show pictures about 180 px wide; 192 keeps them sharp at 1x.
 THUMBNAIL_SIDE = 192
+# Detail survives at 85 while the file is a fraction of the size at 95+.
 JPEG_QUALITY = 85
 
 # The Pillow formats we open, in the order they are tried. Pillow knows some forty;

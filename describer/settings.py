@@ -49,6 +49,18 @@ DEFAULT_MEDIA_RESOLUTION = "medium"
 # rides out any outage worth waiting for without paying for a whole day of them.
 DEFAULT_EVENT_RETRY_WINDOW_S = 3600.0
 MEDIA_RESOLUTIONS = ("low", "medium", "high", "default")
+# A manifest with more sources than this is split into shards, one invocation each: 500
+# images at MODEL_CONCURRENCY 16 and ~1 s a call take about 30 s, inside the default budget.
+DEFAULT_SHARD_SIZE = 500
+DEFAULT_SHARDS_PREFIX = "describer-shards/"
+# A sharded manifest may list this many sources (its JSON is at most 16 MiB).
+DEFAULT_MAX_MANIFEST_IMAGES = 100_000
+# A backfill of more images than this must say how many it means (max_images).
+DEFAULT_BACKFILL_CONFIRM_OVER = 1000
+# USD per million tokens for the dry-run estimate; Gemini Flash-Lite's list prices when
+# written. Set them to your model's prices: estimates are only as good as these.
+DEFAULT_PRICE_INPUT_PER_MTOK = 0.10
+DEFAULT_PRICE_OUTPUT_PER_MTOK = 0.40
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_READ_TIMEOUT_S = 30.0
 
@@ -92,6 +104,15 @@ class Settings:
     schema: str | None = None
     # An HTML gallery beside every batch's JSONL.
     gallery: bool = True
+    shard_size: int = DEFAULT_SHARD_SIZE
+    shards_prefix: str = DEFAULT_SHARDS_PREFIX
+    # Where shard manifests go (a bucket with a describe_gcs trigger); None: the
+    # manifest's own bucket, or the backfilled bucket.
+    shards_bucket: str | None = None
+    max_manifest_images: int = DEFAULT_MAX_MANIFEST_IMAGES
+    backfill_confirm_over: int = DEFAULT_BACKFILL_CONFIRM_OVER
+    price_input_per_mtok: float = DEFAULT_PRICE_INPUT_PER_MTOK
+    price_output_per_mtok: float = DEFAULT_PRICE_OUTPUT_PER_MTOK
     event_retry_window_s: float = DEFAULT_EVENT_RETRY_WINDOW_S
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
@@ -112,6 +133,9 @@ class Settings:
             "model_concurrency",
             "image_max_side",
             "model_max_attempts",
+            "shard_size",
+            "max_manifest_images",
+            "backfill_confirm_over",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be at least 1, got {getattr(self, name)}")
@@ -133,6 +157,18 @@ class Settings:
             raise ConfigError(
                 f"DEADLINE_MARGIN_S ({self.deadline_margin_s}) must be less than "
                 f"FUNCTION_TIMEOUT_S ({self.function_timeout_s}), or no work could ever start"
+            )
+        if not self.shards_prefix:
+            raise ConfigError("SHARDS_PREFIX must not be empty: shards are told apart by it")
+        if self.results_prefix and (
+            self.shards_prefix.startswith(self.results_prefix)
+            or self.results_prefix.startswith(self.shards_prefix)
+        ):
+            # Shards under the results prefix would be ignored by the loop guard
+            # (and results under the shards prefix taken for shards).
+            raise ConfigError(
+                f"SHARDS_PREFIX ({self.shards_prefix!r}) and RESULTS_PREFIX "
+                f"({self.results_prefix!r}) must not contain one another"
             )
         # Results written with no prefix into the bucket that triggers us would
         # re-trigger the function on its own output: refuse to start instead.
@@ -182,6 +218,19 @@ class Settings:
             media_resolution=reader.text("MEDIA_RESOLUTION", DEFAULT_MEDIA_RESOLUTION).lower(),
             schema=schema_setting(reader.text("DESCRIBE_SCHEMA", "")),
             gallery=reader.flag("GALLERY", default=True),
+            shard_size=reader.integer("SHARD_SIZE", DEFAULT_SHARD_SIZE),
+            shards_prefix=normalize_prefix(reader.text("SHARDS_PREFIX", DEFAULT_SHARDS_PREFIX)),
+            shards_bucket=reader.text("SHARDS_BUCKET", "") or None,
+            max_manifest_images=reader.integer("MAX_MANIFEST_IMAGES", DEFAULT_MAX_MANIFEST_IMAGES),
+            backfill_confirm_over=reader.integer(
+                "BACKFILL_CONFIRM_OVER", DEFAULT_BACKFILL_CONFIRM_OVER
+            ),
+            price_input_per_mtok=reader.number(
+                "PRICE_INPUT_PER_MTOK", DEFAULT_PRICE_INPUT_PER_MTOK
+            ),
+            price_output_per_mtok=reader.number(
+                "PRICE_OUTPUT_PER_MTOK", DEFAULT_PRICE_OUTPUT_PER_MTOK
+            ),
             event_retry_window_s=reader.number(
                 "EVENT_RETRY_WINDOW_S", DEFAULT_EVENT_RETRY_WINDOW_S
             ),

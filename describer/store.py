@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from google.api_core import exceptions as gexc
@@ -34,10 +36,25 @@ OUTPUT_MARKER = {OUTPUT_MARKER_KEY: "true"}
 SOURCE_GENERATION_KEY = "describer-source-generation"
 # Metadata on a manifest's JSONL: "false" while sources remain after a deadline.
 COMPLETE_KEY = "describer-complete"
+# Metadata on a sidecar: which model, prompt and schema made it, so a backfill's
+# listing tells what is already described without reading a single sidecar.
+RESULT_KEY = "describer-result-key"
 # Reads of checkpoints at once; they only happen when a manifest is redelivered.
 READ_CONCURRENCY = 8
+# Cloud Storage's largest page: fewest round trips when a backfill lists a bucket.
+LIST_PAGE_SIZE = 1000
 _T = TypeVar("_T")
 _R = TypeVar("_R")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: what a listing tells without reading the object."""
+
+    name: str
+    generation: int
+    content_type: str
+    metadata: Mapping[str, str]
 
 
 def is_own_output(metadata: Mapping[str, Any] | None) -> bool:
@@ -54,6 +71,10 @@ class Store(Protocol):
     async def stat(self, bucket: str, name: str) -> tuple[dict[str, str], int] | None: ...
 
     async def read_all_json(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]: ...
+
+    async def read_bytes(self, bucket: str, name: str) -> bytes | None: ...
+
+    async def list(self, bucket: str, prefix: str) -> list[ObjectInfo]: ...
 
     async def write(
         self,
@@ -153,6 +174,45 @@ class ResultStore:
             raise first if isinstance(first, StorageUnavailable) else group from None
         return {name: data for name, (data, _) in zip(found, read, strict=True) if data}
 
+    async def read_bytes(self, bucket: str, name: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist."""
+
+        def read() -> bytes | None:
+            try:
+                data: bytes = (
+                    self._client.bucket(bucket)
+                    .blob(name)
+                    .download_as_bytes(timeout=self._timeout, retry=self._retry)
+                )
+            except gexc.NotFound:
+                return None
+            return data
+
+        return await self._run(read, f"gs://{bucket}/{name}")
+
+    async def list(self, bucket: str, prefix: str) -> list[ObjectInfo]:
+        """Every object under ``prefix``, page after page (the client follows the tokens)."""
+
+        def listing() -> list[ObjectInfo]:
+            blobs = self._client.list_blobs(
+                bucket,
+                prefix=prefix,
+                page_size=LIST_PAGE_SIZE,
+                timeout=self._timeout,
+                retry=self._retry,
+            )
+            return [
+                ObjectInfo(
+                    name=str(blob.name),
+                    generation=int(blob.generation or 0),
+                    content_type=str(blob.content_type or ""),
+                    metadata=dict(blob.metadata or {}),
+                )
+                for blob in blobs
+            ]
+
+        return await self._run(listing, f"gs://{bucket}/{prefix}")
+
     async def delete_all(self, bucket: str, prefix: str) -> int:
         """Delete every object under ``prefix``; return how many went."""
 
@@ -235,6 +295,12 @@ async def bounded_map(
         for _ in range(min(limit, len(indexed))):
             group.create_task(worker())
     return results  # type: ignore[return-value]
+
+
+def result_key(model: str, prompt: str, schema: str | None) -> str:
+    """A short fingerprint of what a description depends on besides the image."""
+    text = f"{model}\n{schema or 'text'}\n{prompt}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def generation_number(value: object) -> int:

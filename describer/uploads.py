@@ -8,9 +8,14 @@ from .batch import Location
 from .errors import Code, TransientFailure
 from .records import JSON_TYPE, dumps_json
 from .runtime import Runtime, open_pipeline
-from .store import SOURCE_GENERATION_KEY, generation_number
+from .store import RESULT_KEY, SOURCE_GENERATION_KEY, generation_number, result_key
 
 log = logging.getLogger(__name__)
+
+
+def sidecar_name(results: Location, name: str) -> str:
+    """Where the record of the object ``name`` goes: beside its path, under the results prefix."""
+    return f"{results.prefix}{name}.json"
 
 
 async def describe_upload(
@@ -26,7 +31,7 @@ async def describe_upload(
 ) -> str:
     settings = runtime.settings
     store = runtime.store
-    sidecar = f"{results.prefix}{name}.json"
+    sidecar = sidecar_name(results, name)
     existing, existing_generation = await store.read_json(results.bucket, sidecar)
     if existing is not None:
         described = generation_number(existing.get("generation"))
@@ -74,7 +79,10 @@ async def describe_upload(
         # Create-only, or replace exactly the sidecar we read: a concurrent
         # delivery that wrote first wins and this one counts as done.
         if_generation_match=existing_generation or 0,
-        metadata={SOURCE_GENERATION_KEY: generation},
+        metadata={
+            SOURCE_GENERATION_KEY: generation,
+            RESULT_KEY: result_key(settings.model, settings.prompt, settings.schema),
+        },
     )
     uri = results.uri(f"{name}.json")
     if not written:

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from describer.store import OUTPUT_MARKER
+from describer.store import OUTPUT_MARKER, ObjectInfo
 
 
 @dataclass
@@ -101,6 +101,19 @@ class MemoryStore:
                 data, self._generation, content_type, {**(metadata or {}), **OUTPUT_MARKER}
             )
         return True
+
+    async def read_bytes(self, bucket: str, name: str) -> bytes | None:
+        with self._lock:
+            found = self.objects.get((bucket, name))
+        return None if found is None else found.data
+
+    async def list(self, bucket: str, prefix: str) -> list[ObjectInfo]:
+        with self._lock:
+            return [
+                ObjectInfo(n, o.generation, o.content_type, dict(o.metadata))
+                for (b, n), o in sorted(self.objects.items())
+                if b == bucket and n.startswith(prefix)
+            ]
 
     async def delete_all(self, bucket: str, prefix: str) -> int:
         with self._lock:

@@ -1,0 +1,351 @@
+"""A job: the sources of one manifest or one shard, described into one JSONL.
+
+A job checkpoints each finished source as its own object, so a redelivered
+event carries on where the last delivery stopped, and writes its JSONL
+conditionally on the generation read, so a complete result is never downgraded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from google.api_core import exceptions as gexc
+from google.auth.exceptions import GoogleAuthError
+
+from .batch import BatchRequest, Location
+from .errors import Code, RequestError, StorageUnavailable, TransientFailure
+from .records import JSON_TYPE, JSONL_TYPE, Record, dumps_json, dumps_jsonl, total_usage
+from .results import write_gallery
+from .runtime import Runtime, open_pipeline
+from .settings import schema_setting
+from .store import (
+    COMPLETE_KEY,
+    RESULT_KEY,
+    SOURCE_GENERATION_KEY,
+    Store,
+    generation_number,
+    is_permanent,
+    result_key,
+)
+from .uploads import sidecar_name
+
+log = logging.getLogger(__name__)
+
+# A manifest of MAX_MANIFEST_IMAGES URIs of a few hundred characters each fits.
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+# Checkpoints carry the gallery thumbnail under this key; it never reaches the JSONL.
+_THUMBNAIL_KEY = "_thumbnail"
+# Metadata on a job's JSONL: its tally, so a shard's counts can be read back with a stat.
+_TALLY_KEYS = {
+    "ok": "describer-ok",
+    "error": "describer-errors",
+    "prompt_tokens": "describer-prompt-tokens",
+    "output_tokens": "describer-output-tokens",
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One manifest's or one shard's sources, and where their results go."""
+
+    request: BatchRequest
+    uri: str  # the manifest or shard object, for logs and errors
+    generation: str  # its generation: checkpoints and the JSONL's metadata are keyed by it
+    output: Location
+    results_name: str  # the JSONL, in output.bucket
+    parts_prefix: str  # checkpoints go under <parts_prefix><generation>/
+    title: str
+    allowed_buckets: frozenset[str]
+    # A backfill's shard: each record also becomes a sidecar here, as an upload's would.
+    sidecars: Location | None = None
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """How a job's event ended, and its records' tally when the JSONL is complete."""
+
+    state: str  # "described", "already_done", "superseded" or "stalled"
+    tally: dict[str, int] | None = None
+
+
+async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) -> JobOutcome:
+    """Describe what is left of a job and write its JSONL (and gallery).
+
+    Raises TransientFailure when progress was kept but sources remain, so the
+    platform redelivers the event and the next invocation carries on.
+    """
+    settings = runtime.settings
+    store = runtime.store
+    request, output = job.request, job.output
+    existing = await store.stat(output.bucket, job.results_name)
+    if existing is not None:
+        state = _manifest_state(existing[0], job.generation)
+        if state != "open":
+            log.info("manifest skipped", extra={"uri": job.uri, "state": state})
+            return JobOutcome(state, _tally_from(existing[0]) if state == "already_done" else None)
+    checkpoints = _Checkpoints(store, output.bucket, job.parts_prefix, job.generation)
+    done, thumbnails = await checkpoints.load(request.images)
+    todo = [i for i in range(len(request.images)) if i not in done]
+    log.info(
+        "manifest received",
+        extra={"count": len(request.images), "already_done": len(done), "uri": job.uri},
+    )
+    prompt = request.prompt or settings.prompt
+    schema = schema_setting(request.schema) if request.schema else settings.schema
+    pins = (
+        dict(zip(request.images, request.generations, strict=True)) if request.generations else None
+    )
+    sidecars = _Sidecars(store, job, result_key(settings.model, prompt, schema))
+
+    async def keep(position: int, record: Record) -> None:
+        index = todo[position]
+        await checkpoints.save(index, record)
+        await sidecars.save(index, record)
+
+    async with open_pipeline(
+        runtime,
+        prompt=prompt,
+        allowed_buckets=job.allowed_buckets,
+        schema=schema,
+        thumbnails=settings.gallery,
+        pinned_generations=pins,
+    ) as pipeline:
+        fresh = await pipeline.run(
+            [request.images[i] for i in todo], stop_at=stop_at, on_record=keep
+        )
+    for index, record in zip(todo, fresh, strict=True):
+        done[index] = record.to_json()
+        thumbnails[index] = record.thumbnail
+    remaining = sum(r.error_code is Code.DEADLINE_EXCEEDED for r in fresh)
+    ordered = [done[i] for i in range(len(request.images))]
+    counted = tally(ordered)
+    # Replace exactly the JSONL read above (or create it): a concurrent delivery
+    # that wrote in between wins, and a complete result is never downgraded.
+    written = await store.write(
+        output.bucket,
+        job.results_name,
+        dumps_jsonl(ordered),
+        content_type=JSONL_TYPE,
+        if_generation_match=existing[1] if existing else 0,
+        metadata={
+            SOURCE_GENERATION_KEY: job.generation,
+            COMPLETE_KEY: str(not remaining).lower(),
+            **{key: str(counted[name]) for name, key in _TALLY_KEYS.items()},
+        },
+    )
+    uri = f"gs://{output.bucket}/{job.results_name}"
+    if not written:
+        again = await store.stat(output.bucket, job.results_name)
+        state = _manifest_state(again[0], job.generation) if again else "open"
+        if state != "open":
+            log.info("another delivery finished the manifest first", extra={"state": state})
+            return JobOutcome(state, _tally_from(again[0]) if again else None)
+        raise TransientFailure(job.uri, "another delivery wrote the results at the same time")
+    if settings.gallery:
+        # Written after the JSONL it shows; an incomplete batch gets one too, so
+        # what is missing can be seen while redeliveries carry on.
+        await write_gallery(
+            store,
+            output.bucket,
+            job.results_name,
+            ordered,
+            [thumbnails.get(i) for i in range(len(request.images))],
+            title=job.title,
+            elapsed_s=None,
+            metadata={SOURCE_GENERATION_KEY: job.generation},
+        )
+    if not remaining:
+        await checkpoints.clear()
+        log.info(
+            "manifest done",
+            extra={"uri": uri, "count": len(done), "usage": total_usage(done.values())},
+        )
+        return JobOutcome("described", counted)
+    if checkpoints.saved and not give_up:
+        # Progress was made and kept: fail this delivery so the platform
+        # redelivers the event, and the next invocation carries on from here.
+        raise TransientFailure(
+            job.uri, f"{remaining} of {len(request.images)} sources remain at the deadline"
+        )
+    # Nothing finished in a whole invocation (a redelivery would do the same
+    # again, forever), or the retry window is over. Stop here; the JSONL says
+    # which sources are missing.
+    log.error(
+        "manifest incomplete; not asking for redelivery",
+        extra={"uri": uri, "remaining": remaining, "progress": checkpoints.saved},
+    )
+    return JobOutcome("stalled")
+
+
+async def write_error_report(
+    store: Store, results: Location, stem: str, uri: str, generation: str, exc: RequestError
+) -> None:
+    """``batches/<stem>.error.json``: why a manifest (or shard) was not run."""
+    report = {
+        "manifest": uri,
+        "generation": generation,
+        "error": {"code": exc.code, "message": exc.message},
+    }
+    await store.write(
+        results.bucket,
+        f"{results.prefix}batches/{stem}.error.json",
+        dumps_json(report),
+        content_type=JSON_TYPE,
+        metadata={SOURCE_GENERATION_KEY: generation},
+    )
+    log.error("manifest rejected", extra={"error_code": exc.code, "reason": exc.message})
+
+
+def _manifest_state(metadata: Mapping[str, str], generation: str) -> str:
+    """What an existing manifest JSONL means for this event: open, already_done or superseded."""
+    described = generation_number(metadata.get(SOURCE_GENERATION_KEY))
+    if described > generation_number(generation):
+        return "superseded"  # a newer upload of the manifest owns the results now
+    if described == generation_number(generation) and metadata.get(COMPLETE_KEY) != "false":
+        return "already_done"
+    return "open"
+
+
+def tally(records: list[dict[str, Any]]) -> dict[str, int]:
+    """ok and error counts and tokens: what a status object sums over shards."""
+    usage = total_usage(records)
+    ok = sum(r.get("status") == "ok" for r in records)
+    return {"ok": ok, "error": len(records) - ok, **usage}
+
+
+def _tally_from(metadata: Mapping[str, str]) -> dict[str, int] | None:
+    """The tally a complete JSONL carries in its metadata (None for an older JSONL)."""
+    try:
+        return {name: int(metadata[key]) for name, key in _TALLY_KEYS.items()}
+    except (KeyError, ValueError):
+        return None
+
+
+class _Checkpoints:
+    """A manifest's finished records, one object each, so a redelivery skips them.
+
+    Objects live under ``<prefix><generation>/``: a new upload of the manifest
+    is a new generation and starts afresh. They are written create-only, so two
+    deliveries racing on one source keep the first record.
+    """
+
+    def __init__(self, store: Store, bucket: str, prefix: str, generation: str) -> None:
+        self._store = store
+        self._bucket = bucket
+        self._prefix = f"{prefix}{generation}/"
+        self._generation = generation
+        self.saved = 0
+
+    async def load(
+        self, uris: list[str]
+    ) -> tuple[dict[int, dict[str, Any]], dict[int, bytes | None]]:
+        """The records already finished, and their gallery thumbnails, by source index."""
+        found = await self._store.read_all_json(self._bucket, self._prefix)
+        done: dict[int, dict[str, Any]] = {}
+        thumbnails: dict[int, bytes | None] = {}
+        for name, record in found.items():
+            stem = name[len(self._prefix) :].removesuffix(".json")
+            index = int(stem) if stem.isdigit() else -1
+            thumbnail = record.pop(_THUMBNAIL_KEY, None)
+            if 0 <= index < len(uris) and record.get("source") == uris[index]:
+                done[index] = record
+                thumbnails[index] = _unbase64(thumbnail)
+        return done, thumbnails
+
+    async def save(self, index: int, record: Record) -> None:
+        if record.transient:
+            return  # a retry may do better: describe it again next time
+        written = await self._store.write(
+            self._bucket,
+            f"{self._prefix}{index:06d}.json",
+            dumps_json(_with_thumbnail(record)),
+            content_type=JSON_TYPE,
+            if_generation_match=0,
+            metadata={SOURCE_GENERATION_KEY: self._generation},
+        )
+        self.saved += 1 if written else 0
+
+    async def clear(self) -> None:
+        try:
+            await self._store.delete_all(self._bucket, self._prefix)
+        except StorageUnavailable as exc:
+            # The JSONL is complete and marked so; leftover checkpoints only cost storage.
+            log.warning("could not delete checkpoints", extra={"reason": str(exc)})
+
+
+class _Sidecars:
+    """A backfill's records as sidecars, exactly where an upload's would be.
+
+    Each is written against the sidecar generation seen when the backfill
+    listed its sources (0: none): if an upload event or another run wrote one
+    since, that one stays.
+    """
+
+    def __init__(self, store: Store, job: Job, key: str) -> None:
+        self._store = store
+        self._job = job
+        self._key = key
+
+    async def save(self, index: int, record: Record) -> None:
+        job, results = self._job, self._job.sidecars
+        request = job.request
+        if results is None or record.transient or request.generations is None:
+            return
+        assert request.sidecar_generations is not None  # parse_batch checks they come together
+        generation = request.generations[index]
+        name = request.images[index].removeprefix("gs://").split("/", 1)[1]
+        await self._store.write(
+            results.bucket,
+            sidecar_name(results, name),
+            dumps_json(record.with_generation(generation).to_json()),
+            content_type=JSON_TYPE,
+            if_generation_match=request.sidecar_generations[index],
+            metadata={SOURCE_GENERATION_KEY: generation, RESULT_KEY: self._key},
+        )
+
+
+def _with_thumbnail(record: Record) -> dict[str, Any]:
+    """A checkpoint: the record, and its thumbnail so a resumed batch's gallery has it."""
+    out = record.to_json()
+    if record.thumbnail is not None:
+        out[_THUMBNAIL_KEY] = base64.b64encode(record.thumbnail).decode("ascii")
+    return out
+
+
+def _unbase64(value: Any) -> bytes | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
+
+
+async def read_manifest(runtime: Runtime, bucket: str, name: str, generation: str) -> bytes | None:
+    """The manifest at the event's generation (a late event must not read a newer one)."""
+
+    def read() -> bytes | None:
+        blob = runtime.storage_client.bucket(bucket).get_blob(
+            name, generation=int(generation) if generation.isdigit() else None
+        )
+        if blob is None:
+            return None
+        if blob.size is not None and blob.size > MAX_MANIFEST_BYTES:
+            raise RequestError(
+                413,
+                "batch_too_large",
+                f"The manifest is {blob.size} bytes, more than {MAX_MANIFEST_BYTES}.",
+            )
+        return bytes(blob.download_as_bytes(if_generation_match=blob.generation))
+
+    try:
+        return await asyncio.get_running_loop().run_in_executor(runtime.io_executor, read)
+    except (gexc.NotFound, gexc.PreconditionFailed):
+        return None
+    except (gexc.GoogleAPIError, GoogleAuthError, OSError) as exc:
+        raise StorageUnavailable(f"gs://{bucket}/{name}", exc, permanent=is_permanent(exc)) from exc

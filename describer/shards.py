@@ -1,0 +1,295 @@
+"""Batches past one invocation: shard manifests, each its own finalize event and invocation.
+
+A manifest of more than SHARD_SIZE sources, or a backfill, becomes a status
+object and shard manifests written under SHARDS_PREFIX into a bucket that
+triggers describe_gcs. The platform delivers each shard as its own event, so
+Eventarc and Cloud Run's autoscaling spread the work; nothing here schedules.
+
+Loop safety: a shard is only ever run, never split again (its body says it is
+a shard, and only bodies under SHARDS_PREFIX are read as shards); shards are
+created create-only, so a redelivered manifest re-creates nothing; a shard
+whose run is no longer the status object's current one does nothing. The
+shard that records the last pending shard merges the shards' JSONL, in input
+order, into the batch's JSONL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict
+from typing import Any
+
+from .batch import BatchRequest, Location, ShardInfo, parse_body
+from .errors import RequestError, TransientFailure
+from .gallery import render_index
+from .jobs import Job, read_manifest, run_job, tally, write_error_report
+from .records import JSON_TYPE, JSONL_TYPE, dumps_json
+from .results import HTML_TYPE
+from .runtime import Runtime
+from .settings import schema_setting
+from .status import new_status, record_shard, status_name, update_status
+from .store import COMPLETE_KEY, SOURCE_GENERATION_KEY, Store, bounded_map
+
+log = logging.getLogger(__name__)
+
+# Shard objects written (or shard JSONLs read) at once.
+IO_CONCURRENCY = 8
+
+
+def shard_object_name(settings_prefix: str, batch: str, run: str, index: int) -> str:
+    """``SHARDS_PREFIX<batch>/<run>/<index>.batch.json``: one folder per run of a batch."""
+    return f"{settings_prefix}{batch}/{run}/{index:05d}.batch.json"
+
+
+def shard_jsonl_name(output: Location, batch: str, index: int) -> str:
+    return f"{output.prefix}batches/{batch}.shards/{index:05d}.jsonl"
+
+
+async def shard_manifest(
+    runtime: Runtime,
+    request: BatchRequest,
+    *,
+    bucket: str,
+    stem: str,
+    generation: str,
+    output: Location,
+) -> str:
+    """Split a large manifest into shards (once per manifest generation)."""
+    settings = runtime.settings
+    store = runtime.store
+    name = status_name(output, stem)
+    current, current_generation = await store.read_json(output.bucket, name)
+    if current is not None and current.get("kind") == "manifest":
+        run = str(current.get("run"))
+        if run == generation:
+            # A redelivery: the plan exists; make sure every shard does too.
+            await write_shards(
+                runtime, request, current, shards_bucket=settings.shards_bucket or bucket
+            )
+            return "already_sharded"
+        if run.isdigit() and generation.isdigit() and int(run) > int(generation):
+            log.info("a newer generation of the manifest is sharded already; ignored")
+            return "superseded"
+    prompt = request.prompt or settings.prompt
+    schema = schema_setting(request.schema) if request.schema else settings.schema
+    count = math.ceil(len(request.images) / settings.shard_size)
+    status = new_status(
+        batch=stem,
+        kind="manifest",
+        source=f"gs://{bucket}/{stem}.batch.json",
+        run=generation,
+        total=len(request.images),
+        shards=count,
+        shard_size=settings.shard_size,
+        model=settings.model,
+        prompt=prompt,
+        schema=schema,
+        output=f"gs://{output.bucket}/{output.prefix}",
+    )
+    if not await store.write(
+        output.bucket,
+        name,
+        dumps_json(status),
+        content_type=JSON_TYPE,
+        if_generation_match=current_generation or 0,
+        metadata={SOURCE_GENERATION_KEY: generation},
+    ):
+        raise TransientFailure(f"gs://{output.bucket}/{name}", "another delivery is sharding it")
+    written = await write_shards(
+        runtime, request, status, shards_bucket=settings.shards_bucket or bucket
+    )
+    log.info(
+        "manifest sharded",
+        extra={"count": len(request.images), "shards": count, "written": written},
+    )
+    return "sharded"
+
+
+async def write_shards(
+    runtime: Runtime,
+    request: BatchRequest,
+    status: dict[str, Any],
+    *,
+    shards_bucket: str,
+) -> int:
+    """Write the status's shard manifests, create-only; return how many were new."""
+    settings = runtime.settings
+    size = int(status.get("shard_size") or settings.shard_size)
+    count = int(status["shards"])
+    batch, run = str(status["batch"]), str(status["run"])
+
+    async def write_one(index: int) -> bool:
+        offset = index * size
+        info = ShardInfo(
+            batch=batch,
+            index=index,
+            count=count,
+            offset=offset,
+            total=int(status["total"]),
+            run=run,
+            kind=str(status["kind"]),
+            source=str(status["source"]),
+        )
+        body: dict[str, Any] = {
+            "images": request.images[offset : offset + size],
+            # The batch's prompt and schema are pinned: a redeploy halfway through
+            # does not mix two kinds of description in one batch.
+            "prompt": status["prompt"],
+            "schema": status["schema"],
+            "output": status["output"],
+            "shard": asdict(info),
+        }
+        if request.generations is not None and request.sidecar_generations is not None:
+            body["generations"] = request.generations[offset : offset + size]
+            body["sidecar_generations"] = request.sidecar_generations[offset : offset + size]
+        return await runtime.store.write(
+            shards_bucket,
+            shard_object_name(settings.shards_prefix, batch, run, index),
+            json.dumps(body).encode(),
+            content_type="application/json",
+            if_generation_match=0,
+            metadata={"describer-shard": batch},
+        )
+
+    written = await bounded_map(write_one, range(count), limit=IO_CONCURRENCY)
+    return sum(written)
+
+
+async def describe_shard(
+    runtime: Runtime,
+    bucket: str,
+    name: str,
+    generation: str,
+    results: Location,
+    stop_at: float,
+    *,
+    give_up: bool,
+) -> str:
+    """Run one shard, record it in the status object, and merge if it was the last."""
+    settings = runtime.settings
+    store = runtime.store
+    uri = f"gs://{bucket}/{name}"
+    try:
+        body = await read_manifest(runtime, bucket, name, generation)
+        if body is None:
+            log.info("the shard no longer exists (its batch finished); ignored")
+            return "superseded"
+        # shard=True: the shard fields are accepted here, and required.
+        request = parse_body(body, max_batch_size=settings.max_manifest_images, shard=True)
+    except RequestError as exc:
+        stem = name.removesuffix(".batch.json")
+        await write_error_report(store, results, stem, uri, generation, exc)
+        return "shard_invalid"
+    info = request.shard
+    assert info is not None  # parse_body(shard=True) requires it
+    output = request.output or results
+    status_object = status_name(output, info.batch)
+    status, _ = await store.read_json(output.bucket, status_object)
+    if status is None or str(status.get("run")) != info.run:
+        log.info(
+            "shard of a run that is not the batch's current one; ignored",
+            extra={"uri": uri, "batch": info.batch},
+        )
+        return "superseded"
+    if str(info.index) not in status.get("finished_shards", {}):
+        job = Job(
+            request=request,
+            uri=uri,
+            generation=generation,
+            output=output,
+            results_name=shard_jsonl_name(output, info.batch, info.index),
+            parts_prefix=f"{output.prefix}batches/{info.batch}.shards/{info.index:05d}.parts/",
+            title=f"Shard {info.index + 1} of {info.count} of {info.source}",
+            allowed_buckets=settings.allowed_buckets
+            | {bucket}
+            | ({settings.results_bucket} if settings.results_bucket else set()),
+            sidecars=output if info.kind == "backfill" else None,
+        )
+        outcome = await run_job(runtime, job, stop_at, give_up=give_up)
+        if outcome.state in ("superseded", "stalled"):
+            return f"shard_{outcome.state}"
+        tally = outcome.tally or await _tally_of(store, output.bucket, job.results_name)
+        status = await update_status(
+            store,
+            output.bucket,
+            status_object,
+            lambda s: record_shard(s, info.index, tally) if s.get("run") == info.run else None,
+        )
+        if status is None or status.get("run") != info.run:
+            return "superseded"
+        log.info(
+            "shard done",
+            extra={
+                "batch": info.batch,
+                "shard": info.index,
+                "pending": len(status["pending_shards"]),
+            },
+        )
+    if status["pending_shards"] or status.get("results_uri"):
+        return "described_shard"
+    # The last shard recorded (or a redelivery of it, if merging failed): merge.
+    await _merge(runtime, info, output, status, shards_bucket=bucket)
+    return "merged"
+
+
+async def _merge(
+    runtime: Runtime,
+    info: ShardInfo,
+    output: Location,
+    status: dict[str, Any],
+    *,
+    shards_bucket: str,
+) -> None:
+    """Concatenate the shards' JSONL, in shard order (each is in input order), into one."""
+    store = runtime.store
+    names = [shard_jsonl_name(output, info.batch, i) for i in range(info.count)]
+    parts = await bounded_map(
+        lambda n: store.read_bytes(output.bucket, n), names, limit=IO_CONCURRENCY
+    )
+    missing = [n for n, data in zip(names, parts, strict=True) if data is None]
+    if missing:
+        raise TransientFailure(
+            f"gs://{output.bucket}/{missing[0]}", "a finished shard's JSONL is missing"
+        )
+    merged_name = f"{output.prefix}batches/{info.batch}.jsonl"
+    await store.write(
+        output.bucket,
+        merged_name,
+        b"".join(p for p in parts if p is not None),
+        content_type=JSONL_TYPE,
+        metadata={SOURCE_GENERATION_KEY: info.run, COMPLETE_KEY: "true"},
+    )
+    results_uri = f"gs://{output.bucket}/{merged_name}"
+    gallery_uri = None
+    if runtime.settings.gallery:
+        gallery_name = f"{output.prefix}batches/{info.batch}.html"
+        page = render_index(
+            status,
+            [f"{info.batch.rsplit('/', 1)[-1]}.shards/{i:05d}.html" for i in range(info.count)],
+        )
+        await store.write(output.bucket, gallery_name, page, content_type=HTML_TYPE)
+        gallery_uri = f"gs://{output.bucket}/{gallery_name}"
+
+    def finish(s: dict[str, Any]) -> dict[str, Any] | None:
+        if s.get("run") != info.run:
+            return None
+        s.update(complete=True, results_uri=results_uri, gallery_uri=gallery_uri)
+        return s
+
+    await update_status(store, output.bucket, status_name(output, info.batch), finish)
+    # The shard manifests did their job; their events, if redelivered late, find nothing.
+    await store.delete_all(
+        shards_bucket, f"{runtime.settings.shards_prefix}{info.batch}/{info.run}/"
+    )
+    log.info(
+        "batch merged",
+        extra={"uri": results_uri, "count": info.total, "shards": info.count},
+    )
+
+
+async def _tally_of(store: Store, bucket: str, name: str) -> dict[str, int]:
+    """Count a JSONL written before tallies were kept in its metadata."""
+    data = await store.read_bytes(bucket, name) or b""
+    return tally([json.loads(line) for line in data.splitlines() if line.strip()])

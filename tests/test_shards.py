@@ -1,0 +1,224 @@
+"""Sharding and backfill, in-process, with events delivered by the test as Eventarc would."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from google.cloud import storage
+
+from describer import Runtime, handle_storage_event
+from localdev.events import finalized_event
+from localdev.gemini_sim import RunningSimulator
+
+from .conftest import make_image, post_batch, upload
+
+SHARDS = "describer-shards/"
+
+
+def _event(blob: storage.Blob) -> dict[str, Any]:
+    _, body = finalized_event(blob)
+    data: dict[str, Any] = json.loads(body)
+    return data
+
+
+@pytest.fixture
+def runtime(make_runtime: Callable[..., Runtime], bucket: storage.Bucket) -> Runtime:
+    """Results in the event's own bucket; shards of 5; the bucket allowed for backfills."""
+    return make_runtime(results_bucket=None, shard_size=5, allowed_buckets=frozenset({bucket.name}))
+
+
+def _pictures(bucket: storage.Bucket, n: int, folder: str = "in") -> list[str]:
+    uris = []
+    for i in range(n):
+        name = f"{folder}/{i:03d}.png"
+        upload(bucket, name, make_image(100 + i, 60, "blue", "PNG"), "image/png")
+        uris.append(f"gs://{bucket.name}/{name}")
+    return uris
+
+
+def _deliver_shards(runtime: Runtime, bucket: storage.Bucket) -> list[str]:
+    """Deliver every shard object's finalize event, as Eventarc would; their outcomes."""
+    blobs = sorted(bucket.list_blobs(prefix=SHARDS), key=lambda b: b.name)
+    return [handle_storage_event(runtime, _event(b)) for b in blobs]
+
+
+def _status(bucket: storage.Bucket, batch: str) -> dict[str, Any]:
+    blob = bucket.get_blob(f"descriptions/batches/{batch}.status.json")
+    assert blob is not None
+    data: dict[str, Any] = json.loads(blob.download_as_bytes())
+    return data
+
+
+def test_a_large_manifest_is_sharded_and_the_last_shard_merges_in_input_order(
+    runtime: Runtime, bucket: storage.Bucket, sim: RunningSimulator
+) -> None:
+    # GIVEN a manifest of 12 sources (one missing) with SHARD_SIZE 5
+    images = [*_pictures(bucket, 11), f"gs://{bucket.name}/in/missing.png"]
+    manifest = upload(bucket, "jobs/big.batch.json", json.dumps({"images": images}).encode(), None)
+    # WHEN its event arrives THEN it is split into 3 shards and no model call is made
+    assert handle_storage_event(runtime, _event(manifest)) == "sharded"
+    assert sim.stats.calls == 0
+    shards = sorted(b.name for b in bucket.list_blobs(prefix=SHARDS))
+    assert shards == [
+        f"{SHARDS}jobs/big/{manifest.generation}/{i:05d}.batch.json" for i in range(3)
+    ]
+    status = _status(bucket, "jobs/big")
+    assert (status["total"], status["shards"], status["pending_shards"]) == (12, 3, [0, 1, 2])
+    # AND the same manifest event again creates nothing new
+    assert handle_storage_event(runtime, _event(manifest)) == "already_sharded"
+    assert sorted(b.name for b in bucket.list_blobs(prefix=SHARDS)) == shards
+
+    # WHEN the shards' events arrive
+    outcomes = _deliver_shards(runtime, bucket)
+    # THEN each is described once, the last merges, and the status is complete
+    assert outcomes == ["described_shard", "described_shard", "merged"]
+    assert sim.stats.calls == 11
+    merged = bucket.get_blob("descriptions/batches/jobs/big.jsonl")
+    assert merged is not None
+    records = [json.loads(line) for line in merged.download_as_text().splitlines()]
+    assert [r["source"] for r in records] == images
+    assert records[-1]["error"]["code"] == "not_found"
+    status = _status(bucket, "jobs/big")
+    assert status["complete"] is True and status["pending_shards"] == []
+    assert (status["done"], status["ok"], status["errors"]) == (12, 11, 1)
+    assert status["usage"]["prompt_tokens"] == sum(
+        r["usage"]["prompt_tokens"] for r in records if r.get("usage")
+    )
+    assert status["results_uri"] == f"gs://{bucket.name}/descriptions/batches/jobs/big.jsonl"
+    assert status["images_per_s"] is not None
+    # AND each shard has its JSONL and gallery; the batch's page links them
+    for i in range(3):
+        assert bucket.get_blob(f"descriptions/batches/jobs/big.shards/{i:05d}.jsonl")
+        assert bucket.get_blob(f"descriptions/batches/jobs/big.shards/{i:05d}.html")
+    index = bucket.get_blob("descriptions/batches/jobs/big.html")
+    assert index is not None
+    page = index.download_as_text()
+    assert all(f'href="big.shards/{i:05d}.html"' in page for i in range(3))
+    # AND the shard manifests are gone, so late redeliveries find nothing to do
+    assert not list(bucket.list_blobs(prefix=SHARDS))
+
+
+def test_shards_never_shard_and_stale_runs_do_nothing(
+    runtime: Runtime, bucket: storage.Bucket, sim: RunningSimulator
+) -> None:
+    images = _pictures(bucket, 7)
+    manifest = upload(bucket, "m.batch.json", json.dumps({"images": images}).encode(), None)
+    assert handle_storage_event(runtime, _event(manifest)) == "sharded"
+    first = sorted(bucket.list_blobs(prefix=SHARDS), key=lambda b: b.name)
+    # GIVEN a shard carrying more sources than SHARD_SIZE (a forged or edited one)
+    body = json.loads(first[0].download_as_bytes())
+    body["images"] = images  # 7 > 5
+    body["shard"]["total"] = 7
+    forged = upload(bucket, first[0].name, json.dumps(body).encode(), None)
+    # WHEN it arrives THEN it is run as one shard, never split into more shards
+    assert handle_storage_event(runtime, _event(forged)) == "described_shard"
+    assert len(list(bucket.list_blobs(prefix=SHARDS))) == len(first)
+    # GIVEN the manifest uploaded again: a new run
+    calls = sim.stats.calls
+    again = upload(bucket, "m.batch.json", json.dumps({"images": images[:6]}).encode(), None)
+    assert handle_storage_event(runtime, _event(again)) == "sharded"
+    # WHEN a shard of the old run is delivered late THEN it does nothing
+    assert handle_storage_event(runtime, _event(first[1])) == "superseded"
+    assert sim.stats.calls == calls
+    # AND a manifest without the shard fields under the shards prefix is refused
+    plain = upload(
+        bucket, f"{SHARDS}x/1/00000.batch.json", json.dumps({"images": images}).encode(), None
+    )
+    assert handle_storage_event(runtime, _event(plain)) == "shard_invalid"
+
+
+def test_backfill_dry_run_writes_nothing_and_estimates(
+    runtime: Runtime, bucket: storage.Bucket, sim: RunningSimulator
+) -> None:
+    _pictures(bucket, 8, folder="photos")
+    upload(bucket, "photos/readme.txt", b"words", "text/plain")
+    reply = post_batch(runtime, {"backfill": f"gs://{bucket.name}/photos/", "dry_run": True})
+    assert reply.status == 200
+    body = reply.body
+    assert (body["images"], body["already_described"], body["shards"]) == (8, 0, 2)
+    assert body["dry_run"] is True
+    estimate = body["estimate"]
+    assert estimate["prompt_tokens"] > 8 * 500  # medium media resolution: 560 a picture
+    assert estimate["cost_usd"] > 0
+    assert not list(bucket.list_blobs(prefix=SHARDS))
+    assert not list(bucket.list_blobs(prefix="descriptions/"))
+    assert sim.stats.calls == 0
+
+
+def test_backfill_describes_each_image_once_and_a_rerun_resumes(
+    runtime: Runtime, bucket: storage.Bucket, sim: RunningSimulator
+) -> None:
+    # GIVEN 12 images, one of which already has a sidecar for the current settings
+    uris = _pictures(bucket, 12, folder="photos")
+    first_upload = bucket.get_blob("photos/000.png")
+    assert first_upload is not None
+    assert handle_storage_event(runtime, _event(first_upload)) == "described"
+    assert sim.stats.calls == 1
+    # WHEN a backfill of the prefix is asked for (over the cap: max_images required)
+    where = {"backfill": f"gs://{bucket.name}/photos/"}
+    refused = post_batch(_with_cap(runtime, 5), where)
+    assert refused.status == 400 and refused.body["error"]["code"] == "max_images_required"
+    reply = post_batch(runtime, {**where, "max_images": 6})
+    # THEN 6 of the 11 undescribed images are sharded
+    assert reply.status == 202, reply.body
+    assert (reply.body["images"], reply.body["already_described"]) == (6, 1)
+    batch = reply.body["batch"]
+    # AND a second backfill while it runs is refused
+    busy = post_batch(runtime, where)
+    assert busy.status == 409 and busy.body["error"]["code"] == "backfill_in_progress"
+    # WHEN its shards are delivered THEN 6 sidecars are written and the batch merged
+    assert _deliver_shards(runtime, bucket)[-1] == "merged"
+    assert sim.stats.calls == 7
+    sidecars = sorted(b.name for b in bucket.list_blobs(prefix="descriptions/photos/"))
+    assert len(sidecars) == 7
+    status = _status(bucket, batch)
+    assert status["complete"] and status["done"] == 6 and status["kind"] == "backfill"
+    # WHEN the backfill is run again THEN only the remaining 5 are described
+    again = post_batch(runtime, where)
+    assert again.status == 202 and again.body["images"] == 5
+    assert _deliver_shards(runtime, bucket)[-1] == "merged"
+    assert sim.stats.calls == 12
+    # AND a third run finds nothing to do
+    done = post_batch(runtime, where)
+    assert done.status == 200 and done.body["images"] == 0
+    # AND each image was described exactly once, its sidecar naming its generation
+    answered = sorted(info["width"] for info in sim.stats.images)
+    assert answered == list(range(100, 112))
+    for uri in uris:
+        name = uri.split("/", 3)[3]
+        blob = bucket.get_blob(name)
+        sidecar = bucket.get_blob(f"descriptions/{name}.json")
+        assert blob is not None and sidecar is not None
+        assert json.loads(sidecar.download_as_bytes())["generation"] == str(blob.generation)
+    # AND an upload event for a backfilled image makes no second call
+    late = bucket.get_blob("photos/011.png")
+    assert late is not None
+    assert handle_storage_event(runtime, _event(late)) == "already_done"
+    assert sim.stats.calls == 12
+
+
+def _with_cap(runtime: Runtime, over: int) -> Runtime:
+    """The same runtime with BACKFILL_CONFIRM_OVER set to ``over``."""
+    return Runtime(
+        settings=replace(runtime.settings, backfill_confirm_over=over),
+        storage_client=runtime.storage_client,
+        gemini=runtime.gemini,
+        address_allowed=runtime.address_allowed,
+    )
+
+
+def test_backfill_requests_are_checked(runtime: Runtime, bucket: storage.Bucket) -> None:
+    cases = [
+        ({"backfill": "s3://x/"}, 400, "invalid_request"),
+        ({"backfill": f"gs://{bucket.name}/", "max_images": 0}, 400, "invalid_request"),
+        ({"backfill": f"gs://{bucket.name}/", "dry_run": "yes"}, 400, "invalid_request"),
+        ({"backfill": f"gs://{bucket.name}/", "output": "gs://x/"}, 400, "invalid_request"),
+        ({"backfill": "gs://not-allowed-bucket/"}, 403, "forbidden_bucket"),
+    ]
+    for body, status, code in cases:
+        reply = post_batch(runtime, body)
+        assert (reply.status, reply.body["error"]["code"]) == (status, code), body
