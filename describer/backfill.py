@@ -30,7 +30,7 @@ from .images import IMAGE_SUFFIXES
 from .records import JSON_TYPE, dumps_json
 from .runtime import Runtime, new_batch_id
 from .schemas import SCHEMAS
-from .settings import Settings, schema_setting
+from .settings import Settings
 from .shards import write_shards
 from .status import new_status, status_name
 from .store import RESULT_KEY, SOURCE_GENERATION_KEY, ObjectInfo, is_own_output, result_key
@@ -108,8 +108,7 @@ async def start_backfill(runtime: Runtime, data: dict[str, Any]) -> tuple[int, d
             "invalid_request",
             "Results would land among the sources with no RESULTS_PREFIX: refused.",
         )
-    prompt = request.prompt or settings.prompt
-    schema = schema_setting(request.schema) if request.schema else settings.schema
+    prompt, schema = settings.prompt_and_schema(request.prompt, request.schema)
     key = result_key(settings.model, prompt, schema)
     sources, sidecars = await asyncio.gather(
         runtime.store.list(where.bucket, where.prefix),

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from .errors import Code, RequestError, SourceError
 from .schemas import SCHEMAS
@@ -30,6 +31,8 @@ _RESULTS_TAIL_BYTES = len("batches/YYYYMMDDTHHMMSSZ-0123456789ab.jsonl")
 # "example.com:8080/a.png" parses as scheme "example.com": it is a host and
 # port with the scheme left out, not a URI of some other scheme.
 _HOST_AND_PORT = re.compile(r"^[a-z0-9.+-]+:[0-9]", re.IGNORECASE)
+# "s3://…", "file:…": a scheme of two letters or more (so "C:" stays a path's drive).
+_SCHEME = re.compile(r"^[a-z][a-z0-9.+-]+:", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -294,14 +297,21 @@ def parse_source(uri: str) -> Source:
 def parse_local_source(uri: str) -> Source:
     """A command-line source: a URI as :func:`parse_source` reads it, or a local path.
 
-    ``file://`` URIs and anything without a scheme are paths; Windows-style
-    drive letters are not special here (this runs on Linux and macOS).
+    Anything without a scheme is a path; ``file://`` URIs are decoded (their
+    percent-escapes are the bytes of the name, so names that are not UTF-8
+    survive). Other schemes are refused as they are over HTTP.
     """
-    lowered = uri[:8].lower()
-    if lowered.startswith(("http://", "https://", "gs://")):
+    scheme = uri.split(":", 1)[0].lower() if _SCHEME.match(uri) else ""
+    if scheme in ("http", "https", "gs") or (scheme and scheme != "file"):
         return parse_source(uri)
-    path = Path(uri[len("file://") :] if lowered.startswith("file://") else uri).expanduser()
-    return LocalSource(uri=uri, path=path)
+    if scheme == "file":
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            raise SourceError(
+                Code.INVALID_SOURCE, "A file:// URI must name a file on this machine."
+            )
+        return LocalSource(uri=uri, path=Path(os.fsdecode(unquote_to_bytes(parts.path))))
+    return LocalSource(uri=uri, path=Path(uri).expanduser())
 
 
 def _encodable(text: str) -> bool:

@@ -15,43 +15,48 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from google.auth.exceptions import GoogleAuthError
-from google.cloud import storage
 from tqdm import tqdm
 
-from .batch import GcsSource, LocalSource, Location, parse_local_source, parse_output
+from .batch import GcsSource, Location, parse_local_source, parse_output
 from .errors import ConfigError, RequestError, SourceError, StorageUnavailable
-from .gallery import GalleryEntry, render_gallery
-from .gemini import GeminiConnector
-from .images import IMAGE_SUFFIXES
+from .expand import ListingFailed, expand
 from .logs import configure as configure_logging
 from .records import JSONL_TYPE, Record, counts, dumps_jsonl, total_usage
-from .results import HTML_TYPE, gallery_name
+from .results import HTML_TYPE, gallery_name, gallery_page
 from .runtime import Runtime, new_batch_id, open_pipeline
 from .schemas import SCHEMAS
-from .settings import Settings, schema_setting
+from .settings import DEFAULT_MODEL_CONCURRENCY, Settings
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNWRITTEN = 3
-# Listing a gs:// prefix takes objects whose names or types say they are images.
-_LIST_PAGE = 1000
+EXIT_INTERRUPTED = 130
+# --out to a bucket is not squeezed into a function's deadline margin: a gallery of a
+# thousand images is several MB, and a laptop's uplink may be slow.
+_STORE_TIMEOUT_S = 300.0
 
 _EPILOG = """\
 sources:
-  PATH              an image file on this machine
-  DIR               every image file under a folder (recursively, sorted, hidden files skipped)
+  PATH              an image file on this machine (or a file:// URI)
+  DIR               every image file under a folder (recursively, sorted; hidden files and
+                    symlinked folders skipped)
   URL               an http:// or https:// image; private addresses need ALLOW_PRIVATE_URLS=true
   gs://BUCKET/NAME  an object in Cloud Storage (your gcloud application-default credentials)
-  gs://BUCKET/PFX/  every image object under a prefix
+  gs://BUCKET/PFX/  every image object under a prefix (the trailing / makes it a prefix)
+
+Results go to stdout in input order; a progress bar (on a terminal), a summary and the
+paths written go to stderr. Ctrl-C stops the run: finished images are still printed and
+written, the rest get 'interrupted' records; a second Ctrl-C quits at once.
 
 Gemini is reached as the function reaches it: GEMINI_API_KEY (or GOOGLE_API_KEY), or
 GOOGLE_GENAI_USE_VERTEXAI=true with GOOGLE_CLOUD_PROJECT and GOOGLE_CLOUD_LOCATION;
@@ -60,7 +65,8 @@ setting (GEMINI_MODEL, IMAGE_MAX_SIDE, MEDIA_RESOLUTION, ...) is read from the e
 too; see the README's settings table.
 
 exit status: 0 every image described, 1 some failed (see their records),
-2 bad command line or settings, 3 the --out results could not be written.
+2 the command could not start (arguments, settings, credentials, a listing that failed),
+3 the --out results could not be written, 130 interrupted.
 
 examples:
   python -m describer describe samples/
@@ -119,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency",
         type=_positive,
         metavar="N",
-        help="model calls in flight (default: MODEL_CONCURRENCY, 16)",
+        help=f"model calls in flight (default: MODEL_CONCURRENCY, {DEFAULT_MODEL_CONCURRENCY})",
     )
     describe.add_argument(
         "--no-gallery", action="store_true", help="with --out, write the JSONL only"
@@ -148,13 +154,13 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> 
     )
     try:
         return run(options, Settings.from_env(), stdout=stdout)
-    except (ConfigError, RequestError) as exc:
+    except (ConfigError, RequestError, ListingFailed) as exc:
         message = exc.message if isinstance(exc, RequestError) else str(exc)
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def run(options: Options, settings: Settings, *, stdout: TextIO) -> int:
@@ -164,108 +170,136 @@ def run(options: Options, settings: Settings, *, stdout: TextIO) -> int:
     if options.prompt is not None and not options.prompt.strip():
         raise ConfigError("--prompt must not be empty")
     output = _output(options.out)
-    schema = schema_setting(options.schema) if options.schema else settings.schema
-    prompt = options.prompt or settings.prompt
-    needs_storage = any(s.lower().startswith("gs://") for s in options.sources) or isinstance(
-        output, Location
+    prompt, schema = settings.prompt_and_schema(options.prompt, options.schema)
+    uses_storage = isinstance(output, Location) or any(
+        s.lower().startswith("gs://") for s in options.sources
     )
-    runtime = _runtime(settings, needs_storage=needs_storage)
+    runtime = Runtime.create(
+        settings, storage_needed=uses_storage, store_timeout_s=_STORE_TIMEOUT_S
+    )
+    gallery = output is not None and options.gallery and settings.gallery
     try:
-        uris = list(_expand(options.sources, runtime.storage_client))
+        uris = list(expand(options.sources, runtime.storage_client))
         if not uris:
             raise ConfigError("the sources hold no images")
         started = time.monotonic()
-        records = asyncio.run(_describe(runtime, uris, prompt, schema, gallery=_gallery(options)))
+        records, interrupted = asyncio.run(_describe(runtime, uris, prompt, schema, gallery))
         elapsed = time.monotonic() - started
         results = [r.to_json() for r in records]
-        written = _write_out(runtime, output, records, results, options, elapsed)
+        batch_id = new_batch_id()
+        written = _write_out(runtime, output, batch_id, records, results, gallery, elapsed)
     finally:
         runtime.close()
-    _print(stdout, options.format, records, results, elapsed, written)
-    if written is None and output is not None:
+    _print(stdout, options.format, batch_id, records, results, elapsed, written)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if written is None:
         return EXIT_UNWRITTEN
     return EXIT_OK if all(r.status == "ok" for r in records) else EXIT_SOME_FAILED
 
 
-def _gallery(options: Options) -> bool:
-    return options.out is not None and options.gallery
-
-
 async def _describe(
-    runtime: Runtime, uris: list[str], prompt: str, schema: str | None, *, gallery: bool
-) -> list[Record]:
+    runtime: Runtime, uris: list[str], prompt: str, schema: str | None, gallery: bool
+) -> tuple[list[Record], bool]:
+    """The records, and whether Ctrl-C cut the run short."""
     allowed = {s.bucket for s in map(_gcs_or_none, uris) if s is not None}
-    with tqdm(
-        total=len(uris),
-        unit="image",
-        file=sys.stderr,
-        # Hidden unless stderr is a terminal: pipes and CI logs get no bar.
-        disable=None,
-        dynamic_ncols=True,
-    ) as bar:
-        failed = 0
+    interrupt = asyncio.Event()
+    loop = asyncio.get_running_loop()
 
-        async def progress(_index: int, record: Record) -> None:
-            nonlocal failed
-            failed += record.status != "ok"
-            bar.set_postfix(failed=failed, refresh=False)
-            bar.update(1)
+    def on_ctrl_c() -> None:
+        if interrupt.is_set():
+            # The second Ctrl-C: Python's own handler, and a KeyboardInterrupt at once.
+            loop.remove_signal_handler(signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            return
+        print("\nstopping: keeping what is finished (Ctrl-C again to quit)", file=sys.stderr)
+        interrupt.set()
 
-        async with open_pipeline(
-            runtime,
-            prompt=prompt,
-            allowed_buckets=allowed,
-            schema=schema,
-            thumbnails=gallery,
-            local_files=True,
-        ) as pipeline:
-            return await pipeline.run(uris, on_record=progress)
+    loop.add_signal_handler(signal.SIGINT, on_ctrl_c)
+    try:
+        with tqdm(
+            total=len(uris),
+            unit="image",
+            file=sys.stderr,
+            # Hidden unless stderr is a terminal: pipes and CI logs get no bar.
+            disable=None,
+            dynamic_ncols=True,
+        ) as bar:
+            failed = 0
+
+            async def progress(_index: int, record: Record) -> None:
+                nonlocal failed
+                failed += record.status != "ok"
+                bar.set_postfix(failed=failed, refresh=False)
+                bar.update(1)
+
+            async with open_pipeline(
+                runtime,
+                prompt=prompt,
+                allowed_buckets=allowed,
+                schema=schema,
+                thumbnails=gallery,
+                local_files=True,
+            ) as pipeline:
+                records = await pipeline.run(uris, on_record=progress, interrupt=interrupt)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    return records, interrupt.is_set()
 
 
 def _write_out(
     runtime: Runtime,
     output: Location | Path | None,
+    batch_id: str,
     records: list[Record],
     results: list[dict[str, Any]],
-    options: Options,
+    gallery: bool,
     elapsed_s: float,
 ) -> dict[str, str] | None:
-    """Write the JSONL (and gallery) to --out; what was written where, or None on failure."""
+    """Write the JSONL (and gallery) to --out: what was written where, or None on failure."""
     if output is None:
         return {}
-    jsonl_name = f"batches/{new_batch_id()}.jsonl"
+    jsonl_name = f"batches/{batch_id}.jsonl"
     files = {"results": (jsonl_name, dumps_jsonl(results), JSONL_TYPE)}
-    if _gallery(options):
-        page = render_gallery(
-            [GalleryEntry(r, rec.thumbnail) for r, rec in zip(results, records, strict=True)],
+    if gallery:
+        page = gallery_page(
+            results,
+            [r.thumbnail for r in records],
             title=f"{len(records)} images",
             elapsed_s=elapsed_s,
         )
         files["gallery"] = (gallery_name(jsonl_name), page, HTML_TYPE)
-    written: dict[str, str] = {}
     try:
-        for key, (name, data, content_type) in files.items():
-            if isinstance(output, Path):
-                target = output / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(data)
-                written[key] = str(target)
-            else:
-                asyncio.run(
-                    runtime.store.write(
-                        output.bucket, output.prefix + name, data, content_type=content_type
-                    )
-                )
-                written[key] = output.uri(name)
+        if isinstance(output, Path):
+            return {
+                key: str(_write_file(output / name, data)) for key, (name, data, _) in files.items()
+            }
+        return asyncio.run(_upload(runtime, output, files))
     except (OSError, StorageUnavailable) as exc:
         print(f"error: could not write the results: {exc}", file=sys.stderr)
         return None
-    return written
+
+
+def _write_file(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+async def _upload(
+    runtime: Runtime, output: Location, files: dict[str, tuple[str, bytes, str]]
+) -> dict[str, str]:
+    for name, data, content_type in files.values():
+        await runtime.store.write(
+            output.bucket, output.prefix + name, data, content_type=content_type
+        )
+    return {key: output.uri(name) for key, (name, _, _) in files.items()}
 
 
 def _print(
     out: TextIO,
     fmt: str,
+    batch_id: str,
     records: list[Record],
     results: list[dict[str, Any]],
     elapsed_s: float,
@@ -277,16 +311,18 @@ def _print(
         out.write(dumps_jsonl(results).decode())
     elif fmt == "json":
         document = {
+            "batch_id": batch_id,
             "counts": tally,
             "usage": usage,
             "elapsed_s": round(elapsed_s, 3),
-            **({f"{k}_uri": v for k, v in written.items()} if written else {}),
+            **{f"{key}_uri": where for key, where in (written or {}).items()},
             "results": results,
         }
         out.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
     else:
         for record in records:
             out.write(_text_block(record))
+    out.flush()
     summary = (
         f"{tally['ok']} described, {tally['error']} failed in {elapsed_s:.1f} s; "
         f"{usage['prompt_tokens']} prompt + {usage['output_tokens']} output tokens"
@@ -322,73 +358,6 @@ def _output(out: str | None) -> Location | Path | None:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder or gs://bucket/prefix/")
     return path
-
-
-def _runtime(settings: Settings, *, needs_storage: bool) -> Runtime:
-    access = settings.gemini
-    if not access.api_key and not access.use_vertexai:
-        raise ConfigError(
-            "no Gemini credentials: set GEMINI_API_KEY (or GOOGLE_API_KEY), or "
-            "GOOGLE_GENAI_USE_VERTEXAI=true with GOOGLE_CLOUD_PROJECT and GOOGLE_CLOUD_LOCATION"
-        )
-    if needs_storage:
-        try:
-            client = storage.Client()
-        except GoogleAuthError as exc:
-            raise ConfigError(
-                f"gs:// sources or --out need Cloud Storage credentials ({exc}): run "
-                "'gcloud auth application-default login', or set STORAGE_EMULATOR_HOST"
-            ) from exc
-    else:
-        # Local files and URLs only: a client that never authenticates, so no
-        # credentials are needed (and none are looked up).
-        client = storage.Client.create_anonymous_client()
-    return Runtime(settings=settings, storage_client=client, gemini=GeminiConnector(access))
-
-
-def _expand(sources: Sequence[str], client: storage.Client) -> Iterator[str]:
-    """Each source as given, folders and gs:// prefixes replaced by the images under them."""
-    for given in sources:
-        if given.lower().startswith("gs://") and given.endswith("/"):
-            yield from _prefix_images(client, given)
-            continue
-        try:
-            source = parse_local_source(given)
-        except SourceError:
-            yield given  # its record will say what is wrong with it
-            continue
-        if isinstance(source, LocalSource) and source.path.is_dir():
-            yield from _folder_images(source.path)
-        else:
-            yield given
-
-
-def _folder_images(folder: Path) -> Iterator[str]:
-    found = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
-    yield from (str(p) for p in found)
-
-
-def _prefix_images(client: storage.Client, uri: str) -> Iterator[str]:
-    location = parse_output(uri)
-    try:
-        blobs = client.list_blobs(
-            location.bucket, prefix=location.prefix, page_size=_LIST_PAGE, timeout=60
-        )
-        for blob in blobs:
-            name = str(blob.name)
-            content_type = (blob.content_type or "").lower()
-            if name.endswith("/"):
-                continue
-            if content_type.startswith("image/") or Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                yield f"gs://{location.bucket}/{name}"
-    except Exception as exc:  # noqa: BLE001 - the client raises API, auth and network errors
-        raise ConfigError(f"could not list {uri}: {exc}") from None
 
 
 def _gcs_or_none(uri: str) -> GcsSource | None:

@@ -16,6 +16,10 @@ TransientFailure.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # records imports this module
+    from .records import Usage
 
 
 class Code(StrEnum):
@@ -33,6 +37,8 @@ class Code(StrEnum):
     MODEL_ERROR = "model_error"
     TIMEOUT = "timeout"
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    # The command line only: Ctrl-C stopped the run before this source was finished.
+    INTERRUPTED = "interrupted"
 
 
 class DescriberError(Exception):
@@ -57,12 +63,20 @@ class SourceError(DescriberError):
     """One source could not be described; carries the stable code and a sentence."""
 
     def __init__(
-        self, code: Code, message: str, *, attempts: int = 0, transient: bool = False
+        self,
+        code: Code,
+        message: str,
+        *,
+        attempts: int = 0,
+        transient: bool = False,
+        usage: Usage | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.attempts = attempts
+        # Tokens billed before the failure (a structured answer that did not fit).
+        self.usage = usage
         # True when the cause may pass (rate limits, 5xx, timeouts): an upload
         # event is then redelivered instead of recording the failure for good.
         self.transient = transient

@@ -173,7 +173,12 @@ class Describer:
                 "the answer did not fit the schema; asking once more",
                 extra={"schema": shape.name, "reason": str(exc), "attempts": first.attempts},
             )
-        second = await self._generate(contents, shape, attempts_before=first.attempts)
+        try:
+            second = await self._generate(contents, shape, attempts_before=first.attempts)
+        except SourceError as exc:
+            # The first answer was billed even though the second call failed.
+            exc.usage = _sum_usage(first.usage, exc.usage)
+            raise
         second = replace(second, usage=_sum_usage(first.usage, second.usage))
         try:
             return _structured(second, shape)
@@ -182,6 +187,7 @@ class Describer:
                 Code.MODEL_ERROR,
                 f"Gemini's answer did not fit the {shape.name} schema twice: {exc}",
                 attempts=second.attempts,
+                usage=second.usage,
             ) from None
 
     async def _generate(

@@ -16,7 +16,7 @@ from .logs import batch_var, trace_from_headers, trace_var
 from .records import JSON_TYPE, JSONL_TYPE, Record, counts, dumps_jsonl, total_usage
 from .results import write_gallery
 from .runtime import Runtime, new_batch_id, open_pipeline
-from .settings import Settings, schema_setting
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,9 @@ def handle_http(
     batch_id = new_batch_id()
     batch_var.set(batch_id)
     allowed = settings.allowed_buckets | _present(settings.results_bucket)
-    prompt = request.prompt or settings.prompt
+    prompt, schema = settings.prompt_and_schema(request.prompt, request.schema)
     results_name = f"{output.prefix}batches/{batch_id}.jsonl"
     log.info("batch received", extra={"count": len(request.images)})
-    schema = schema_setting(request.schema) if request.schema else settings.schema
     records, results, gallery_uri, write_error = asyncio.run(
         _describe_and_write(
             runtime,

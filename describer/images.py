@@ -29,14 +29,6 @@ from .errors import Code, SourceError
 # format to Pillow's table, so doing it once per process, here, is enough.
 register_heif_opener()
 
-# File name endings of the formats read here: what a folder (CLI) or a backfill's
-# untyped objects contribute.
-IMAGE_SUFFIXES = frozenset(
-    {
-        ".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
-        ".heic", ".heif", ".avif", ".ico", ".jp2", ".j2k", ".tga", ".ppm", ".pgm", ".pbm",
-    }
-)  # fmt: skip
 # Thumbnails are looked at by people at 1x in a grid; 70 looks the same there.
 THUMBNAIL_QUALITY = 70
 # Cards in a gallery show pictures about 180 px wide; 192 keeps them sharp at 1x.
@@ -63,6 +55,11 @@ _OPEN_FORMATS = (
     "JPEG2000",
     "PSD",
     "QOI",
+)
+# File name endings of the formats above: what a folder (CLI) or a backfill's untyped
+# objects contribute. Bytes decide the type in the end; names only choose candidates.
+IMAGE_SUFFIXES = frozenset(
+    ext for ext, fmt in Image.registered_extensions().items() if fmt in _OPEN_FORMATS
 )
 
 # Sent byte for byte when small, single-frame, upright and 8-bit: the format's MIME
@@ -205,18 +202,25 @@ def _prepare_open(
     )
 
 
-def _thumbnail(picture: Image.Image, side: int) -> bytes:
-    """A small opaque JPEG of an upright picture (alpha laid on white)."""
-    small = _eight_bit(picture)
-    small = small.resize(_fit(*small.size, side), Image.Resampling.BICUBIC, reducing_gap=2.0)
-    if small.mode in ("LA", "RGBA"):
-        background = Image.new("RGB", small.size, "white")
-        background.paste(small, mask=small.getchannel("A"))
-        small = background
-    elif small.mode != "RGB":
-        small = small.convert("RGB")
-    buffer = io.BytesIO()
-    small.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
+def _thumbnail(picture: Image.Image, side: int) -> bytes | None:
+    """A small opaque JPEG of an upright picture (alpha laid on white), or None.
+
+    The thumbnail is for the gallery only: if it cannot be made, the image is
+    still described, and its card shows a placeholder.
+    """
+    try:
+        small = _eight_bit(picture)
+        small = small.resize(_fit(*small.size, side), Image.Resampling.BICUBIC, reducing_gap=2.0)
+        if small.mode in ("LA", "RGBA"):
+            background = Image.new("RGB", small.size, "white")
+            background.paste(small, mask=small.getchannel("A"))
+            small = background
+        elif small.mode != "RGB":
+            small = small.convert("RGB")
+        buffer = io.BytesIO()
+        small.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
+    except Exception:  # noqa: BLE001 - Pillow raises many types; the description matters more
+        return None
     return buffer.getvalue()
 
 

@@ -22,7 +22,6 @@ from .errors import Code, RequestError, StorageUnavailable, TransientFailure
 from .records import JSON_TYPE, JSONL_TYPE, Record, dumps_json, dumps_jsonl, total_usage
 from .results import write_gallery
 from .runtime import Runtime, open_pipeline
-from .settings import schema_setting
 from .store import (
     COMPLETE_KEY,
     RESULT_KEY,
@@ -95,8 +94,7 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
         "manifest received",
         extra={"count": len(request.images), "already_done": len(done), "uri": job.uri},
     )
-    prompt = request.prompt or settings.prompt
-    schema = schema_setting(request.schema) if request.schema else settings.schema
+    prompt, schema = settings.prompt_and_schema(request.prompt, request.schema)
     pins = (
         dict(zip(request.images, request.generations, strict=True)) if request.generations else None
     )

@@ -88,12 +88,15 @@ class Pipeline:
         *,
         stop_at: float | None = None,
         on_record: RecordSink | None = None,
+        interrupt: asyncio.Event | None = None,
     ) -> list[Record]:
         """One record per URI, in input order.
 
         ``stop_at`` is a deadline on the event loop's clock (``loop.time()``);
         ``on_record(index, record)`` is awaited for every record finished
-        before it, by at most ``write_concurrency`` writers at once.
+        before it, by at most ``write_concurrency`` writers at once. Setting
+        ``interrupt`` (the command line's Ctrl-C) stops the run as the deadline
+        would, and the sources left get ``interrupted`` records.
         """
         if not uris:
             return []
@@ -103,8 +106,11 @@ class Pipeline:
         async with asyncio.TaskGroup() as writers:
             for _ in range(batch.writers):
                 writers.create_task(batch.write_worker())
+            watcher: asyncio.Task[None] | None = None
             try:
-                async with asyncio.timeout_at(stop_at), asyncio.TaskGroup() as group:
+                async with asyncio.timeout_at(stop_at) as deadline, asyncio.TaskGroup() as group:
+                    if interrupt is not None:
+                        watcher = asyncio.create_task(_stop_on(interrupt, deadline))
                     describers = [
                         group.create_task(self._describe_worker(queue, batch))
                         for _ in range(min(self._limits.model_concurrency, len(uris)))
@@ -119,22 +125,33 @@ class Pipeline:
                     "deadline reached; unfinished sources are recorded as deadline_exceeded",
                     extra={"finished": batch.finished, "count": len(uris)},
                 )
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
             batch.close()
+        interrupted = interrupt is not None and interrupt.is_set()
         return [
-            record if record is not None else self._out_of_time(uri, index in batch.started)
+            record
+            if record is not None
+            else self._out_of_time(uri, index in batch.started, interrupted=interrupted)
             for index, (uri, record) in enumerate(zip(uris, batch.records, strict=True))
         ]
 
-    def _out_of_time(self, uri: str, started: bool) -> Record:
+    def _out_of_time(self, uri: str, started: bool, *, interrupted: bool) -> Record:
         what = "was stopped unfinished" if started else "was not started"
-        return Record.failed(
-            uri,
-            SourceError(
+        error = (
+            SourceError(Code.INTERRUPTED, f"The source {what}: the run was interrupted.")
+            if interrupted
+            else SourceError(
                 Code.DEADLINE_EXCEEDED,
                 f"The source {what}: the invocation reached its deadline "
                 "(FUNCTION_TIMEOUT_S minus DEADLINE_MARGIN_S).",
                 transient=True,
-            ),
+            )
+        )
+        return Record.failed(
+            uri,
+            error,
             model=self._model,
             prompt=self._prompt,
             schema=self._schema,
@@ -283,6 +300,12 @@ class _Batch:
                 log.exception("could not write a finished record")
             finally:
                 source_var.reset(token)
+
+
+async def _stop_on(interrupt: asyncio.Event, deadline: asyncio.Timeout) -> None:
+    """Bring the deadline forward to now once ``interrupt`` is set."""
+    await interrupt.wait()
+    deadline.reschedule(asyncio.get_running_loop().time())
 
 
 def _elapsed_ms(started: float) -> int:

@@ -20,6 +20,20 @@ def gallery_name(jsonl_name: str) -> str:
     return jsonl_name.removesuffix(".jsonl") + ".html"
 
 
+def gallery_page(
+    records: Sequence[Mapping[str, Any]],
+    thumbnails: Sequence[bytes | None],
+    *,
+    title: str,
+    elapsed_s: float | None,
+) -> bytes:
+    return render_gallery(
+        [GalleryEntry(r, t) for r, t in zip(records, thumbnails, strict=True)],
+        title=title,
+        elapsed_s=elapsed_s,
+    )
+
+
 async def write_gallery(
     store: Store,
     bucket: str,
@@ -37,11 +51,7 @@ async def write_gallery(
     JSONL is the record of truth) does not fail for it.
     """
     name = gallery_name(jsonl_name)
-    page = render_gallery(
-        [GalleryEntry(r, t) for r, t in zip(records, thumbnails, strict=True)],
-        title=title,
-        elapsed_s=elapsed_s,
-    )
+    page = gallery_page(records, thumbnails, title=title, elapsed_s=elapsed_s)
     try:
         await store.write(bucket, name, page, content_type=HTML_TYPE, metadata=metadata)
     except StorageUnavailable as exc:

@@ -42,6 +42,8 @@ class Runtime:
     address_allowed: AddressCheck = is_public
     # Where results go; Cloud Storage unless a test passes its own Store.
     store: Store = None  # type: ignore[assignment]
+    # Each result write's timeout; by default half the deadline margin, where writes happen.
+    store_timeout_s: float | None = None
     io_executor: ThreadPoolExecutor = field(init=False)
     store_executor: ThreadPoolExecutor = field(init=False)
     cpu_executor: ThreadPoolExecutor = field(init=False)
@@ -60,7 +62,7 @@ class Runtime:
                 self.storage_client,
                 self.store_executor,
                 # Writes happen in the deadline margin: each must fit well inside it.
-                timeout_s=max(2.0, self.settings.deadline_margin_s / 2),
+                timeout_s=self.store_timeout_s or max(2.0, self.settings.deadline_margin_s / 2),
             )
         self.cpu_executor = ThreadPoolExecutor(
             # The CPUs this process may run on (the instance's vCPUs on Cloud Run), not the host's.
@@ -69,11 +71,19 @@ class Runtime:
         )
 
     @classmethod
-    def create(cls, settings: Settings) -> Runtime:
+    def create(
+        cls,
+        settings: Settings,
+        *,
+        storage_needed: bool = True,
+        store_timeout_s: float | None = None,
+    ) -> Runtime:
         """Build the shared clients; the storage client honours STORAGE_EMULATOR_HOST itself.
 
         Refuses (ConfigError) when Gemini or Cloud Storage has no credentials, so an
-        instance that could only fail every image never starts.
+        instance that could only fail every image never starts. Without
+        ``storage_needed`` (the command line on local files and URLs) the storage
+        client is anonymous and no credentials are looked for.
         """
         access = settings.gemini
         if not access.api_key and not access.use_vertexai:
@@ -82,12 +92,20 @@ class Runtime:
                 "GOOGLE_GENAI_USE_VERTEXAI=true with GOOGLE_CLOUD_PROJECT and GOOGLE_CLOUD_LOCATION"
             )
         try:
-            client = storage.Client()
+            client = (
+                storage.Client() if storage_needed else storage.Client.create_anonymous_client()
+            )
         except GoogleAuthError as exc:
             raise ConfigError(
-                f"no Cloud Storage credentials ({exc}); locally, set STORAGE_EMULATOR_HOST"
+                f"no Cloud Storage credentials ({exc}): run 'gcloud auth application-default "
+                "login', or locally set STORAGE_EMULATOR_HOST"
             ) from exc
-        return cls(settings=settings, storage_client=client, gemini=GeminiConnector(access))
+        return cls(
+            settings=settings,
+            storage_client=client,
+            gemini=GeminiConnector(access),
+            store_timeout_s=store_timeout_s,
+        )
 
     def close(self) -> None:
         self.io_executor.shutdown(wait=False)

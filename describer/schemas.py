@@ -31,6 +31,8 @@ class Schema:
     name: str
     json_schema: Mapping[str, Any]
     instruction: str  # appended to the user's prompt
+    # The prompt when none is given (DESCRIBE_PROMPT left at its three-word default).
+    default_prompt: str
     text_key: str  # the value that becomes the record's description
 
 
@@ -69,6 +71,10 @@ _ALT_TEXT = Schema(
         "in the image, or an empty string when there is none."
     ),
     text_key="description",
+    default_prompt=(
+        "Describe this image for someone who cannot see it: what it shows, the setting, "
+        "and anything notable."
+    ),
 )
 
 SCHEMAS: Mapping[str, Schema] = MappingProxyType({_ALT_TEXT.name: _ALT_TEXT})

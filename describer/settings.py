@@ -119,6 +119,21 @@ class Settings:
     gemini: GeminiAccess = field(default_factory=GeminiAccess)
     storage_emulator_host: str | None = None
 
+    def prompt_and_schema(
+        self, prompt: str | None = None, schema: str | None = None
+    ) -> tuple[str, str | None]:
+        """What a batch runs with: its own prompt and schema, else the settings'.
+
+        A structured schema brings a prompt of its own when DESCRIBE_PROMPT was
+        left at the default: three words make no "fuller description".
+        """
+        chosen = schema_setting(schema) if schema else self.schema
+        if prompt:
+            return prompt, chosen
+        if chosen is not None and self.prompt == DEFAULT_PROMPT:
+            return SCHEMAS[chosen].default_prompt, chosen
+        return self.prompt, chosen
+
     @property
     def work_budget_s(self) -> float:
         """How long after an invocation starts it may still start or finish work."""
@@ -216,7 +231,7 @@ class Settings:
             deadline_margin_s=reader.number("DEADLINE_MARGIN_S", DEFAULT_DEADLINE_MARGIN_S),
             fallback_model=reader.text("GEMINI_FALLBACK_MODEL", "") or None,
             media_resolution=reader.text("MEDIA_RESOLUTION", DEFAULT_MEDIA_RESOLUTION).lower(),
-            schema=schema_setting(reader.text("DESCRIBE_SCHEMA", "")),
+            schema=schema_setting(reader.text("DESCRIBE_SCHEMA", "").lower()),
             gallery=reader.flag("GALLERY", default=True),
             shard_size=reader.integer("SHARD_SIZE", DEFAULT_SHARD_SIZE),
             shards_prefix=normalize_prefix(reader.text("SHARDS_PREFIX", DEFAULT_SHARDS_PREFIX)),

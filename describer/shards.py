@@ -28,7 +28,6 @@ from .jobs import Job, read_manifest, run_job, tally, write_error_report
 from .records import JSON_TYPE, JSONL_TYPE, dumps_json
 from .results import HTML_TYPE
 from .runtime import Runtime
-from .settings import schema_setting
 from .status import new_status, record_shard, status_name, update_status
 from .store import COMPLETE_KEY, SOURCE_GENERATION_KEY, Store, bounded_map
 
@@ -72,8 +71,7 @@ async def shard_manifest(
         if run.isdigit() and generation.isdigit() and int(run) > int(generation):
             log.info("a newer generation of the manifest is sharded already; ignored")
             return "superseded"
-    prompt = request.prompt or settings.prompt
-    schema = schema_setting(request.schema) if request.schema else settings.schema
+    prompt, schema = settings.prompt_and_schema(request.prompt, request.schema)
     count = math.ceil(len(request.images) / settings.shard_size)
     status = new_status(
         batch=stem,

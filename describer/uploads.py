@@ -31,6 +31,7 @@ async def describe_upload(
 ) -> str:
     settings = runtime.settings
     store = runtime.store
+    prompt, schema = settings.prompt_and_schema()
     sidecar = sidecar_name(results, name)
     existing, existing_generation = await store.read_json(results.bucket, sidecar)
     if existing is not None:
@@ -44,8 +45,8 @@ async def describe_upload(
             described == generation_number(generation)
             # The fallback model answers for GEMINI_MODEL when that does not exist.
             and existing.get("model") in {settings.model, settings.fallback_model}
-            and existing.get("prompt") == settings.prompt
-            and existing.get("schema") == settings.schema
+            and existing.get("prompt") == prompt
+            and existing.get("schema") == schema
         ):
             log.info("already described for this generation; skipped", extra={"uri": sidecar})
             return "already_done"
@@ -53,9 +54,9 @@ async def describe_upload(
     allowed = settings.allowed_buckets | {bucket}
     async with open_pipeline(
         runtime,
-        prompt=settings.prompt,
+        prompt=prompt,
         allowed_buckets=allowed,
-        schema=settings.schema,
+        schema=schema,
         pinned_generations={source: generation},
     ) as pipeline:
         (record,) = await pipeline.run([source], stop_at=stop_at)
@@ -81,7 +82,7 @@ async def describe_upload(
         if_generation_match=existing_generation or 0,
         metadata={
             SOURCE_GENERATION_KEY: generation,
-            RESULT_KEY: result_key(settings.model, settings.prompt, settings.schema),
+            RESULT_KEY: result_key(settings.model, prompt, schema),
         },
     )
     uri = results.uri(f"{name}.json")

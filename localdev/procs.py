@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,19 +44,11 @@ def wait_for_port(
 
 
 def start_storage_emulator(port: int, log_path: Path | None = None) -> subprocess.Popen[bytes]:
-    """gcp-storage-emulator, in memory, on loopback."""
+    """gcp-storage-emulator, in memory, on loopback (see localdev/storage_emulator.py)."""
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
-        [
-            str(BIN / "gcp-storage-emulator"),
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--in-memory",
-            "-q",
-        ],
+        [sys.executable, "-m", "localdev.storage_emulator", "--port", str(port)],
+        cwd=ROOT,
         stdout=out,
         stderr=subprocess.STDOUT,
     )
@@ -73,6 +65,30 @@ def start_simulator(port: int, log_path: Path | None = None) -> subprocess.Popen
         stdout=out,
         stderr=subprocess.STDOUT,
     )
+    wait_for_port(port, proc)
+    return proc
+
+
+def start_relay(
+    port: int,
+    emulator_url: str,
+    *,
+    trigger_buckets: Sequence[str] = (),
+    targets: Sequence[str] = (),
+    extra_args: Sequence[str] = (),
+    log_path: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """The storage relay (preconditions and finalize events) in front of the emulator.
+
+    ``extra_args`` are more of its options, e.g. ``["--max-attempts", "5"]``.
+    """
+    args = [sys.executable, "-m", "localdev.relay", "--emulator", emulator_url, "--port", str(port)]
+    for bucket in trigger_buckets:
+        args += ["--trigger-bucket", bucket]
+    for target in targets:
+        args += ["--target", target]
+    out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen([*args, *extra_args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     wait_for_port(port, proc)
     return proc
 

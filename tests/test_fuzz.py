@@ -54,6 +54,12 @@ REQUEST_ERROR_CODES = frozenset(
         "batch_too_large",
         "request_too_large",
         "unsupported_media_type",
+        # Backfills
+        "forbidden_bucket",
+        "max_images_required",
+        "backfill_in_progress",
+        "storage_unreadable",
+        "storage_unavailable",
     }
 )
 SOURCE_ERROR_CODES = frozenset(
@@ -87,7 +93,8 @@ CONFIG = schemathesis.Config.from_dict(
             # A generated `output` that names no real bucket is a 400 output_unwritable
             # (the records still there), since a retry would fail the same way.
             "not_a_server_error": {"expected-statuses": ["2xx", "4xx", 503]},
-            "positive_data_acceptance": {"expected-statuses": [200, 400, 503]},
+            # A generated backfill names a bucket outside ALLOWED_BUCKETS (403).
+            "positive_data_acceptance": {"expected-statuses": [200, 202, 400, 403, 503]},
             "negative_data_rejection": {"expected-statuses": [400, 405, 413, 415]},
         },
     }
@@ -491,7 +498,9 @@ def _assert_error_body(body: Any) -> dict[str, str]:
 
 def _assert_batch_body(body: Any) -> None:
     """A 200: the batch id, where the JSONL went, the counts and one record per source."""
-    assert set(body) == {"batch_id", "results_uri", "counts", "usage", "results"}, body
+    assert set(body) == {"batch_id", "results_uri", "gallery_uri", "counts", "usage", "results"}, (
+        body
+    )
     assert body["results_uri"].startswith(f"gs://{RESULTS_BUCKET}/"), body
     assert sum(body["counts"].values()) == len(body["results"]) > 0, body
     for record in body["results"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import replace
@@ -11,8 +12,10 @@ import pytest
 from google.cloud import storage
 
 from describer import Runtime, handle_storage_event
+from describer.status import new_status, record_shard, update_status
 from localdev.events import finalized_event
 from localdev.gemini_sim import RunningSimulator
+from localdev.memory_store import MemoryStore
 
 from .conftest import make_image, post_batch, upload
 
@@ -222,3 +225,48 @@ def test_backfill_requests_are_checked(runtime: Runtime, bucket: storage.Bucket)
     for body, status, code in cases:
         reply = post_batch(runtime, body)
         assert (reply.status, reply.body["error"]["code"]) == (status, code), body
+
+
+def test_status_updates_from_many_shards_at_once_lose_nothing() -> None:
+    """Twenty shards record themselves at the same moment: every one is counted once."""
+    store = MemoryStore()
+    status = new_status(
+        batch="b",
+        kind="manifest",
+        source="gs://in/b.batch.json",
+        run="1",
+        total=200,
+        shards=20,
+        model="m",
+        prompt="p",
+        schema=None,
+    )
+    store.put("out", "batches/b.status.json", json.dumps(status).encode())
+
+    async def interleave(_bucket: str, _name: str) -> None:
+        await asyncio.sleep(0)  # every writer reads, then all of them try to write
+
+    store.before_write = interleave
+    tally = {"ok": 9, "error": 1, "prompt_tokens": 100, "output_tokens": 5}
+
+    async def finish_all() -> None:
+        async with asyncio.TaskGroup() as group:
+            for index in range(20):
+                group.create_task(
+                    update_status(
+                        store,
+                        "out",
+                        "batches/b.status.json",
+                        lambda s, i=index: record_shard(s, i, tally),
+                    )
+                )
+
+    asyncio.run(finish_all())
+    final, _ = asyncio.run(store.read_json("out", "batches/b.status.json"))
+    assert final is not None
+    assert final["pending_shards"] == []
+    assert sorted(map(int, final["finished_shards"])) == list(range(20))
+    assert (final["done"], final["ok"], final["errors"]) == (200, 180, 20)
+    assert final["usage"] == {"prompt_tokens": 2000, "output_tokens": 100}
+    # AND the writers really raced: some writes were refused by the precondition and retried
+    assert store.rejected

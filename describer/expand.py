@@ -1,0 +1,85 @@
+"""The command line's sources: folders and gs:// prefixes stand for the images under them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path, PurePosixPath
+
+from google.api_core import exceptions as gexc
+from google.auth.exceptions import GoogleAuthError
+from google.cloud import storage
+
+from .batch import LocalSource, parse_local_source, parse_output
+from .errors import DescriberError, SourceError
+from .images import IMAGE_SUFFIXES
+from .store import LIST_PAGE_SIZE
+
+
+class ListingFailed(DescriberError):
+    """A gs:// prefix given on the command line could not be listed."""
+
+
+def expand(sources: Sequence[str], client: storage.Client) -> Iterator[str]:
+    """Each source as given; folders and ``gs://…/`` prefixes replaced by their images.
+
+    A source that is not usable is kept as it is: its record says what is wrong.
+    """
+    for given in sources:
+        if given.lower().startswith("gs://") and given.endswith("/"):
+            yield from _prefix_images(client, given)
+            continue
+        try:
+            source = parse_local_source(given)
+        except SourceError:
+            yield given
+            continue
+        if isinstance(source, LocalSource) and source.path.is_dir():
+            yield from _folder_images(source.path)
+        else:
+            yield given
+
+
+def _folder_images(folder: Path) -> Iterator[str]:
+    """Image files under ``folder``, sorted, recursively; hidden and symlinked folders skipped.
+
+    A name that is not valid UTF-8 comes back as a ``file://`` URI, whose
+    percent-escapes keep its bytes: results stay valid JSON and printable.
+    """
+    found: list[Path] = []
+    for root, folders, files in os.walk(folder):
+        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        found.extend(
+            Path(root, name)
+            for name in files
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+        )
+    for path in sorted(found):
+        text = str(path)
+        yield text if _printable(text) else path.absolute().as_uri()
+
+
+def _printable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a name's undecodable bytes, as surrogate escapes
+        return False
+    return True
+
+
+def _prefix_images(client: storage.Client, uri: str) -> Iterator[str]:
+    location = parse_output(uri)
+    try:
+        blobs = client.list_blobs(
+            location.bucket, prefix=location.prefix, page_size=LIST_PAGE_SIZE, timeout=60
+        )
+        for blob in blobs:
+            name = str(blob.name)
+            content_type = (blob.content_type or "").lower()
+            if name.endswith("/"):
+                continue
+            suffix = PurePosixPath(name).suffix.lower()
+            if content_type.startswith("image/") or suffix in IMAGE_SUFFIXES:
+                yield f"gs://{location.bucket}/{name}"
+    except (gexc.GoogleAPIError, GoogleAuthError, OSError) as exc:
+        raise ListingFailed(f"could not list {uri}: {exc}") from exc
