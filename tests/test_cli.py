@@ -6,15 +6,18 @@ import fcntl
 import json
 import os
 import pty
+import signal
 import struct
 import subprocess
 import sys
 import termios
+import time
 from pathlib import Path
 
 import pytest
 from google.cloud import storage
 
+from describer.schemas import SCHEMAS
 from localdev import procs
 from localdev.gemini_sim import RunningSimulator, describe_image
 
@@ -301,3 +304,77 @@ def test_local_paths_are_refused_by_the_function(
     codes = [r["error"]["code"] for r in reply["results"]]
     assert codes == ["invalid_source", "forbidden_source"]
     assert sim.stats.calls == 0
+
+
+def test_ctrl_c_keeps_what_is_finished_and_marks_the_rest_interrupted(
+    tmp_path: Path, sim: RunningSimulator
+) -> None:
+    # GIVEN six images and a model that answers two calls and then holds every other
+    for i in range(6):
+        (tmp_path / f"{i}.png").write_bytes(make_image(50 + i, 40, "blue", "PNG"))
+    sim.configure(api_key=API_KEY, answer_limit=2)
+    out = tmp_path / "out"
+    command = ["describe", str(tmp_path), "--format", "jsonl", "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "describer", *command, "--concurrency", "3"],
+        env=_env(sim),
+        cwd=procs.ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while sim.stats.held < 1 or sim.stats.ok < 2:
+            assert time.monotonic() < deadline, "the run never reached the held calls"
+            time.sleep(0.05)
+        # WHEN Ctrl-C is pressed once
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # THEN the two finished records are kept, the rest say interrupted, all are written
+    records = [json.loads(line) for line in stdout.splitlines()]
+    assert len(records) == 6
+    statuses = [r["status"] if r["status"] == "ok" else r["error"]["code"] for r in records]
+    assert statuses.count("ok") == 2
+    assert statuses.count("interrupted") == 4
+    assert proc.returncode == 130, stderr
+    (written,) = (out / "batches").glob("*.jsonl")
+    assert [json.loads(line) for line in written.read_text().splitlines()] == records
+    assert "stopping" in stderr
+
+
+def test_file_names_that_are_not_utf8_come_back_as_file_uris(
+    tmp_path: Path, image_dir: Path, sim: RunningSimulator
+) -> None:
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not UTF-8
+    (folder / name).write_bytes((image_dir / "coffee.png").read_bytes())
+    out = tmp_path / "out"
+    done = _cli(
+        "describe", str(folder), "--format", "json", "--out", str(out),
+        env={**_env(sim), "PYTHONIOENCODING": "utf-8:strict"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (record,) = json.loads(done.stdout)["results"]
+    assert record["source"] == (folder / name).as_uri()
+    assert record["source"].endswith("caf%E9.png")
+    assert record["status"] == "ok"
+    assert len(list((out / "batches").glob("*.html"))) == 1
+
+
+def test_other_schemes_are_refused_and_the_schema_brings_its_prompt(
+    image_dir: Path, sim: RunningSimulator
+) -> None:
+    done = _cli(
+        "describe", "s3://bucket/a.jpg", str(image_dir / "rocket.jpg"),
+        "--schema", "alt_text", "--format", "jsonl", env=_env(sim),
+    )  # fmt: skip
+    refused, described = (json.loads(line) for line in done.stdout.splitlines())
+    assert refused["error"]["code"] == "forbidden_source"
+    # With DESCRIBE_PROMPT at its three-word default, alt_text asks for a real description.
+    assert described["prompt"] == SCHEMAS["alt_text"].default_prompt
+    assert done.returncode == 1

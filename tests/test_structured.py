@@ -102,6 +102,8 @@ def test_an_answer_that_misfits_twice_is_a_model_error_and_once_is_retried(
     assert record["error"]["code"] == "model_error"
     assert "did not fit the alt_text schema twice" in record["error"]["message"]
     assert record["attempts"] == 2 and sim.stats.calls == 2
+    # AND both billed calls are in its usage, though neither answer was kept
+    assert record["usage"]["prompt_tokens"] > 0 and record["usage"]["output_tokens"] > 0
 
     # GIVEN one misfit only THEN the second answer is used
     sim.configure(api_key=API_KEY, schema_misfits=1)
