@@ -20,9 +20,15 @@ exists; see deploy/config.env.example), then flags.
   --region REGION              functions' region (us-central1)
   --source-bucket BUCKET       a bucket whose uploads are described (repeatable; one
                                describe_gcs function each); created if missing
-  --read-bucket BUCKET         a bucket describe_http may read gs:// sources from (repeatable)
+  --read-bucket BUCKET         a bucket describe_http may read gs:// sources from (repeatable;
+                               ALLOWED_BUCKETS in the config file or --env means the same)
   --results-bucket BUCKET      where results go (required); created if missing
   --results-prefix PREFIX      object prefix for results (descriptions/)
+  --shards-prefix PREFIX       where the function writes shard manifests in a source bucket, a
+                               managed folder it may write only in (describer-shards/)
+  --shards-bucket BUCKET       write every shard manifest into this source bucket instead of
+                               the manifest's or backfilled bucket (lets read buckets and the
+                               results bucket be backfilled)
   --model MODEL                GEMINI_MODEL (gemini-3.5-flash-lite)
   --fallback-model MODEL       GEMINI_FALLBACK_MODEL (none)
   --gemini-access MODE         api-key (key in Secret Manager) or vertex (Vertex AI) (api-key)
@@ -49,7 +55,8 @@ exists; see deploy/config.env.example), then flags.
   --invoker MEMBER             may call describe_http, e.g. user:ana@example.com (repeatable)
   --build-service-account SA   service account Cloud Build uses to build the functions
   --env KEY=VALUE              another function setting (DESCRIBE_PROMPT, MEDIA_RESOLUTION,
-                               IMAGE_MAX_SIDE, MAX_BATCH_SIZE, DEADLINE_MARGIN_S, ...)
+                               IMAGE_MAX_SIDE, MAX_BATCH_SIZE, DEADLINE_MARGIN_S, SHARD_SIZE,
+                               DESCRIBE_SCHEMA, ...)
   --name NAME                  prefix of everything created, to keep deployments apart (describer)
   --dry-run                    print every gcloud command instead of running it
 EOF
@@ -114,6 +121,14 @@ validate_deploy() {
   done
   if [[ -n $API_KEY_FILE && ! -r $API_KEY_FILE ]]; then
     die "cannot read --api-key-file $API_KEY_FILE"
+  fi
+  local name
+  for name in SHARD_SIZE MAX_MANIFEST_IMAGES BACKFILL_CONFIRM_OVER; do
+    [[ -z ${EXTRA_ENV[$name]:-} ]] || require_uint "$name" "${EXTRA_ENV[$name]}" 1
+  done
+  if [[ -n $SHARDS_BUCKET && " ${SOURCES[*]} " != *" $SHARDS_BUCKET "* ]]; then
+    die "--shards-bucket $SHARDS_BUCKET must be one of the source buckets: a shard manifest is" \
+      "run by the describe_gcs trigger of the bucket it is written to"
   fi
 }
 
@@ -237,6 +252,28 @@ print_plan() {
     note "Gemini                   $GEMINI_MODEL on Vertex AI ($VERTEX_LOCATION)"
   fi
   note "results                  gs://$RESULTS_BUCKET/$RESULTS_PREFIX"
+  local pad="                         "
+  if ((${#SOURCES[@]})); then
+    local where="gs://SOURCE/$SHARDS_PREFIX in each source bucket"
+    [[ -z $SHARDS_BUCKET ]] || where="gs://$SHARDS_BUCKET/$SHARDS_PREFIX (--shards-bucket)"
+    note "shard manifests          $where, a managed folder:"
+    note "${pad}there alone the runtime account may create and delete objects in a"
+    note "${pad}source bucket. A manifest of more than SHARD_SIZE (${EXTRA_ENV[SHARD_SIZE]:-500})" \
+      "images, and"
+    note "${pad}every backfill, is split into shard manifests written there; each"
+    note "${pad}reaches describe_gcs as its own upload event; the last deletes them."
+    note "backfills                POST {\"backfill\": \"gs://BUCKET/PREFIX/\"} to" \
+      "$HTTP_FUNCTION, for a"
+    if [[ -n $SHARDS_BUCKET ]]; then
+      note "${pad}source, read or the results bucket"
+    else
+      note "${pad}source bucket (a read or the results bucket has no trigger to run"
+      note "${pad}its shards: --shards-bucket allows those)"
+    fi
+  else
+    note "shards, backfills        none: without a source bucket no trigger runs shard manifests"
+    note "${pad}(add --source-bucket for manifests and backfills)"
+  fi
   note "Gemini calls in flight, worst case (--gemini-max-in-flight $GEMINI_MAX_IN_FLIGHT):"
   note "  $(printf '%-34s %3s instances x %3s requests x %3s MODEL_CONCURRENCY = %s' \
     "$HTTP_FUNCTION" "$HTTP_MAX" "$HTTP_CONCURRENCY" "$MODEL_CONCURRENCY" \
@@ -247,6 +284,10 @@ print_plan() {
       $((GCS_MAX * GCS_PER_INSTANCE)))"
   done
   note "  total $WORST_CASE <= $GEMINI_MAX_IN_FLIGHT"
+  if ((${#SOURCES[@]})); then
+    note "  shards of large manifests and of backfills are describe_gcs events, one invocation"
+    note "  each, so the describe_gcs rows bound them too (a backfill request makes no Gemini call)"
+  fi
   note "instances: $HTTP_FUNCTION $HTTP_MEM / $HTTP_CPU vCPU (worst case $HTTP_NEED MiB)," \
     "timeout ${HTTP_TIMEOUT}s$HTTP_SHORT"
   if ((${#SOURCES[@]})); then
@@ -285,6 +326,16 @@ bind() {
   done
 }
 
+# ensure_managed_folder URL: create the managed folder unless it exists. Its bucket was checked
+# for uniform bucket-level access by ensure_bucket.
+ensure_managed_folder() {
+  if exists storage managed-folders describe "$1"; then
+    note "managed folder $1 exists"
+  else
+    run storage managed-folders create "$1"
+  fi
+}
+
 ensure_service_account() {
   local id=$1 email=$2 title=$3
   if exists iam service-accounts describe "$email" --format='value(email)'; then
@@ -295,14 +346,26 @@ ensure_service_account() {
   fi
 }
 
-# ensure_bucket BUCKET: create it if missing (uniform access, public access prevented, labelled);
-# sets BUCKET_LOCATION (lowercase, as --trigger-location wants it).
+# ensure_bucket BUCKET [FOLDER]: create it if missing (uniform access, public access prevented,
+# labelled); sets BUCKET_LOCATION (lowercase, as --trigger-location wants it). With FOLDER (the
+# managed folder deploy.sh will create in it), an existing bucket must have uniform bucket-level
+# access, which managed folders need: refused with how to enable it, before any grant on it.
 ensure_bucket() {
-  local bucket=$1
+  local bucket=$1 folder=${2:-} uniform
   if exists storage buckets describe "gs://$bucket" --format='value(name)'; then
     BUCKET_LOCATION=$(query "$REGION" storage buckets describe "gs://$bucket" \
       --format='value(location)' | tr '[:upper:]' '[:lower:]')
     note "bucket gs://$bucket exists (location $BUCKET_LOCATION)"
+    if [[ -n $folder ]]; then
+      uniform=$(query True storage buckets describe "gs://$bucket" \
+        --format='value(uniform_bucket_level_access)')
+      if [[ ${uniform,,} != true ]]; then
+        die "gs://$bucket does not have uniform bucket-level access, and the managed folder" \
+          "$folder needs it (the function may write only there). Enabling it turns off object" \
+          "ACLs, so check nothing relies on them, then run: gcloud storage buckets update" \
+          "gs://$bucket --uniform-bucket-level-access --project=$PROJECT; and deploy again"
+      fi
+    fi
   else
     run storage buckets create "gs://$bucket" --location="$REGION" \
       --uniform-bucket-level-access --public-access-prevention
@@ -368,6 +431,8 @@ write_env() {
     fi
     yaml_pair RESULTS_BUCKET "$RESULTS_BUCKET"
     yaml_pair RESULTS_PREFIX "$RESULTS_PREFIX"
+    yaml_pair SHARDS_PREFIX "$SHARDS_PREFIX"
+    [[ -z $SHARDS_BUCKET ]] || yaml_pair SHARDS_BUCKET "$SHARDS_BUCKET"
     yaml_pair ALLOWED_BUCKETS "$allowed"
     yaml_pair FUNCTION_TIMEOUT_S "$2"
     yaml_pair MODEL_CONCURRENCY "$3"
@@ -438,6 +503,20 @@ project owners have it; grant others with --invoker user:EMAIL):
     -H "Authorization: Bearer \$(gcloud auth print-identity-token)" \\
     -H "Content-Type: application/json" \\
     -d '{"images": ["gs://$bucket/$object"]}'
+EOF
+  if ((${#SOURCES[@]})); then
+    cat <<EOF
+
+Describe what a source bucket already holds (a backfill): see the estimate first, then send
+max_images to confirm one of more than BACKFILL_CONFIRM_OVER (1000) images:
+
+  curl -sS -X POST "\$URL" \\
+    -H "Authorization: Bearer \$(gcloud auth print-identity-token)" \\
+    -H "Content-Type: application/json" \\
+    -d '{"backfill": "gs://$bucket/", "dry_run": true}'
+EOF
+  fi
+  cat <<EOF
 
 Follow one batch in Cloud Logging (its batch_id is in the response; for an upload it is
 BUCKET/OBJECT#GENERATION):
@@ -475,11 +554,21 @@ main() {
   heading "Buckets"
   local i bucket
   SOURCE_LOCATIONS=()
+  # Every source bucket is checked (or created) before any is granted anything.
   for bucket in "${SOURCES[@]}"; do
-    ensure_bucket "$bucket"
+    ensure_bucket "$bucket" "gs://$bucket/$SHARDS_PREFIX"
     SOURCE_LOCATIONS+=("$BUCKET_LOCATION")
+  done
+  for bucket in "${SOURCES[@]}"; do
     bind storage buckets add-iam-policy-binding "gs://$bucket" \
       --member="serviceAccount:$RUN_SA" --role=roles/storage.objectViewer
+    # Large manifests and backfills are split into shard manifests the function writes into a
+    # source bucket (its trigger runs them) and deletes when the batch is merged: read-write
+    # only in this managed folder, so the function can never change or delete an upload.
+    note "gs://$bucket/$SHARDS_PREFIX: shard manifests of large manifests and backfills"
+    ensure_managed_folder "gs://$bucket/$SHARDS_PREFIX"
+    bind storage managed-folders add-iam-policy-binding "gs://$bucket/$SHARDS_PREFIX" \
+      --member="serviceAccount:$RUN_SA" --role=roles/storage.objectUser
   done
   for bucket in "${READS[@]}"; do
     # A source bucket is readable already; the results bucket gets more than read below.
@@ -493,9 +582,7 @@ main() {
     # Uploads live in this bucket too: read-write only under the results prefix (a managed
     # folder), so the function can never change or delete an upload.
     local folder="gs://$RESULTS_BUCKET/$RESULTS_PREFIX"
-    if ! exists storage managed-folders describe "$folder"; then
-      run storage managed-folders create "$folder"
-    fi
+    ensure_managed_folder "$folder"
     bind storage managed-folders add-iam-policy-binding "$folder" \
       --member="serviceAccount:$RUN_SA" --role=roles/storage.objectUser
   else

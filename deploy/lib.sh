@@ -30,6 +30,8 @@ SOURCE_BUCKETS=
 READ_BUCKETS=
 RESULTS_BUCKET=
 RESULTS_PREFIX=descriptions/
+SHARDS_PREFIX=describer-shards/
+SHARDS_BUCKET=
 GEMINI_MODEL=gemini-3.5-flash-lite
 GEMINI_FALLBACK_MODEL=
 GEMINI_ACCESS=api-key
@@ -56,7 +58,8 @@ DRY_RUN=0
 declare -A EXTRA_ENV=()
 PASSTHROUGH_ENV=(DESCRIBE_PROMPT MEDIA_RESOLUTION IMAGE_MAX_SIDE MAX_BATCH_SIZE MAX_IMAGE_BYTES
   MAX_IMAGE_PIXELS DOWNLOAD_CONCURRENCY MODEL_MAX_ATTEMPTS MODEL_TIMEOUT_S MODEL_BACKOFF_S
-  DOWNLOAD_TIMEOUT_S DEADLINE_MARGIN_S)
+  DOWNLOAD_TIMEOUT_S DEADLINE_MARGIN_S DESCRIBE_SCHEMA GALLERY SHARD_SIZE MAX_MANIFEST_IMAGES
+  BACKFILL_CONFIRM_OVER PRICE_INPUT_PER_MTOK PRICE_OUTPUT_PER_MTOK)
 LIST_SETTINGS=" SOURCE_BUCKETS READ_BUCKETS INVOKERS "
 declare -A LIST_FROM_FLAGS=()
 
@@ -83,14 +86,18 @@ set_setting() {
     FUNCTION_TIMEOUT_S)
       die "$origin: FUNCTION_TIMEOUT_S is set from the deployed timeout; use HTTP_TIMEOUT or" \
         "GCS_TIMEOUT (--http-timeout, --gcs-timeout)" ;;
-    MODEL_CONCURRENCY | GCS_MODEL_CONCURRENCY | RESULTS_BUCKET | RESULTS_PREFIX | GEMINI_MODEL | \
-      GEMINI_FALLBACK_MODEL | NAME | PROJECT | REGION | GEMINI_ACCESS | SECRET_NAME | API_KEY_FILE | \
-      VERTEX_LOCATION | GEMINI_MAX_IN_FLIGHT | HTTP_SHARE | HTTP_CONCURRENCY | GCS_CONCURRENCY | \
-      HTTP_MAX_INSTANCES | GCS_MAX_INSTANCES | HTTP_TIMEOUT | GCS_TIMEOUT | HTTP_MEMORY | \
-      GCS_MEMORY | RUNTIME | BUILD_SERVICE_ACCOUNT)
+    MODEL_CONCURRENCY | GCS_MODEL_CONCURRENCY | RESULTS_BUCKET | RESULTS_PREFIX | SHARDS_PREFIX | \
+      SHARDS_BUCKET | GEMINI_MODEL | GEMINI_FALLBACK_MODEL | NAME | PROJECT | REGION | \
+      GEMINI_ACCESS | SECRET_NAME | API_KEY_FILE | VERTEX_LOCATION | GEMINI_MAX_IN_FLIGHT | \
+      HTTP_SHARE | HTTP_CONCURRENCY | GCS_CONCURRENCY | HTTP_MAX_INSTANCES | GCS_MAX_INSTANCES | \
+      HTTP_TIMEOUT | GCS_TIMEOUT | HTTP_MEMORY | GCS_MEMORY | RUNTIME | BUILD_SERVICE_ACCOUNT)
       printf -v "$key" '%s' "$value" ;;
     SOURCE_BUCKETS | READ_BUCKETS | INVOKERS)
       printf -v "$key" '%s' "$value" ;;
+    ALLOWED_BUCKETS)
+      # The function's own name for the buckets it may read: here, more read buckets (each
+      # granted read access, which a bare ALLOWED_BUCKETS would not get).
+      READ_BUCKETS=${READ_BUCKETS:+$READ_BUCKETS,}$value ;;
     *)
       if [[ " ${PASSTHROUGH_ENV[*]} " == *" $key "* ]]; then
         EXTRA_ENV[$key]=$value
@@ -143,6 +150,8 @@ parse_flag() {
     --read-bucket) key=READ_BUCKETS ;;
     --results-bucket) key=RESULTS_BUCKET ;;
     --results-prefix) key=RESULTS_PREFIX ;;
+    --shards-prefix) key=SHARDS_PREFIX ;;
+    --shards-bucket) key=SHARDS_BUCKET ;;
     --model) key=GEMINI_MODEL ;;
     --fallback-model) key=GEMINI_FALLBACK_MODEL ;;
     --gemini-access) key=GEMINI_ACCESS ;;
@@ -167,8 +176,12 @@ parse_flag() {
     --env)
       [[ -n ${value+set} ]] || die "--env needs KEY=VALUE"
       [[ $value == *=* ]] || die "--env needs KEY=VALUE, got $value"
-      set_setting "${value%%=*}" "${value#*=}" "--env"
-      return 0 ;;
+      if [[ ${value%%=*} != ALLOWED_BUCKETS ]]; then
+        set_setting "${value%%=*}" "${value#*=}" "--env"
+        return 0
+      fi
+      key=READ_BUCKETS  # --env ALLOWED_BUCKETS=B is --read-bucket B
+      value=${value#*=} ;;
     *) return 1 ;;
   esac
   [[ -n ${value+set} ]] || die "$flag needs a value"
@@ -240,6 +253,22 @@ require_uint() {  # NAME VALUE MIN [MAX]
   fi
 }
 
+# check_shards_prefix: the function refuses to start with an empty SHARDS_PREFIX or one that
+# contains (or is contained in) RESULTS_PREFIX; refused here first. It also names a managed folder
+# in every source bucket, and teardown may delete what is under it: plain path characters only.
+check_shards_prefix() {
+  [[ -n $SHARDS_PREFIX ]] ||
+    die "--shards-prefix must not be empty: the function tells its shard manifests apart by it"
+  [[ $SHARDS_PREFIX =~ ^([A-Za-z0-9_-][A-Za-z0-9._-]*/)+$ ]] ||
+    die "--shards-prefix may hold only letters, digits, '.', '_', '-' and '/', got '$SHARDS_PREFIX'"
+  if [[ -n $RESULTS_PREFIX ]] &&
+    [[ $SHARDS_PREFIX == "$RESULTS_PREFIX"* || $RESULTS_PREFIX == "$SHARDS_PREFIX"* ]]; then
+    die "--shards-prefix ($SHARDS_PREFIX) and --results-prefix ($RESULTS_PREFIX) must not contain" \
+      "one another: shards under the results prefix would be ignored by the function's loop" \
+      "guard (and results under the shards prefix taken for shards); the function refuses to start"
+  fi
+}
+
 check_bucket_name() {
   [[ $1 =~ ^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$ ]] || die "not a valid bucket name: '$1'"
 }
@@ -263,6 +292,8 @@ validate_common() {
     check_bucket_name "$bucket"
   done
   RESULTS_PREFIX=$(normalize_prefix "$RESULTS_PREFIX")
+  SHARDS_PREFIX=$(normalize_prefix "$SHARDS_PREFIX")
+  check_shards_prefix
   SHARED_RESULTS=0
   for bucket in "${SOURCES[@]}"; do
     if [[ $bucket == "$RESULTS_BUCKET" ]]; then
@@ -400,7 +431,7 @@ try() {
     return 0
   fi
   if [[ $err == *NOT_FOUND* || $err == *"not found"* || $err == *404* ||
-    $err == *"does not exist"* ]]; then
+    $err == *"does not exist"* || $err == *"matched no objects"* ]]; then
     echo "  (nothing to remove: ${err##*$'\n'})"
   else
     echo "$err" >&2

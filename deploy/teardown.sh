@@ -2,7 +2,8 @@
 # shellcheck source-path=SCRIPTDIR
 # Remove what deploy/deploy.sh created, with the same config file and flags: the functions (and
 # with them their triggers), the roles it granted, its service accounts. Buckets and the secret
-# are deleted only if deploy.sh created them (they carry its label), and only after asking.
+# are deleted only if deploy.sh created them (they carry its label), and only after asking; so is
+# the shard manifests folder in a source bucket that stays.
 # Safe to run twice: what is already gone is skipped.
 set -euo pipefail
 # shellcheck source=lib.sh
@@ -14,9 +15,10 @@ usage() {
 Usage: deploy/teardown.sh [--config FILE] [--dry-run] [--yes | --keep-data] [flags]
 
 Takes the same config file and flags as deploy.sh (--project, --region, --name, the buckets,
---secret, ...). Buckets and the secret that deploy.sh created are deleted only when you answer
-yes to the question for each (or with --yes); --keep-data keeps them without asking. Buckets
-that existed before deploy.sh ran are never deleted; only the roles it granted on them go.
+--secret, ...). Buckets and the secret that deploy.sh created, and the shard manifests folder
+in each source bucket, are deleted only when you answer yes to the question for each (or with
+--yes); --keep-data keeps them without asking. Buckets that existed before deploy.sh ran are
+never deleted; only the roles it granted on them go.
 The Cloud Storage service agent keeps roles/pubsub.publisher (every storage trigger in the
 project needs it), and the APIs stay enabled.
 EOF
@@ -94,6 +96,9 @@ teardown_bucket() {
     try storage buckets remove-iam-policy-binding "gs://$bucket" \
       --member="serviceAccount:$RUN_SA" --role=roles/storage.objectViewer --format=none
   fi
+  if [[ " ${SOURCES[*]} " == *" $bucket "* ]]; then
+    teardown_shards_folder "gs://$bucket/$SHARDS_PREFIX"
+  fi
   if [[ $bucket == "$RESULTS_BUCKET" ]] && ((SHARED_RESULTS)); then
     # The managed folder's grant goes; the folder and the results stay, with the bucket.
     try storage managed-folders remove-iam-policy-binding "gs://$bucket/$RESULTS_PREFIX" \
@@ -101,6 +106,23 @@ teardown_bucket() {
   elif [[ $bucket == "$RESULTS_BUCKET" ]]; then
     try storage buckets remove-iam-policy-binding "gs://$bucket" \
       --member="serviceAccount:$RUN_SA" --role=roles/storage.objectUser --format=none
+  fi
+}
+
+# teardown_shards_folder URL: take back the grant on a source bucket's shards folder; then, if
+# you agree, delete the folder with what is left in it (shard manifests of batches that did not
+# finish, useless without the functions). Kept otherwise: without its grant it allows nothing.
+teardown_shards_folder() {
+  local folder=$1
+  try storage managed-folders remove-iam-policy-binding "$folder" \
+    --member="serviceAccount:$RUN_SA" --role=roles/storage.objectUser --format=none
+  if ! present storage managed-folders describe "$folder"; then
+    return 0
+  fi
+  if confirm "Delete $folder, the shard manifests folder, and every object in it?"; then
+    try storage rm --recursive "$folder"
+  else
+    note "kept $folder"
   fi
 }
 

@@ -34,6 +34,7 @@ RUN_SA = f"serviceAccount:describer-run@{PROJECT}.iam.gserviceaccount.com"
 TRIGGER_SA = f"serviceAccount:describer-trigger@{PROJECT}.iam.gserviceaccount.com"
 GCS_AGENT = "serviceAccount:service-123456789012@gs-project-accounts.iam.gserviceaccount.com"
 BASE = ["--project", PROJECT, "--source-bucket", "uploads", "--results-bucket", "results-b"]
+SHARDS = "describer-shards/"
 CREATES = {
     ("iam", "service-accounts", "create"),
     ("storage", "buckets", "create"),
@@ -167,6 +168,18 @@ def deployed(cloud: FakeCloud) -> Deploy:
     return deploy
 
 
+def existing_bucket(name: str, *, uniform: bool = True, objects: list[str] | None = None) -> Any:
+    """A bucket that was there before deploy.sh: unlabelled, in the US multi-region."""
+    return {
+        "name": name,
+        "location": "US",
+        "labels": {},
+        "iam": [],
+        "uniform_bucket_level_access": uniform,
+        "objects": objects or [],
+    }
+
+
 def bindings(state: dict[str, Any]) -> set[tuple[str, str, str]]:
     """Every role granted, as (resource, role, member)."""
     found = {("project", role, member) for role, member in state["project_iam"]}
@@ -197,12 +210,14 @@ def in_flight(result: Run) -> int:
 def test_deploy_grants_only_the_roles_the_functions_need(
     cloud: FakeCloud, deployed: Deploy
 ) -> None:
-    """A deploy grants exactly: read on the source, read-write on results, the one secret, and
-    the trigger's receiver, invoker and service-agent roles; no broader role anywhere."""
+    """A deploy grants exactly: read on the source, read-write on its shards folder and on
+    results, the one secret, and the trigger's receiver, invoker and service-agent roles; no
+    broader role anywhere."""
     deployed()
 
     assert bindings(cloud.state()) == {
         ("gs://uploads", "roles/storage.objectViewer", RUN_SA),
+        (f"gs://uploads/{SHARDS}", "roles/storage.objectUser", RUN_SA),
         ("gs://results-b", "roles/storage.objectUser", RUN_SA),
         ("secret gemini-api-key", "roles/secretmanager.secretAccessor", RUN_SA),
         ("project", "roles/pubsub.publisher", GCS_AGENT),
@@ -343,7 +358,7 @@ def test_second_run_updates_and_duplicates_nothing(cloud: FakeCloud, deployed: D
     def creates(run: Run) -> set[tuple[str, ...]]:
         return {words for c in run.calls for words in CREATES if c.is_(*words)}
 
-    assert creates(first) == CREATES - {("storage", "managed-folders", "create")}
+    assert creates(first) == CREATES  # the managed folder: the source bucket's shards folder
     assert creates(second) == set()
     assert all(c.status == 0 for c in second.calls)
 
@@ -447,6 +462,7 @@ def test_shared_bucket_confines_writes_to_a_managed_folder(cloud: FakeCloud) -> 
     assert granted == {
         ("gs://photos", "roles/storage.objectViewer", RUN_SA),
         ("gs://photos/descriptions/", "roles/storage.objectUser", RUN_SA),
+        (f"gs://photos/{SHARDS}", "roles/storage.objectUser", RUN_SA),
     }
     env = result.deploy("describer-gcs-photos").env_vars
     assert env is not None and env["RESULTS_PREFIX"] == "descriptions/"
@@ -455,6 +471,142 @@ def test_shared_bucket_confines_writes_to_a_managed_folder(cloud: FakeCloud) -> 
     assert cloud.run("teardown.sh", *args, "--keep-data").returncode == 0
     assert not [b for b in bindings(cloud.state()) if b[2] == RUN_SA]
     assert "photos" in cloud.state()["buckets"]
+
+
+# --- shards and backfills -------------------------------------------------------------------------
+
+
+def test_each_source_bucket_gets_a_shards_folder_only_there_writable(
+    cloud: FakeCloud, deployed: Deploy
+) -> None:
+    """The function writes and deletes shard manifests in the source buckets, so each gets a
+    managed folder at SHARDS_PREFIX where alone the runtime account has objectUser; the rest of
+    a source bucket stays read-only."""
+    cloud.seed(buckets={"archive": existing_bucket("archive")})
+    deployed("--source-bucket", "archive")
+
+    state = cloud.state()
+    assert set(state["managed_folders"]) == {f"gs://uploads/{SHARDS}", f"gs://archive/{SHARDS}"}
+    granted = {b for b in bindings(state) if b[2] == RUN_SA and "storage" in b[1]}
+    assert granted == {
+        ("gs://uploads", "roles/storage.objectViewer", RUN_SA),
+        ("gs://archive", "roles/storage.objectViewer", RUN_SA),
+        (f"gs://uploads/{SHARDS}", "roles/storage.objectUser", RUN_SA),
+        (f"gs://archive/{SHARDS}", "roles/storage.objectUser", RUN_SA),
+        ("gs://results-b", "roles/storage.objectUser", RUN_SA),
+    }
+
+
+def test_shards_prefix_reaches_the_functions_and_names_the_folder(
+    cloud: FakeCloud, deployed: Deploy
+) -> None:
+    """--shards-prefix is normalized like the results prefix, names the managed folder, and
+    reaches every function as SHARDS_PREFIX (the default when not given)."""
+    default = deployed()
+    for call in default.find("functions", "deploy"):
+        assert call.env_vars is not None and call.env_vars["SHARDS_PREFIX"] == SHARDS
+        assert "SHARDS_BUCKET" not in call.env_vars
+
+    result = deployed("--shards-prefix", "/work/shards")
+
+    for call in result.find("functions", "deploy"):
+        assert call.env_vars is not None and call.env_vars["SHARDS_PREFIX"] == "work/shards/"
+    assert ("gs://uploads/work/shards/", "roles/storage.objectUser", RUN_SA) in bindings(
+        cloud.state()
+    )
+
+
+def test_http_function_may_backfill_every_source_bucket(cloud: FakeCloud) -> None:
+    """describe_http's ALLOWED_BUCKETS holds every source bucket (a backfill of one is allowed)
+    and every read bucket, also those the config names ALLOWED_BUCKETS, each granted read."""
+    result = cloud.run(
+        "deploy.sh",
+        *BASE,
+        *("--source-bucket", "more-uploads"),
+        config={"READ_BUCKETS": "archive", "ALLOWED_BUCKETS": "shared-media"},
+    )
+    assert result.returncode == 0, result.stderr
+
+    http = result.deploy("describer-http")
+    assert http.env_vars is not None
+    assert http.env_vars["ALLOWED_BUCKETS"] == "uploads,more-uploads,archive,shared-media"
+    readable = {b[0] for b in bindings(cloud.state()) if b[1] == "roles/storage.objectViewer"}
+    assert readable == {"gs://uploads", "gs://more-uploads", "gs://archive", "gs://shared-media"}
+
+
+def test_shards_bucket_must_be_a_source_bucket(cloud: FakeCloud, deployed: Deploy) -> None:
+    """--shards-bucket routes every shard manifest to one source bucket (whose trigger runs
+    them), so read buckets can be backfilled; a bucket without a trigger is refused."""
+    result = deployed("--source-bucket", "more-uploads", "--shards-bucket", "more-uploads")
+
+    for call in result.find("functions", "deploy"):
+        assert call.env_vars is not None and call.env_vars["SHARDS_BUCKET"] == "more-uploads"
+    assert "source, read or the results bucket" in result.stdout
+
+    refused = cloud.run("deploy.sh", *BASE, "--shards-bucket", "results-b")
+    assert refused.returncode != 0
+    assert "must be one of the source buckets" in refused.stderr
+    assert refused.calls == []
+
+
+def test_source_bucket_without_uniform_access_is_refused_before_any_grant(
+    cloud: FakeCloud,
+) -> None:
+    """Managed folders need uniform bucket-level access: an existing source bucket without it
+    stops the deploy with the command that enables it, before any bucket is granted anything."""
+    cloud.seed(buckets={"uploads": existing_bucket("uploads", uniform=False)})
+    result = cloud.run("deploy.sh", *BASE)
+
+    assert result.returncode != 0
+    assert "gs://uploads does not have uniform bucket-level access" in result.stderr
+    assert "gcloud storage buckets update gs://uploads --uniform-bucket-level-access" in (
+        result.stderr
+    )
+    assert not [c for c in result.calls if "add-iam-policy-binding" in c.words]
+    assert not result.find("storage", "managed-folders", "create")
+    assert not result.find("functions", "deploy")
+
+
+def test_plan_says_what_the_shards_folder_is_for(cloud: FakeCloud) -> None:
+    """The plan (also of a dry run) names the shards folder and why the function writes there,
+    and says the Gemini budget covers shards and backfills."""
+    result = cloud.run("deploy.sh", *BASE, "--dry-run")
+
+    assert result.returncode == 0, result.stderr
+    plan = " ".join(result.stdout.split("== APIs", 1)[0].split())
+    assert f"shard manifests gs://SOURCE/{SHARDS} in each source bucket, a managed folder" in plan
+    assert "every backfill, is split into shard manifests written there" in plan
+    assert "the describe_gcs rows bound them too" in plan
+    assert f"gcloud storage managed-folders create gs://uploads/{SHARDS}" in result.stdout
+
+
+def test_teardown_takes_back_the_shards_folder_and_asks_before_deleting_it(
+    cloud: FakeCloud, deployed: Deploy
+) -> None:
+    """Teardown always takes back the shards folder grant; the folder and the shard manifests
+    left in it go only with a yes, and nothing outside it is ever touched."""
+    upload, shard = "cat.jpg", f"{SHARDS}batch/1/00000.batch.json"
+    cloud.seed(buckets={"uploads": existing_bucket("uploads", objects=[upload, shard])})
+    deployed()
+
+    kept = cloud.run("teardown.sh", *BASE, "--keep-data")
+    assert kept.returncode == 0, kept.stderr
+    state = cloud.state()
+    assert f"gs://uploads/{SHARDS}" in state["managed_folders"]
+    assert state["buckets"]["uploads"]["objects"] == [upload, shard]
+    assert not [b for b in bindings(state) if b[2] == RUN_SA]
+
+    deleted = cloud.run("teardown.sh", *BASE, stdin="y\n")
+    assert deleted.returncode == 0, deleted.stderr
+    assert f"Delete gs://uploads/{SHARDS}, the shard manifests folder" in deleted.stdout
+    state = cloud.state()
+    assert state["managed_folders"] == {}
+    assert state["buckets"]["uploads"]["objects"] == [upload]
+
+    again = cloud.run("teardown.sh", *BASE, "--yes")
+    assert again.returncode == 0, again.stderr
+    assert [c.argv[3] for c in again.find("storage", "rm")] == ["gs://results-b"]
+    assert cloud.state()["buckets"]["uploads"]["objects"] == [upload]
 
 
 @pytest.mark.parametrize(
@@ -472,13 +624,20 @@ def test_shared_bucket_confines_writes_to_a_managed_folder(cloud: FakeCloud) -> 
         (["--gemini-max-in-flight", "20"], {}, "--gemini-max-in-flight"),
         (["--env", "MEDIA_RESOLUTION=ultra"], {}, "MEDIA_RESOLUTION must be"),
         (["--sorce-bucket", "x"], {}, "unknown flag --sorce-bucket"),
+        (["--shards-prefix", "descriptions/shards"], {}, "must not contain one another"),
+        (["--results-prefix", "describer-shards/out"], {}, "must not contain one another"),
+        ([], {"SHARDS_PREFIX": "out", "RESULTS_PREFIX": "out/"}, "must not contain one another"),
+        (["--shards-prefix", " / "], {}, "--shards-prefix must not be empty"),
+        (["--shards-prefix", "shards*"], {}, "--shards-prefix may hold only"),
+        (["--env", "SHARD_SIZE=0"], {}, "SHARD_SIZE must be at least 1"),
     ],
 )
 def test_unsafe_or_impossible_settings_are_refused_before_any_change(
     cloud: FakeCloud, args: list[str], config: dict[str, str], says: str
 ) -> None:
-    """Settings that would loop, expose the network, leak the key, break the deadline or exceed
-    the quota stop deploy with a reason before a single gcloud call."""
+    """Settings that would loop, expose the network, leak the key, break the deadline, exceed
+    the quota or make the function refuse to start stop deploy with a reason before a single
+    gcloud call."""
     result = cloud.run("deploy.sh", "--project", PROJECT, *BASE[2:], *args, config=config)
 
     assert result.returncode != 0
@@ -556,7 +715,7 @@ def test_each_source_bucket_gets_its_own_function(cloud: FakeCloud, deployed: De
     """Two source buckets get two describe_gcs functions with valid, distinct names, each
     triggered in its bucket's own location, and both buckets readable over HTTP."""
     odd = "holiday.photos_2024.example-archive-of-everything"
-    cloud.seed(buckets={odd: {"name": odd, "location": "EU", "labels": {}, "iam": []}})
+    cloud.seed(buckets={odd: {**existing_bucket(odd), "location": "EU"}})
     result = deployed("--source-bucket", odd)
 
     names = [c.words[2] for c in result.find("functions", "deploy")]
@@ -621,9 +780,9 @@ def test_deploy_ends_with_how_to_call_and_test_it(deployed: Deploy) -> None:
 def test_teardown_removes_what_deploy_created(cloud: FakeCloud, deployed: Deploy) -> None:
     """Teardown deletes the functions, the grants and the service accounts, deletes the bucket
     and secret deploy created when told yes, and never deletes a bucket it did not create."""
-    cloud.seed(buckets={"uploads": {"name": "uploads", "location": "US", "labels": {}, "iam": []}})
+    cloud.seed(buckets={"uploads": existing_bucket("uploads")})
     deployed()
-    result = cloud.run("teardown.sh", *BASE, stdin="y\ny\n")
+    result = cloud.run("teardown.sh", *BASE, stdin="y\ny\ny\n")
 
     assert result.returncode == 0, result.stderr
     state = cloud.state()
@@ -632,7 +791,11 @@ def test_teardown_removes_what_deploy_created(cloud: FakeCloud, deployed: Deploy
     assert state["secrets"] == {}
     assert set(state["buckets"]) == {"uploads"}
     assert bindings(state) == {("project", "roles/pubsub.publisher", GCS_AGENT)}
-    assert [c.argv[3] for c in result.find("storage", "rm")] == ["gs://results-b"]
+    assert [c.argv[3] for c in result.find("storage", "rm")] == [
+        f"gs://uploads/{SHARDS}",
+        "gs://results-b",
+    ]
+    assert state["managed_folders"] == {}
     assert "Delete gs://results-b and every object in it" in result.stdout
 
     again = cloud.run("teardown.sh", *BASE)

@@ -8,13 +8,16 @@ gcloud call, and importing json would double its start-up.
 
 It behaves like gcloud where the scripts depend on it: ``describe`` of a missing resource fails
 with NOT_FOUND, creating one that exists fails with ALREADY_EXISTS, removing a binding that is not
-there fails, and a storage trigger cannot be deployed before the Cloud Storage service agent may
-publish to Pub/Sub. Only the commands and flags the scripts use are accepted (``--flag=value``
+there fails, a managed folder needs uniform bucket-level access on its bucket, ``storage rm
+--recursive`` of a folder removes the objects and managed folders under it (and fails when it
+matches none), and a storage trigger cannot be deployed before the Cloud Storage service agent
+may publish to Pub/Sub. Only the commands and flags the scripts use are accepted (``--flag=value``
 form); any other is an error, so a typo in a script fails its test.
 
 The state may be seeded by a test: ``project``, ``project_number``, ``buckets`` (name ->
-``{"location", "labels"}``), ``iam_lag`` (how many bindings of a just-created service account fail
-with "does not exist", as IAM does for a few seconds).
+``{"location", "labels", "uniform_bucket_level_access", "objects"}``, objects a list of names),
+``iam_lag`` (how many bindings of a just-created service account fail with "does not exist", as
+IAM does for a few seconds).
 """
 
 from __future__ import annotations
@@ -262,7 +265,13 @@ class Fake:
             case ("storage", "managed-folders", "create"):
                 if name in s["managed_folders"]:
                     raise Fail(f"ERROR: HTTPError 409: {name} already exists.")
-                self.bucket(name.removeprefix("gs://").split("/", 1)[0])
+                if not self.bucket(name.removeprefix("gs://").split("/", 1)[0]).get(
+                    "uniform_bucket_level_access"
+                ):
+                    raise Fail(
+                        "ERROR: HTTPError 400: Uniform bucket-level access must be enabled on "
+                        "the bucket to create managed folders."
+                    )
                 s["managed_folders"][name] = {"iam": []}
             case ("storage", "managed-folders", verb):
                 if name not in s["managed_folders"]:
@@ -271,13 +280,7 @@ class Fake:
             case ("storage", "service-agent"):
                 return gcs_agent(s) + "\n"
             case ("storage", "rm"):
-                # --recursive on a bucket: its objects, managed folders, then the bucket.
-                bucket_name = name.removeprefix("gs://").rstrip("/")
-                self.bucket(bucket_name)
-                del s["buckets"][bucket_name]
-                inside = f"gs://{bucket_name}/"
-                for folder in [f for f in s["managed_folders"] if f.startswith(inside)]:
-                    del s["managed_folders"][folder]
+                self.remove(name, "recursive" in flags)
             case ("secrets", "describe"):
                 if name not in s["secrets"]:
                     raise self.missing(name)
@@ -337,6 +340,32 @@ class Fake:
             case ("logging", "read"):
                 return ""
         return ""
+
+    def remove(self, url: str, recursive: bool) -> None:
+        """``storage rm``: one object; with --recursive, a bucket and all in it, or what is under
+        a folder (objects and managed folders), failing if that is nothing."""
+        bucket_name, _, path = url.removeprefix("gs://").partition("/")
+        bucket = self.bucket(bucket_name)
+        objects: list[str] = bucket.get("objects", [])
+        if not recursive:
+            if path not in objects:
+                raise Fail(f"ERROR: (gcloud.storage.rm) URL matched no objects: {url}")
+            objects.remove(path)
+            return
+        prefix = path if not path or path.endswith("/") else path + "/"
+        inside = f"gs://{bucket_name}/{prefix}"
+        gone = [o for o in objects if o.startswith(prefix)]
+        folders = [f for f in self.s["managed_folders"] if f.startswith(inside)]
+        if prefix and not gone and not folders:
+            raise Fail(
+                "ERROR: (gcloud.storage.rm) The following URLs matched no objects or files:\n"
+                f"-{url}"
+            )
+        bucket["objects"] = [o for o in objects if o not in gone]
+        for folder in folders:
+            del self.s["managed_folders"][folder]
+        if not prefix:
+            del self.s["buckets"][bucket_name]
 
     def bucket(self, name: str) -> dict[str, Any]:
         bucket = self.s["buckets"].get(name.removeprefix("gs://"))
