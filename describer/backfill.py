@@ -25,14 +25,14 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from .batch import BatchRequest, Location, parse_output, parse_prompt, parse_schema
-from .errors import RequestError
+from .errors import RequestError, StorageUnavailable
 from .images import IMAGE_SUFFIXES
 from .records import JSON_TYPE, dumps_json
 from .runtime import Runtime, new_batch_id
 from .schemas import SCHEMAS
 from .settings import Settings
 from .shards import write_shards
-from .status import new_status, status_name
+from .status import new_status, status_name, update_status
 from .store import RESULT_KEY, SOURCE_GENERATION_KEY, ObjectInfo, is_own_output, result_key
 from .uploads import sidecar_name
 
@@ -178,9 +178,21 @@ async def start_backfill(runtime: Runtime, data: dict[str, Any]) -> tuple[int, d
         generations=[str(image.generation) for image, _ in capped],
         sidecar_generations=[sidecar for _, sidecar in capped],
     )
-    await write_shards(
-        runtime, shard_request, status, shards_bucket=settings.shards_bucket or where.bucket
-    )
+    try:
+        await write_shards(
+            runtime, shard_request, status, shards_bucket=settings.shards_bucket or where.bucket
+        )
+    except StorageUnavailable as exc:
+        # No shard can run: release the lock at once rather than have every retry
+        # refused as "in progress" until the run is taken for abandoned.
+        reason = str(exc)
+        await update_status(
+            runtime.store,
+            results.bucket,
+            status_name(results, batch),
+            lambda s: {**s, "failed": reason} if s.get("run") == run else None,
+        )
+        raise
     log.info(
         "backfill started",
         extra={"count": len(capped), "shards": body["shards"], "uri": status_uri},
@@ -258,6 +270,7 @@ async def _claim(runtime: Runtime, results: Location, batch: str, status: dict[s
     if (
         current is not None
         and not current.get("complete")
+        and not current.get("failed")
         and not _abandoned(current, runtime.settings)
     ):
         return False

@@ -196,7 +196,7 @@ def _backfill(runtime: Runtime, data: dict[str, Any]) -> HttpReply:
     except StorageUnavailable as exc:
         log.error(str(exc), extra={"uri": exc.uri})
         if exc.permanent:
-            return error_reply(400, "storage_unreadable", f"The function {exc}.")
+            return error_reply(400, "storage_refused", f"The function {exc}.")
         return error_reply(503, "storage_unavailable", f"The function {exc}; retry later.")
     return HttpReply(status, body)
 

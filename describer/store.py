@@ -164,14 +164,9 @@ class ResultStore:
             return [blob.name for blob in blobs]
 
         found = await self._run(names, f"gs://{bucket}/{prefix}")
-        try:
-            read = await bounded_map(
-                lambda name: self.read_json(bucket, name), found, limit=READ_CONCURRENCY
-            )
-        except ExceptionGroup as group:
-            # The task group wraps the first failure; callers expect the failure itself.
-            first = group.exceptions[0]
-            raise first if isinstance(first, StorageUnavailable) else group from None
+        read = await bounded_map(
+            lambda name: self.read_json(bucket, name), found, limit=READ_CONCURRENCY
+        )
         return {name: data for name, (data, _) in zip(found, read, strict=True) if data}
 
     async def read_bytes(self, bucket: str, name: str) -> bytes | None:
@@ -291,9 +286,13 @@ async def bounded_map(
         for index, item in pending:
             results[index] = await fn(item)
 
-    async with asyncio.TaskGroup() as group:
-        for _ in range(min(limit, len(indexed))):
-            group.create_task(worker())
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(limit, len(indexed))):
+                group.create_task(worker())
+    except ExceptionGroup as failed:
+        # Callers handle one failure, as from a plain loop: the first stands for all.
+        raise failed.exceptions[0] from None
     return results  # type: ignore[return-value]
 
 

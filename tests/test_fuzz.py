@@ -58,7 +58,7 @@ REQUEST_ERROR_CODES = frozenset(
         "forbidden_bucket",
         "max_images_required",
         "backfill_in_progress",
-        "storage_unreadable",
+        "storage_refused",
         "storage_unavailable",
     }
 )

@@ -270,3 +270,32 @@ def test_status_updates_from_many_shards_at_once_lose_nothing() -> None:
     assert final["usage"] == {"prompt_tokens": 2000, "output_tokens": 100}
     # AND the writers really raced: some writes were refused by the precondition and retried
     assert store.rejected
+
+
+def test_a_backfill_whose_shards_cannot_be_written_releases_its_lock(
+    make_runtime: Callable[..., Runtime], bucket: storage.Bucket, sim: RunningSimulator
+) -> None:
+    _pictures(bucket, 3, folder="photos")
+    where = {"backfill": f"gs://{bucket.name}/photos/"}
+    # GIVEN shards that would go to a bucket that does not exist
+    broken = make_runtime(
+        results_bucket=None,
+        allowed_buckets=frozenset({bucket.name}),
+        shards_bucket="no-such-bucket-for-shards",
+    )
+    reply = post_batch(broken, where)
+    # THEN the request fails as unwritable, and says why
+    assert reply.status == 400 and reply.body["error"]["code"] == "storage_refused"
+    status = _status(bucket, _backfill_batch(bucket))
+    assert "no-such-bucket-for-shards" in status["failed"]
+    # AND once fixed, the same backfill starts at once (no 409 for a run that never ran)
+    fixed = make_runtime(results_bucket=None, allowed_buckets=frozenset({bucket.name}))
+    again = post_batch(fixed, where)
+    assert again.status == 202, again.body
+    assert sim.stats.calls == 0
+
+
+def _backfill_batch(bucket: storage.Bucket) -> str:
+    """The one backfill batch whose status object is in the bucket."""
+    (blob,) = bucket.list_blobs(prefix="descriptions/batches/backfill-")
+    return str(blob.name).removeprefix("descriptions/batches/").removesuffix(".status.json")
