@@ -40,3 +40,8 @@ clean:
 .PHONY: bench
 bench: $(STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# The sharded-backfill scenario (issue 7): several function processes behind the relay.
+.PHONY: bench-fleet
+bench-fleet: $(STAMP)
+	$(PY) -m bench.fleet $(BENCH_ARGS)

@@ -12,8 +12,13 @@ above a number in flight, answer 429 with RetryInfo, 500s, hang past the
 client's timeout, exhaust a daily quota, block images, or give structured
 answers that do not fit their schema.
 
+A call whose caller has gone (its connection closed while the call was held
+or sleeping out its latency) is not answered and not counted as answered, only
+as abandoned: a test can kill a client mid-call and still count answers exactly.
+
 Run it alone:  python -m localdev.gemini_sim --port 8090 --latency-ms 500
-Control it:    POST /_sim/config {"latency_ms": 200, ...}, GET /_sim/stats, POST /_sim/reset
+Control it:    POST /_sim/config {"latency_ms": 200, ...}, GET /_sim/stats, POST /_sim/reset,
+               POST /_sim/release (lift answer_limit, keeping the stats)
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import argparse
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
+import hashlib
 import io
 import json
 import random
@@ -91,14 +98,29 @@ class SimStats:
     max_in_flight: int = 0
     held: int = 0  # calls waiting at answer_limit right now
     dropped: int = 0  # connections closed without an answer (rate_drop)
+    abandoned: int = 0  # calls whose caller was gone when the answer was due: never answered
     media_resolutions: list[str] = field(default_factory=list)  # per answered call
     structured: int = 0  # answered calls that asked for JSON with a schema
     schemas: list[Any] = field(default_factory=list)  # the schema of each of those calls
     misfits: int = 0  # structured answers made not to fit (schema_misfits)
+    # One entry per image of each answered call: its size, colour, shape, fingerprint,
+    # MIME type, bytes and digest (sha256 of the bytes received, 16 hex digits).
     images: list[dict[str, Any]] = field(default_factory=list)
 
     def count(self, status: int) -> None:
         self.by_status[str(status)] = self.by_status.get(str(status), 0) + 1
+
+    def answered_fingerprints(self) -> collections.Counter[str]:
+        """How many answered calls each image fingerprint had (an image answered twice: 2)."""
+        return collections.Counter(image["fingerprint"] for image in list(self.images))
+
+    def answered_digests(self) -> collections.Counter[str]:
+        """The same by the digest of the bytes received: exact where fingerprints may collide."""
+        return collections.Counter(image["digest"] for image in list(self.images))
+
+
+class _Abandoned(Exception):
+    """The caller closed its connection before its answer was due."""
 
 
 class GeminiSimulator:
@@ -121,6 +143,7 @@ class GeminiSimulator:
         self.app.router.add_get("/_sim/stats", self._get_stats)
         self.app.router.add_post("/_sim/config", self._set_config)
         self.app.router.add_post("/_sim/reset", self._reset)
+        self.app.router.add_post("/_sim/release", self._release)
 
     def reset(self, config: SimConfig | None = None) -> None:
         self.config = config or SimConfig()
@@ -133,12 +156,26 @@ class GeminiSimulator:
         self._released.set()
         self._released = asyncio.Event()
 
+    def hold(self) -> None:
+        """Hold every call from now on (answer_limit at the calls admitted), keeping the stats."""
+        self.config.answer_limit = self._admitted
+
+    def release(self) -> None:
+        """Lift answer_limit and wake the held calls, keeping the stats (unlike reset)."""
+        self.config.answer_limit = None
+        self._released.set()
+        self._released = asyncio.Event()
+
     async def _generate(self, request: web.Request) -> web.Response:
         self.stats.calls += 1
         self.stats.in_flight += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
         try:
             response = await self._answer(request)
+        except _Abandoned:
+            # Nobody will read this; it is counted as abandoned, not by status.
+            self.stats.abandoned += 1
+            return web.Response(status=503)
         finally:
             self.stats.in_flight -= 1
         self.stats.count(response.status)
@@ -215,12 +252,17 @@ class GeminiSimulator:
                 await self._released.wait()
             finally:
                 stats.held -= 1
-        if stats is not self.stats or request.transport is None or request.transport.is_closing():
-            # Reset while held, or the caller is gone: nobody receives this answer.
+        if _caller_gone(request):
+            raise _Abandoned
+        if stats is not self.stats:
             return _error(503, "UNAVAILABLE", "The simulator was reset during the call.")
         self._admitted += 1
         if cfg.latency_ms:
             await asyncio.sleep(cfg.latency_ms / 1000)
+            if _caller_gone(request):
+                if stats is self.stats:
+                    self._admitted -= 1  # not an answer: it does not use up answer_limit
+                raise _Abandoned
         self.stats.images.extend(decoded)
         generation = body.get("generationConfig") or {}
         resolution = str(generation.get("mediaResolution") or "")
@@ -301,6 +343,15 @@ class GeminiSimulator:
     async def _reset(self, _request: web.Request) -> web.Response:
         self.reset()
         return web.json_response(asdict(self.config))
+
+    async def _release(self, _request: web.Request) -> web.Response:
+        self.release()
+        return web.json_response(asdict(self.config))
+
+
+def _caller_gone(request: web.Request) -> bool:
+    """Whether the caller has closed its connection (aiohttp does not cancel the handler)."""
+    return request.transport is None or request.transport.is_closing()
 
 
 def describe_image(data: bytes) -> str:
@@ -441,7 +492,7 @@ def _decode(mime: str, data: bytes) -> dict[str, Any]:
     if image.format != SUPPORTED[mime]:
         raise ValueError(f"the data is {image.format}, not {mime}")
     info = _decode_pil(image, size)
-    info.update(mime_type=mime, bytes=len(data))
+    info.update(mime_type=mime, bytes=len(data), digest=hashlib.sha256(data).hexdigest()[:16])
     return info
 
 
@@ -588,6 +639,14 @@ class RunningSimulator:
     def configure(self, **changes: Any) -> None:
         """Replace the configuration (defaults for what is not given) and clear the stats."""
         self._call(lambda: self.simulator.reset(SimConfig(**changes)))
+
+    def hold(self) -> None:
+        """Hold every further call until release(), keeping the stats."""
+        self._call(self.simulator.hold)
+
+    def release(self) -> None:
+        """Lift answer_limit and let the held calls go on, keeping the stats."""
+        self._call(self.simulator.release)
 
     @property
     def stats(self) -> SimStats:

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
+import time
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import pytest
 from google import genai
 from google.genai import errors, types
@@ -205,3 +211,88 @@ def test_misfits_come_as_invalid_json_then_an_over_long_string_then_a_missing_ke
     assert "alt" not in json.loads(texts[2])
     assert json.loads(texts[3]) == structured_answer(data, schema)
     assert (sim.stats.misfits, sim.stats.structured) == (3, 4)
+
+
+# --- abandoned calls --------------------------------------------------------------------------
+
+
+def _wait(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout} s for {what}")
+        time.sleep(0.01)
+
+
+def _call_then_hang_up(sim: RunningSimulator, hang_up_when: Callable[[], bool]) -> None:
+    """Send one generateContent call over raw aiohttp and close the connection mid-call."""
+    data = make_image(30, 30, "red", "PNG")
+    body = {
+        "contents": [
+            {
+                "parts": [
+                    {
+                        "inlineData": {
+                            "mimeType": "image/png",
+                            "data": base64.b64encode(data).decode(),
+                        }
+                    },
+                    {"text": "Describe."},
+                ]
+            }
+        ]
+    }
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as session:
+
+            async def call() -> None:
+                async with session.post(
+                    f"{sim.url}/v1beta/models/gemini-test:generateContent",
+                    json=body,
+                    headers={"x-goog-api-key": API_KEY},
+                ) as response:
+                    await response.read()
+
+            task = asyncio.create_task(call())
+            while not hang_up_when():
+                assert not task.done(), "the call was answered before the client hung up"
+                await asyncio.sleep(0.01)
+            task.cancel()  # aiohttp closes the connection of a cancelled request
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(run())
+
+
+def test_a_held_call_whose_caller_hung_up_is_abandoned_not_answered(sim: RunningSimulator) -> None:
+    # GIVEN a simulator holding every call, and a caller whose call is held
+    sim.configure(api_key=API_KEY, answer_limit=0)
+    # WHEN the caller closes its connection and then the hold is lifted
+    _call_then_hang_up(sim, lambda: sim.stats.held == 1)
+    sim.release()
+    # THEN the call is counted as abandoned, and nothing as answered
+    _wait(lambda: sim.stats.abandoned == 1, "the held call to be abandoned")
+    assert (sim.stats.ok, sim.stats.by_status, sim.stats.images) == (0, {}, [])
+    assert sim.stats.answered_fingerprints() == Counter()
+
+
+def test_a_call_whose_caller_hung_up_during_latency_is_abandoned(sim: RunningSimulator) -> None:
+    # GIVEN a slow model, and a caller that hangs up while its answer is being prepared
+    sim.configure(api_key=API_KEY, latency_ms=300)
+    _call_then_hang_up(sim, lambda: sim.stats.in_flight == 1)
+    # WHEN the latency has passed THEN the answer was never given nor counted
+    _wait(lambda: sim.stats.abandoned == 1, "the slow call to be abandoned")
+    assert (sim.stats.ok, sim.stats.by_status, sim.stats.images) == (0, {}, [])
+
+
+def test_answered_calls_are_counted_per_image(sim: RunningSimulator) -> None:
+    # GIVEN two distinct images WHEN one is described twice and the other once
+    red, blue = make_image(50, 50, "red", "PNG"), make_image(40, 60, "blue", "PNG")
+    for data in (red, red, blue):
+        _generate(sim, [types.Part.from_bytes(data=data, mime_type="image/png"), "Describe."])
+    # THEN the answers per digest of the bytes received say so
+    assert sorted(sim.stats.answered_digests().values()) == [1, 2]
+    # AND per fingerprint too, though it is a perceptual hash: make_image's gradient gives
+    # every image it makes the same one, whatever the colour or size
+    assert sim.stats.answered_fingerprints() == Counter({sim.stats.images[0]["fingerprint"]: 3})

@@ -1,0 +1,287 @@
+"""The fleet scenario: a backfill sharded across several function processes.
+
+``make bench-fleet`` (``python -m bench.fleet [--images N] [--processes K] ...``)
+starts the storage emulator behind the project's relay (generation
+preconditions, and a finalize CloudEvent per object written into the photos
+bucket, delivered to one of K describe_gcs processes as Eventarc would), a
+describe_http process for the backfill request, and the Gemini simulator with
+a set latency and a quota on calls in flight. It uploads N small distinct
+images, asks for a backfill of them, and waits for the status object to say
+complete. Not part of the test suite's pass/fail (tests/test_fleet.py is).
+
+It measures wall time from the request to the merged JSONL against the ideal
+(N x latency / calls that may be in flight), images per second, the function
+processes' CPU milliseconds per image and peak RSS, the 429s the quota caused,
+how many images were answered more than once, and whether the status object
+and the merged JSONL agree. It prints a table and writes
+bench-results/fleet.json and fleet.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+from PIL import Image
+
+from bench import procstat
+from localdev import procs
+from localdev.relay import RelayConfig, start_in_thread
+
+RESULTS_DIR = procs.ROOT / "bench-results"
+API_KEY = "bench-key"
+# The relay's deliveries in flight: shards running at once across the fleet.
+DELIVERIES_AT_ONCE = 8
+
+
+@dataclass(frozen=True)
+class Options:
+    images: int
+    processes: int
+    shard_size: int
+    model_concurrency: int
+    latency_ms: float
+    quota: int
+    out: Path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=5000)
+    parser.add_argument("--processes", type=int, default=3, help="describe_gcs processes")
+    parser.add_argument("--shard-size", type=int, default=500)
+    parser.add_argument("--model-concurrency", type=int, default=16)
+    parser.add_argument("--latency-ms", type=float, default=200.0)
+    parser.add_argument("--quota", type=int, default=64, help="model calls in flight before 429")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args()
+    options = Options(
+        images=args.images,
+        processes=args.processes,
+        shard_size=args.shard_size,
+        model_concurrency=args.model_concurrency,
+        latency_ms=args.latency_ms,
+        quota=args.quota,
+        out=args.out.resolve(),
+    )
+    result = run(options)
+    text = render(result)
+    print(text)
+    options.out.mkdir(parents=True, exist_ok=True)
+    (options.out / "fleet.json").write_text(json.dumps(result, indent=2) + "\n")
+    (options.out / "fleet.md").write_text(text + "\n")
+    return 0 if result["correct"] else 1
+
+
+def run(options: Options) -> dict[str, Any]:
+    logs = Path(procs.ROOT / "bench-results" / "fleet-logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    started: list[Any] = []
+    relay = None
+    try:
+        sim_port, emulator_port = procs.free_port(), procs.free_port()
+        sim = procs.start_simulator(sim_port, logs / "simulator.log")
+        started.append(sim)
+        sim_url = f"http://127.0.0.1:{sim_port}"
+        _post(f"{sim_url}/_sim/config", {"api_key": API_KEY, "latency_ms": options.latency_ms,
+                                         "max_in_flight": options.quota})  # fmt: skip
+        emulator = procs.start_storage_emulator(emulator_port, logs / "storage.log")
+        started.append(emulator)
+        emulator_url = f"http://127.0.0.1:{emulator_port}"
+        client = storage.Client(
+            project="bench",
+            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+            client_options={"api_endpoint": emulator_url},
+        )
+        tag = uuid.uuid4().hex[:8]
+        photos = client.create_bucket(f"photos-{tag}")
+        results = client.create_bucket(f"results-{tag}")
+        _progress(f"uploading {options.images} images")
+        _upload(photos, options.images)
+        relay = start_in_thread(
+            RelayConfig(
+                emulator_url=emulator_url,
+                trigger_buckets=frozenset({photos.name}),
+                max_deliveries_at_once=DELIVERIES_AT_ONCE,
+                retry_initial_s=0.2,
+                retry_max_s=2.0,
+            )
+        )
+        env = {
+            "STORAGE_EMULATOR_HOST": relay.url,
+            "GOOGLE_GEMINI_BASE_URL": sim_url,
+            "GEMINI_API_KEY": API_KEY,
+            "RESULTS_BUCKET": results.name,
+            "ALLOWED_BUCKETS": photos.name,
+            "SHARD_SIZE": str(options.shard_size),
+            "MODEL_CONCURRENCY": str(options.model_concurrency),
+            "FUNCTION_TIMEOUT_S": "600",
+            "GALLERY": "false",
+            "MODEL_BACKOFF_S": "0.2",
+        }
+        http_port = procs.free_port()
+        started.append(
+            procs.start_function("describe_http", http_port, env, log_path=logs / "http.log")
+        )
+        workers, urls = [], []
+        for i in range(options.processes):
+            port = procs.free_port()
+            workers.append(
+                procs.start_function(
+                    "describe_gcs", port, env, cloudevent=True, log_path=logs / f"gcs-{i}.log"
+                )
+            )
+            urls.append(f"http://127.0.0.1:{port}/")
+        started.extend(workers)
+        relay.set_targets(urls)
+        _progress(f"backfill across {options.processes} describe_gcs processes")
+        begin = time.monotonic()
+        reply = _post(
+            f"http://127.0.0.1:{http_port}/",
+            {"backfill": f"gs://{photos.name}/cam/", "max_images": options.images},
+        )
+        status_name = f"descriptions/batches/{reply['batch']}.status.json"
+        status = _wait_complete(results, status_name)
+        wall = time.monotonic() - begin
+        cpu = sum(procstat.group_cpu_seconds(w.pid) for w in workers)
+        # The stand-ins share the machine: their CPU bounds what the functions can reach.
+        stand_ins = {
+            "emulator_s": round(procstat.cpu_seconds(emulator.pid), 1),
+            "simulator_s": round(procstat.cpu_seconds(sim.pid), 1),
+            "relay_and_harness_s": round(procstat.own_cpu_seconds(), 1),
+            "wall_s": round(time.monotonic() - begin, 1),
+        }
+        rss = max(procstat.group_peak_rss_mb(w.pid) for w in workers)
+        relay_stats = relay.stats()
+        with urllib.request.urlopen(f"{sim_url}/_sim/stats", timeout=60) as response:
+            sim_stats = json.load(response)
+        merged = results.get_blob(f"descriptions/batches/{reply['batch']}.jsonl")
+        lines = merged.download_as_text().splitlines() if merged else []
+    finally:
+        if relay is not None:
+            relay.stop()
+        for proc in reversed(started):
+            procs.stop(proc)
+    answered = Counter(image["digest"] for image in sim_stats["images"])
+    in_flight = min(
+        options.quota,
+        min(DELIVERIES_AT_ONCE, reply["shards"]) * options.model_concurrency,
+    )
+    ideal = options.images * options.latency_ms / 1000 / in_flight
+    return {
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+        "machine": procstat.machine_info(),
+        "shards": reply["shards"],
+        "calls_in_flight_at_most": in_flight,
+        "wall_s": round(wall, 2),
+        "ideal_s": round(ideal, 2),
+        "efficiency": round(ideal / wall, 3),
+        "images_per_s": round(options.images / wall, 1),
+        "status_images_per_s": status.get("images_per_s"),
+        "cpu_ms_per_image": round(cpu * 1000 / options.images, 1),
+        "peak_rss_mb_per_process": round(rss, 1),
+        "stand_ins_cpu": stand_ins,
+        "answered_images": len(answered),
+        "answered_twice": sum(1 for n in answered.values() if n > 1),
+        "http_429": int(sim_stats["by_status"].get("429", 0)),
+        "events": relay_stats.queued,
+        "redelivered": relay_stats.redelivered,
+        "status": {k: status[k] for k in ("total", "done", "ok", "errors", "pending_shards")},
+        "merged_lines": len(lines),
+        "correct": (
+            status["done"] == options.images
+            and len(lines) == options.images
+            and len(answered) == options.images
+            and all(n == 1 for n in answered.values())
+        ),
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    o = result["options"]
+    rows = [
+        ("images / shards / processes", f"{o['images']} / {result['shards']} / {o['processes']}"),
+        ("model latency, quota", f"{o['latency_ms']:.0f} ms, {o['quota']} calls in flight"),
+        ("calls in flight at most", str(result["calls_in_flight_at_most"])),
+        ("wall (ideal)", f"{result['wall_s']} s ({result['ideal_s']} s)"),
+        ("efficiency", str(result["efficiency"])),
+        ("images/s (status object)", f"{result['images_per_s']} ({result['status_images_per_s']})"),
+        ("CPU ms per image (functions)", str(result["cpu_ms_per_image"])),
+        ("peak RSS per process", f"{result['peak_rss_mb_per_process']} MB"),
+        (
+            "CPU s: emulator / simulator / relay+harness",
+            "{emulator_s} / {simulator_s} / {relay_and_harness_s}".format(
+                **result["stand_ins_cpu"]
+            ),
+        ),
+        ("429s", str(result["http_429"])),
+        ("answered twice", str(result["answered_twice"])),
+        ("events (redelivered)", f"{result['events']} ({result['redelivered']})"),
+        ("status", json.dumps(result["status"])),
+        ("merged JSONL lines", str(result["merged_lines"])),
+        ("correct", "yes" if result["correct"] else "NO"),
+    ]
+    machine = result["machine"]
+    width = max(len(k) for k, _ in rows)
+    lines = ["| scenario: sharded backfill | |", "|---|---|"]
+    lines += [f"| {k:<{width}} | {v} |" for k, v in rows]
+    lines.append("")
+    lines.append(
+        f"Machine: {machine['cpu']}, {machine['cores_usable']} cores usable, "
+        f"{machine['ram_gb']} GB, Python {machine['python']}, {machine['date']}."
+    )
+    return "\n".join(lines)
+
+
+def _upload(bucket: storage.Bucket, n: int) -> None:
+    """N small PNGs, each a size of its own, so their bytes tell them apart."""
+
+    def one(i: int) -> None:
+        buffer = io.BytesIO()
+        Image.new("RGB", (20 + i % 100, 20 + i // 100), (40, 160, 60)).save(buffer, "PNG")
+        bucket.blob(f"cam/{i:05d}.png").upload_from_string(
+            buffer.getvalue(), content_type="image/png"
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(n)))
+
+
+def _wait_complete(bucket: storage.Bucket, name: str, timeout_s: float = 3600) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        blob = bucket.get_blob(name)
+        if blob is not None:
+            status: dict[str, Any] = json.loads(blob.download_as_bytes())
+            if status.get("complete"):
+                return status
+        time.sleep(0.5)
+    raise TimeoutError(f"the backfill did not complete within {timeout_s} s")
+
+
+def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.load(response)  # type: ignore[no-any-return]
+
+
+def _progress(message: str) -> None:
+    print(f"[fleet] {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""A backfill of 5000 images across several function processes, events relayed as Eventarc would.
+
+Real components only: gcp-storage-emulator behind the project's relay (which
+enforces generation preconditions and turns every object written into a
+trigger bucket into a finalize CloudEvent delivered to one of the
+describe_gcs processes, redelivering on failure), functions-framework
+processes for describe_http and describe_gcs, and the Gemini simulator. One
+process is killed with SIGKILL in the middle.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from google.cloud import storage
+
+from localdev import procs
+from localdev.gemini_sim import RunningSimulator
+from localdev.relay import RelayConfig, RunningRelay, start_in_thread
+
+from .conftest import API_KEY, function_env, make_image
+
+IMAGES = 5000
+SHARD_SIZE = 500
+GCS_PROCESSES = 3
+SHARDS = "describer-shards/"
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float) -> None:
+    """Poll real state until it holds; fail after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _image(i: int) -> bytes:
+    """Image i: a small PNG whose size alone tells it apart from the 4999 others."""
+    return make_image(20 + i % 100, 20 + i // 100, "green", "PNG")
+
+
+@pytest.fixture
+def fleet_buckets(gcs: storage.Client) -> tuple[storage.Bucket, storage.Bucket]:
+    tag = uuid.uuid4().hex[:10]
+    return gcs.create_bucket(f"photos-{tag}"), gcs.create_bucket(f"results-{tag}")
+
+
+@pytest.fixture
+def relay(
+    emulator_url: str, fleet_buckets: tuple[storage.Bucket, storage.Bucket]
+) -> Iterator[RunningRelay]:
+    photos, _ = fleet_buckets
+    running = start_in_thread(
+        RelayConfig(
+            emulator_url=emulator_url,
+            trigger_buckets=frozenset({photos.name}),
+            retry_initial_s=0.2,
+            retry_max_s=2.0,
+        )
+    )
+    yield running
+    running.stop()
+
+
+def test_a_backfill_of_5000_images_across_processes_survives_a_killed_process(
+    gcs: storage.Client,
+    fleet_buckets: tuple[storage.Bucket, storage.Bucket],
+    relay: RunningRelay,
+    sim: RunningSimulator,
+    tmp_path: Path,
+) -> None:
+    photos, results = fleet_buckets
+    # GIVEN 5000 distinct images already in a bucket (uploaded before any trigger existed)
+    with ThreadPoolExecutor(8) as pool:
+        list(
+            pool.map(
+                lambda i: photos.blob(f"cam/{i:05d}.png").upload_from_string(
+                    _image(i), content_type="image/png"
+                ),
+                range(IMAGES),
+            )
+        )
+    # AND three describe_gcs processes and one describe_http, all talking to storage
+    # through the relay, which delivers the photos bucket's events to the gcs processes
+    env = function_env(
+        relay.url,
+        sim.url,
+        RESULTS_BUCKET=results.name,
+        ALLOWED_BUCKETS=photos.name,
+        SHARD_SIZE=str(SHARD_SIZE),
+        MODEL_CONCURRENCY="8",
+        FUNCTION_TIMEOUT_S="300",
+        GALLERY="false",
+    )
+    started: list[Any] = []
+
+    def start(target: str, **kw: Any) -> str:
+        port = procs.free_port()
+        log = tmp_path / f"{target}-{len(started)}.log"
+        started.append(procs.start_function(target, port, env, log_path=log, **kw))
+        return f"http://127.0.0.1:{port}/"
+
+    try:
+        http = start("describe_http")
+        workers = [start("describe_gcs", cloudevent=True) for _ in range(GCS_PROCESSES)]
+        relay.set_targets(workers)
+        sim.configure(api_key=API_KEY, latency_ms=20)
+
+        # WHEN a backfill of the prefix is asked for
+        reply = requests.post(
+            http,
+            json={"backfill": f"gs://{photos.name}/cam/", "max_images": IMAGES},
+            timeout=120,
+        )
+        assert reply.status_code == 202, reply.text
+        body = reply.json()
+        assert (body["images"], body["shards"]) == (IMAGES, IMAGES // SHARD_SIZE)
+        status_name = f"descriptions/batches/{body['batch']}.status.json"
+
+        def sidecars() -> int:
+            return sum(1 for _ in gcs.list_blobs(results.name, prefix="descriptions/cam/"))
+
+        # AND, a third of the way through, the model holds every further call, and once
+        # every answer so far is kept (its checkpoint, then its sidecar, written) one
+        # describe_gcs process is killed with SIGKILL
+        _wait_for(lambda: sim.stats.ok >= IMAGES // 3, "a third of the answers", 240)
+        sim.hold()
+        _wait_for(lambda: sidecars() == sim.stats.ok, "every answer so far kept", 60)
+        answered_before = sim.stats.ok
+        victim = started[1]
+        procs.kill_hard(victim)
+        relay.set_targets(workers[1:])
+        # WHEN the model answers again and the relay redelivers what the victim had
+        sim.release()
+
+        def complete() -> bool:
+            blob = results.get_blob(status_name)
+            return blob is not None and json.loads(blob.download_as_bytes())["complete"]
+
+        _wait_for(complete, "the backfill's status to say complete", 420)
+        stats = relay.wait_idle(60)
+    finally:
+        for proc in started:
+            procs.stop(proc)
+
+    # THEN each image was described exactly once: no answer twice for the same bytes
+    answered = sim.stats.answered_digests()
+    assert len(answered) == IMAGES
+    assert set(answered.values()) == {1}
+    assert answered_before < IMAGES
+    # AND the victim had calls in flight that were never answered, and its events were
+    # redelivered to the live processes
+    assert sim.stats.abandoned >= 1
+    assert stats.redelivered >= 1 and stats.dead_lettered == 0
+    # AND the status object is right
+    blob = results.get_blob(status_name)
+    assert blob is not None
+    status = json.loads(blob.download_as_bytes())
+    assert (status["total"], status["done"], status["ok"], status["errors"]) == (
+        IMAGES,
+        IMAGES,
+        IMAGES,
+        0,
+    )
+    assert status["pending_shards"] == [] and status["shards"] == IMAGES // SHARD_SIZE
+    assert status["images_per_s"] > 0
+    # AND the merged JSONL has every image once, in listing order, with the status's tokens
+    merged = results.get_blob(f"descriptions/batches/{body['batch']}.jsonl")
+    assert merged is not None
+    records = [json.loads(line) for line in merged.download_as_text().splitlines()]
+    assert [r["source"] for r in records] == [
+        f"gs://{photos.name}/cam/{i:05d}.png" for i in range(IMAGES)
+    ]
+    assert sum(r["usage"]["prompt_tokens"] for r in records) == status["usage"]["prompt_tokens"]
+    # AND every image has its sidecar
+    assert sum(1 for _ in gcs.list_blobs(results.name, prefix="descriptions/cam/")) == IMAGES
+    # AND no shard created a shard: exactly the backfill's shards were ever written under
+    # the shards prefix, each once, and none is left
+    shard_objects = sorted(n for n in stats.objects if n.startswith(SHARDS))
+    assert shard_objects == [
+        f"{SHARDS}{body['batch']}/{body['run']}/{i:05d}.batch.json"
+        for i in range(IMAGES // SHARD_SIZE)
+    ]
+    assert all(len(stats.objects[n]) == 1 for n in shard_objects)
+    assert not list(gcs.list_blobs(photos.name, prefix=SHARDS))
