@@ -367,9 +367,9 @@ def structured_answer(data: bytes, schema: Any) -> Any:
 def _fill(schema: Any, info: dict[str, Any], index: int | None = None) -> Any:
     """A value fitting ``schema`` (JSON Schema or Gemini's OpenAPI form), drawn from ``info``.
 
-    Strings are the image's description, or one of its facts (colour, shape,
-    fingerprint) as the ``index``-th item of an array, cut to ``maxLength`` and
-    padded to ``minLength``; numbers and booleans come from the fingerprint;
+    Strings are the image's description (empty where the schema allows it), or
+    one of its facts (colour, shape, fingerprint) as the ``index``-th item of an
+    array, cut to ``maxLength`` and padded to ``minLength``; numbers and booleans come from the fingerprint;
     every property is filled, required or not.
     """
     if not isinstance(schema, dict):
@@ -398,6 +398,10 @@ def _fill(schema: Any, info: dict[str, Any], index: int | None = None) -> Any:
         return bool(seed & 1)
     if kind == "null":
         return None
+    if index is None and not int(schema.get("minLength", 0)):
+        # A string the schema lets be empty (text_in_image, say) stays empty: the
+        # simulator reads no text in images, and must not seem to.
+        return ""
     facts = (info["colour"], info["shape"], info["fingerprint"])
     text = info["description"] if index is None else facts[index % len(facts)]
     if "maxLength" in schema:

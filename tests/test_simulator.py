@@ -98,7 +98,8 @@ def test_calls_above_the_in_flight_limit_get_429(sim: RunningSimulator) -> None:
 RICH_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "caption": {"type": "string"},
+        "caption": {"type": "string", "minLength": 1},
+        "text_seen": {"type": "string"},
         "labels": {"type": "array", "items": {"type": "string"}},
         "count": {"type": "integer", "minimum": 1, "maximum": 9},
         "outdoor": {"type": "boolean"},
@@ -108,7 +109,7 @@ RICH_SCHEMA: dict[str, Any] = {
             "required": ["width", "unit"],
         },
     },
-    "required": ["caption", "labels", "count", "outdoor", "size"],
+    "required": ["caption", "text_seen", "labels", "count", "outdoor", "size"],
     "additionalProperties": False,
 }
 
@@ -148,6 +149,8 @@ def test_a_json_schema_gets_a_fitting_object_drawn_from_the_image(sim: RunningSi
     answer = json.loads(response.text or "")
     assert answer == structured_answer(data, RICH_SCHEMA)
     assert answer["caption"] == describe_image(data)
+    # A string that may be empty is: the simulator reads no text in images.
+    assert answer["text_seen"] == ""
     assert answer["labels"] and all(isinstance(label, str) for label in answer["labels"])
     assert isinstance(answer["count"], int) and 1 <= answer["count"] <= 9
     assert isinstance(answer["outdoor"], bool)
@@ -161,7 +164,7 @@ def test_string_lengths_in_the_schema_are_honoured(sim: RunningSimulator) -> Non
     schema = {
         "type": "object",
         "properties": {
-            "short": {"type": "string", "maxLength": 10},
+            "short": {"type": "string", "minLength": 1, "maxLength": 10},
             "long": {"type": "string", "minLength": 80},
             "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}},
         },
@@ -179,7 +182,7 @@ def test_the_openapi_response_schema_is_answered_too(sim: RunningSimulator) -> N
     # GIVEN Gemini's older OpenAPI-style schema (upper-case types), sent as responseSchema
     schema = types.Schema(
         type=types.Type.OBJECT,
-        properties={"caption": types.Schema(type=types.Type.STRING, max_length=12)},
+        properties={"caption": types.Schema(type=types.Type.STRING, min_length=1, max_length=12)},
         required=["caption"],
     )
     config = types.GenerateContentConfig(
