@@ -185,6 +185,7 @@ async def _describe_and_write(
             [r.thumbnail for r in records],
             title=title,
             elapsed_s=time.monotonic() - started,
+            unless_after=stop_at + runtime.settings.deadline_margin_s / 2,
         )
     return records, results, gallery_uri, None
 

@@ -156,6 +156,7 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
             title=job.title,
             elapsed_s=None,
             metadata={SOURCE_GENERATION_KEY: job.generation},
+            unless_after=stop_at + settings.deadline_margin_s / 2,
         )
     if not remaining:
         await checkpoints.clear()

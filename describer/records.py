@@ -122,11 +122,6 @@ def total_usage(records: Iterable[dict[str, Any]]) -> dict[str, int]:
     return total
 
 
-def to_jsonl(records: Iterable[Record]) -> bytes:
-    """One compact JSON object per line, in input order."""
-    return dumps_jsonl(r.to_json() for r in records)
-
-
 def dumps_jsonl(objects: Iterable[dict[str, Any]]) -> bytes:
     return b"".join(json.dumps(o, separators=(",", ":")).encode() + b"\n" for o in objects)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,12 +45,18 @@ async def write_gallery(
     title: str,
     elapsed_s: float | None,
     metadata: Mapping[str, str] | None = None,
+    unless_after: float | None = None,
 ) -> str | None:
-    """Write the batch's gallery; its gs:// URI, or None when it could not be written.
+    """Write the batch's gallery; its gs:// URI, or None when it was not written.
 
     A gallery is for looking at: when it cannot be written, the batch (whose
-    JSONL is the record of truth) does not fail for it.
+    JSONL is the record of truth) does not fail for it. Past ``unless_after``
+    (``time.monotonic()``) it is not even tried: an invocation killed while
+    writing a page of several MB would lose more than the page.
     """
+    if unless_after is not None and time.monotonic() > unless_after:
+        log.warning("no time left to write the gallery; skipped", extra={"uri": jsonl_name})
+        return None
     name = gallery_name(jsonl_name)
     page = gallery_page(records, thumbnails, title=title, elapsed_s=elapsed_s)
     try:

@@ -11,7 +11,6 @@ picture changes only when the gallery's look does.
 from __future__ import annotations
 
 import argparse
-import io
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any
 from PIL import Image
 
 from describer.gallery import GalleryEntry, render_gallery
+from describer.images import THUMBNAIL_SIDE, prepare
+from describer.settings import DEFAULT_IMAGE_MAX_SIDE, DEFAULT_MAX_IMAGE_PIXELS
 from tests.browser import Browser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,12 +34,16 @@ GENERATED_AT = datetime(2026, 11, 27, 9, 30, tzinfo=UTC)
 
 
 def _thumbnail(path: Path) -> bytes:
-    with Image.open(path) as image:
-        small = image.convert("RGB")
-        small.thumbnail((200, 200))
-        out = io.BytesIO()
-        small.save(out, "JPEG", quality=85)
-        return out.getvalue()
+    """The thumbnail the function makes of the photo while preparing it."""
+    made = prepare(
+        path.read_bytes(),
+        max_side=DEFAULT_IMAGE_MAX_SIDE,
+        max_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+        thumbnail_side=THUMBNAIL_SIDE,
+    ).thumbnail
+    if made is None:
+        raise ValueError(f"no thumbnail could be made of {path}")
+    return made
 
 
 def _ok(

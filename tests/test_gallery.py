@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from datetime import UTC, datetime
 from html.parser import HTMLParser
 from pathlib import Path
@@ -12,6 +11,8 @@ import pytest
 from PIL import Image
 
 from describer.gallery import CONTENT_SECURITY_POLICY, GalleryEntry, render_gallery
+from describer.images import THUMBNAIL_SIDE, prepare
+from describer.settings import DEFAULT_IMAGE_MAX_SIDE, DEFAULT_MAX_IMAGE_PIXELS
 from tests.browser import Browser, browser_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,13 +25,15 @@ browser = browser_fixture()
 
 
 def thumbnail(name: str) -> bytes:
-    """A JPEG thumbnail of a sample photo, made the way the function makes them."""
-    with Image.open(SAMPLES / name) as image:
-        small = image.convert("RGB")
-        small.thumbnail((200, 200))
-        out = io.BytesIO()
-        small.save(out, "JPEG", quality=80)
-        return out.getvalue()
+    """The thumbnail the function makes of a sample photo while preparing it."""
+    made = prepare(
+        (SAMPLES / name).read_bytes(),
+        max_side=DEFAULT_IMAGE_MAX_SIDE,
+        max_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+        thumbnail_side=THUMBNAIL_SIDE,
+    ).thumbnail
+    assert made is not None
+    return made
 
 
 def record(source: str, **fields: Any) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from describer import Code, ConfigError, Record, RequestError, Settings, SourceE
 from describer.batch import GcsSource, HttpSource, parse_body, parse_source
 from describer.images import prepare
 from describer.netguard import ForbiddenAddress, GuardedResolver, check_literal_host, is_public
-from describer.records import Usage, counts, to_jsonl
+from describer.records import Usage, counts, dumps_jsonl
 
 from .conftest import make_image
 
@@ -132,7 +132,7 @@ def test_counts_and_jsonl_follow_the_records() -> None:
     ok = Record(source="a", status="ok", model="m", prompt="p", description="x")
     bad = Record.failed("b", SourceError(Code.NOT_FOUND, "No."), model="m", prompt="p")
     assert counts([ok, bad, ok]) == {"ok": 2, "error": 1}
-    lines = to_jsonl([ok, bad]).decode().splitlines()
+    lines = dumps_jsonl(r.to_json() for r in [ok, bad]).decode().splitlines()
     assert [json.loads(line)["source"] for line in lines] == ["a", "b"]
 
 
