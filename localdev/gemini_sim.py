@@ -369,8 +369,8 @@ def _fill(schema: Any, info: dict[str, Any], index: int | None = None) -> Any:
 
     Strings are the image's description (empty where the schema allows it), or
     one of its facts (colour, shape, fingerprint) as the ``index``-th item of an
-    array, cut to ``maxLength`` and padded to ``minLength``; numbers and booleans come from the fingerprint;
-    every property is filled, required or not.
+    array, cut to ``maxLength`` and padded to ``minLength``; numbers and
+    booleans come from the fingerprint; every property is filled, required or not.
     """
     if not isinstance(schema, dict):
         return info["description"]
