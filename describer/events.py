@@ -13,7 +13,7 @@ from .batch import Location
 from .errors import StorageUnavailable, TransientFailure
 from .logs import batch_var, trace_from_headers, trace_var
 from .manifests import MANIFEST_SUFFIX, describe_manifest
-from .runtime import Runtime
+from .runtime import ObjectEvent, Runtime
 from .shards import describe_shard
 from .store import is_own_output
 from .uploads import describe_upload
@@ -94,38 +94,24 @@ def _handle_storage_event(
     if bucket == results.bucket and name.startswith(results.prefix):
         log.info("object is under the results prefix; ignored (loop guard)", extra=fields)
         return "ignored_results"
+    event = ObjectEvent(bucket, name, generation, results, stop_at, give_up)
     if name.startswith(settings.shards_prefix):
         # Shards are this function's own output too, written to be delivered
         # back: run as shards (never split again), and nothing else there is.
         if not name.endswith(MANIFEST_SUFFIX):
             log.info("object under the shards prefix is not a shard; ignored", extra=fields)
             return "ignored_not_shard"
-        return asyncio.run(
-            describe_shard(runtime, bucket, name, generation, results, stop_at, give_up=give_up)
-        )
+        return asyncio.run(describe_shard(runtime, event))
     if is_own_output(data.get("metadata")):
         log.info("object was written by this function; ignored (loop guard)", extra=fields)
         return "ignored_own_output"
     if name.endswith(MANIFEST_SUFFIX):
-        return asyncio.run(
-            describe_manifest(runtime, bucket, name, generation, results, stop_at, give_up=give_up)
-        )
+        return asyncio.run(describe_manifest(runtime, event))
     content_type = str(data.get("contentType") or "").split(";", 1)[0].strip().lower()
     if not (content_type.startswith("image/") or content_type in _UNTYPED):
         log.info("object is not an image; ignored", extra={**fields, "content_type": content_type})
         return "ignored_not_image"
-    return asyncio.run(
-        describe_upload(
-            runtime,
-            bucket,
-            name,
-            generation,
-            results,
-            stop_at,
-            sniffed=content_type in _UNTYPED,
-            give_up=give_up,
-        )
-    )
+    return asyncio.run(describe_upload(runtime, event, sniffed=content_type in _UNTYPED))
 
 
 def _age_s(timestamp: str | None) -> float:

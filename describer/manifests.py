@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 
-from .batch import Location, parse_body
+from .batch import parse_body
 from .errors import RequestError
 from .jobs import Job, read_manifest, run_job, write_error_report
-from .runtime import Runtime
+from .runtime import ObjectEvent, Runtime
 from .shards import shard_manifest
 
 log = logging.getLogger(__name__)
@@ -20,16 +20,9 @@ log = logging.getLogger(__name__)
 MANIFEST_SUFFIX = ".batch.json"
 
 
-async def describe_manifest(
-    runtime: Runtime,
-    bucket: str,
-    name: str,
-    generation: str,
-    results: Location,
-    stop_at: float,
-    *,
-    give_up: bool,
-) -> str:
+async def describe_manifest(runtime: Runtime, event: ObjectEvent) -> str:
+    bucket, name, generation = event.bucket, event.name, event.generation
+    results, stop_at, give_up = event.results, event.stop_at, event.give_up
     settings = runtime.settings
     stem = name[: -len(MANIFEST_SUFFIX)]
     manifest_uri = f"gs://{bucket}/{name}"

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from google.auth.exceptions import GoogleAuthError
 from google.cloud import storage
 
-from .batch import parse_local_source, parse_source
+from .batch import Location, parse_local_source, parse_source
 from .errors import ConfigError
 from .fetch import Fetcher, open_http_session
 from .gemini import Describer, GeminiConnector
@@ -111,6 +111,18 @@ class Runtime:
         self.io_executor.shutdown(wait=False)
         self.store_executor.shutdown(wait=False)
         self.cpu_executor.shutdown(wait=False)
+
+
+@dataclass(frozen=True)
+class ObjectEvent:
+    """One object-finalized event, as the handlers of uploads, manifests and shards take it."""
+
+    bucket: str
+    name: str
+    generation: str
+    results: Location  # where this event's results go
+    stop_at: float  # time.monotonic() at which work stops (the deadline)
+    give_up: bool  # past EVENT_RETRY_WINDOW_S: passing failures are final
 
 
 @asynccontextmanager

@@ -27,7 +27,7 @@ from .gallery import render_index
 from .jobs import Job, read_manifest, run_job, tally, write_error_report
 from .records import JSON_TYPE, JSONL_TYPE, dumps_json
 from .results import HTML_TYPE
-from .runtime import Runtime
+from .runtime import ObjectEvent, Runtime
 from .status import new_status, record_shard, status_name, update_status
 from .store import COMPLETE_KEY, SOURCE_GENERATION_KEY, Store, bounded_map
 
@@ -155,17 +155,10 @@ async def write_shards(
     return sum(written)
 
 
-async def describe_shard(
-    runtime: Runtime,
-    bucket: str,
-    name: str,
-    generation: str,
-    results: Location,
-    stop_at: float,
-    *,
-    give_up: bool,
-) -> str:
+async def describe_shard(runtime: Runtime, event: ObjectEvent) -> str:
     """Run one shard, record it in the status object, and merge if it was the last."""
+    bucket, name, generation = event.bucket, event.name, event.generation
+    results, stop_at, give_up = event.results, event.stop_at, event.give_up
     settings = runtime.settings
     store = runtime.store
     uri = f"gs://{bucket}/{name}"

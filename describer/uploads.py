@@ -7,7 +7,7 @@ import logging
 from .batch import Location
 from .errors import Code, TransientFailure
 from .records import JSON_TYPE, dumps_json
-from .runtime import Runtime, open_pipeline
+from .runtime import ObjectEvent, Runtime, open_pipeline
 from .store import RESULT_KEY, SOURCE_GENERATION_KEY, generation_number, result_key
 
 log = logging.getLogger(__name__)
@@ -18,17 +18,9 @@ def sidecar_name(results: Location, name: str) -> str:
     return f"{results.prefix}{name}.json"
 
 
-async def describe_upload(
-    runtime: Runtime,
-    bucket: str,
-    name: str,
-    generation: str,
-    results: Location,
-    stop_at: float,
-    *,
-    sniffed: bool,
-    give_up: bool,
-) -> str:
+async def describe_upload(runtime: Runtime, event: ObjectEvent, *, sniffed: bool) -> str:
+    bucket, name, generation = event.bucket, event.name, event.generation
+    results, stop_at, give_up = event.results, event.stop_at, event.give_up
     settings = runtime.settings
     store = runtime.store
     prompt, schema = settings.prompt_and_schema()
