@@ -339,7 +339,7 @@ def _text_block(record: Record) -> str:
     elif record.data is not None:
         for key, value in record.data.items():
             shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
-            lines.append(f"  {key}: {_one_line(shown)}")
+            lines.append(f"  {key}: {_one_line(shown) or '(none)'}")
     else:
         lines.append(f"  {_one_line(record.description or '')}")
     return "\n".join(lines) + "\n\n"
