@@ -19,27 +19,27 @@ import asyncio
 import hashlib
 import logging
 import math
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any
 
 from .batch import BatchRequest, Location, parse_output, parse_prompt, parse_schema
-from .errors import RequestError, StorageUnavailable
-from .images import IMAGE_SUFFIXES
+from .errors import RequestError, StorageUnavailable, TransientFailure
+from .images import IMAGE_SUFFIXES, UNTYPED_CONTENT_TYPES
 from .records import JSON_TYPE, dumps_json
 from .runtime import Runtime, new_batch_id
 from .schemas import SCHEMAS
 from .settings import Settings
-from .shards import write_shards
-from .status import new_status, status_name, update_status
+from .shards import plan_shards, write_shards
+from .status import new_status, now_iso, status_name, update_status
 from .store import RESULT_KEY, SOURCE_GENERATION_KEY, ObjectInfo, is_own_output, result_key
 from .uploads import sidecar_name
 
 log = logging.getLogger(__name__)
 
 _FIELDS = frozenset({"backfill", "dry_run", "max_images", "prompt", "schema"})
-_UNTYPED = frozenset({"", "application/octet-stream", "binary/octet-stream"})
 # Image tokens Gemini 3 bills per MEDIA_RESOLUTION ("default" is the model's own: high).
 _GEMINI_3_IMAGE_TOKENS = {"low": 280, "medium": 560, "high": 1120, "default": 1120}
 # Earlier models bill 258 tokens per 768 px tile of the image.
@@ -89,13 +89,18 @@ def parse_backfill(data: dict[str, Any]) -> BackfillRequest:
     return BackfillRequest(location, dry_run, max_images, prompt, schema)
 
 
-async def start_backfill(runtime: Runtime, data: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """Answer one backfill request: (HTTP status, body)."""
+async def start_backfill(
+    runtime: Runtime, data: dict[str, Any], *, stop_at: float
+) -> tuple[int, dict[str, Any]]:
+    """Answer one backfill request: (HTTP status, body).
+
+    ``stop_at`` (``time.monotonic()``) is the invocation's deadline: a listing
+    that used it up leaves no time to write the shards, so nothing is claimed.
+    """
     settings = runtime.settings
     request = parse_backfill(data)
     where = request.where
-    allowed = settings.allowed_buckets | {b for b in [settings.results_bucket] if b}
-    if where.bucket not in allowed:
+    if where.bucket not in settings.readable_buckets():
         raise RequestError(
             403,
             "forbidden_bucket",
@@ -124,7 +129,7 @@ async def start_backfill(runtime: Runtime, data: dict[str, Any]) -> tuple[int, d
         todo.append((image, sidecar.generation if sidecar else 0))
     already = len(images) - len(todo)
     capped = todo[: request.max_images] if request.max_images else todo
-    batch = _batch_name(where, key)
+    batch = _batch_name(where.bucket, results)
     body: dict[str, Any] = {
         "backfill": f"gs://{where.bucket}/{where.prefix}",
         "batch": batch,
@@ -147,6 +152,21 @@ async def start_backfill(runtime: Runtime, data: dict[str, Any]) -> tuple[int, d
         )
     if not capped:
         return 200, {**body, "message": "Every image under the prefix is already described."}
+    if len(capped) > settings.max_manifest_images:
+        raise RequestError(
+            413,
+            "batch_too_large",
+            f"{len(capped)} images is more than MAX_MANIFEST_IMAGES "
+            f"({settings.max_manifest_images}) in one backfill: send max_images "
+            f"(at most {settings.max_manifest_images}) and run it again for the rest, or "
+            "backfill narrower prefixes.",
+        )
+    if time.monotonic() > stop_at:
+        raise TransientFailure(
+            body["backfill"],
+            "listing took the whole time budget; backfill narrower prefixes, or raise "
+            "FUNCTION_TIMEOUT_S",
+        )
     status_uri = results.uri(f"batches/{batch}.status.json")
     run = new_batch_id()
     status = new_status(
@@ -163,13 +183,6 @@ async def start_backfill(runtime: Runtime, data: dict[str, Any]) -> tuple[int, d
         output=f"gs://{results.bucket}/{results.prefix}",
         estimate=body["estimate"],
     )
-    if not await _claim(runtime, results, batch, status):
-        raise RequestError(
-            409,
-            "backfill_in_progress",
-            f"A backfill of this prefix with this model and prompt is still running; see "
-            f"{status_uri}. It can be started again once it completes.",
-        )
     shard_request = BatchRequest(
         images=[f"gs://{where.bucket}/{image.name}" for image, _ in capped],
         prompt=prompt,
@@ -178,10 +191,17 @@ async def start_backfill(runtime: Runtime, data: dict[str, Any]) -> tuple[int, d
         generations=[str(image.generation) for image, _ in capped],
         sidecar_generations=[sidecar for _, sidecar in capped],
     )
-    try:
-        await write_shards(
-            runtime, shard_request, status, shards_bucket=settings.shards_bucket or where.bucket
+    planned = plan_shards(shard_request, status, settings.shards_prefix)
+    if not await _claim(runtime, results, batch, status):
+        raise RequestError(
+            409,
+            "backfill_in_progress",
+            f"A backfill of this bucket is still running; see {status_uri}. Another can "
+            "start once it completes (one backfill per bucket at a time, so no image is "
+            "described by two at once).",
         )
+    try:
+        await write_shards(runtime, planned, shards_bucket=settings.shards_bucket or where.bucket)
     except StorageUnavailable as exc:
         # No shard can run: release the lock at once rather than have every retry
         # refused as "in progress" until the run is taken for abandoned.
@@ -190,7 +210,9 @@ async def start_backfill(runtime: Runtime, data: dict[str, Any]) -> tuple[int, d
             runtime.store,
             results.bucket,
             status_name(results, batch),
-            lambda s: {**s, "failed": reason} if s.get("run") == run else None,
+            lambda s: (
+                {**s, "failed": reason, "updated_at": now_iso()} if s.get("run") == run else None
+            ),
         )
         raise
     log.info(
@@ -246,7 +268,10 @@ def _is_source(image: ObjectInfo, bucket: str, results: Location, settings: Sett
     content_type = image.content_type.split(";", 1)[0].strip().lower()
     if content_type.startswith("image/"):
         return True
-    return content_type in _UNTYPED and PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
+    return (
+        content_type in UNTYPED_CONTENT_TYPES
+        and PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
+    )
 
 
 def _describes(sidecar: ObjectInfo, image: ObjectInfo, key: str) -> bool:
@@ -257,9 +282,14 @@ def _describes(sidecar: ObjectInfo, image: ObjectInfo, key: str) -> bool:
     )
 
 
-def _batch_name(where: Location, key: str) -> str:
-    """One name per prefix, model, prompt and schema: its status object is the run's lock."""
-    digest = hashlib.sha256(f"{where.bucket}/{where.prefix}\n{key}".encode()).hexdigest()
+def _batch_name(bucket: str, results: Location) -> str:
+    """One name per backfilled bucket and results location: its status object is the lock.
+
+    Per bucket, not per prefix or prompt: two backfills of overlapping prefixes,
+    or with two prompts, would describe the same images twice and overwrite each
+    other's sidecars.
+    """
+    digest = hashlib.sha256(f"{bucket}\n{results.bucket}/{results.prefix}".encode()).hexdigest()
     return f"backfill-{digest[:12]}"
 
 

@@ -11,17 +11,16 @@ from typing import Any
 
 from .batch import Location
 from .errors import StorageUnavailable, TransientFailure
+from .images import UNTYPED_CONTENT_TYPES
+from .jobs import MANIFEST_SUFFIX
 from .logs import batch_var, trace_from_headers, trace_var
-from .manifests import MANIFEST_SUFFIX, describe_manifest
+from .manifests import describe_manifest
 from .runtime import ObjectEvent, Runtime
 from .shards import describe_shard
 from .store import is_own_output
 from .uploads import describe_upload
 
 log = logging.getLogger(__name__)
-
-# Content types that say nothing about the bytes: sniff them instead.
-_UNTYPED = frozenset({"", "application/octet-stream", "binary/octet-stream"})
 
 
 def handle_storage_event(
@@ -108,10 +107,12 @@ def _handle_storage_event(
     if name.endswith(MANIFEST_SUFFIX):
         return asyncio.run(describe_manifest(runtime, event))
     content_type = str(data.get("contentType") or "").split(";", 1)[0].strip().lower()
-    if not (content_type.startswith("image/") or content_type in _UNTYPED):
+    if not (content_type.startswith("image/") or content_type in UNTYPED_CONTENT_TYPES):
         log.info("object is not an image; ignored", extra={**fields, "content_type": content_type})
         return "ignored_not_image"
-    return asyncio.run(describe_upload(runtime, event, sniffed=content_type in _UNTYPED))
+    return asyncio.run(
+        describe_upload(runtime, event, sniffed=content_type in UNTYPED_CONTENT_TYPES)
+    )
 
 
 def _age_s(timestamp: str | None) -> float:

@@ -11,7 +11,7 @@ from typing import Any
 
 from .backfill import is_backfill, start_backfill
 from .batch import BatchRequest, Location, decode_json, parse_batch
-from .errors import RequestError, StorageUnavailable
+from .errors import RequestError, StorageUnavailable, TransientFailure
 from .logs import batch_var, trace_from_headers, trace_var
 from .records import JSON_TYPE, JSONL_TYPE, Record, counts, dumps_jsonl, total_usage
 from .results import write_gallery
@@ -83,14 +83,14 @@ def handle_http(
     try:
         data = decode_json(raw)
         if is_backfill(data):
-            return _backfill(runtime, data)
+            return _backfill(runtime, data, stop_at)
         request = parse_batch(data, max_batch_size=settings.max_batch_size)
         output = _http_output(request, settings)
     except RequestError as exc:
         return error_reply(exc.status, exc.code, exc.message)
     batch_id = new_batch_id()
     batch_var.set(batch_id)
-    allowed = settings.allowed_buckets | _present(settings.results_bucket)
+    allowed = settings.readable_buckets()
     prompt, schema = settings.prompt_and_schema(request.prompt, request.schema)
     results_name = f"{output.prefix}batches/{batch_id}.jsonl"
     log.info("batch received", extra={"count": len(request.images)})
@@ -190,10 +190,12 @@ async def _describe_and_write(
     return records, results, gallery_uri, None
 
 
-def _backfill(runtime: Runtime, data: dict[str, Any]) -> HttpReply:
-    batch_var.set(None)
+def _backfill(runtime: Runtime, data: dict[str, Any], stop_at: float) -> HttpReply:
     try:
-        status, body = asyncio.run(start_backfill(runtime, data))
+        status, body = asyncio.run(start_backfill(runtime, data, stop_at=stop_at))
+    except TransientFailure as exc:
+        log.error(str(exc))
+        return error_reply(503, "storage_unavailable", f"{exc}; retry later.")
     except StorageUnavailable as exc:
         log.error(str(exc), extra={"uri": exc.uri})
         if exc.permanent:
@@ -212,7 +214,3 @@ def _http_output(request: BatchRequest, settings: Settings) -> Location:
         "output_required",
         "RESULTS_BUCKET is not set on this function, so the request must name an 'output'.",
     )
-
-
-def _present(value: str | None) -> set[str]:
-    return {value} if value else set()

@@ -56,6 +56,8 @@ _OPEN_FORMATS = (
     "PSD",
     "QOI",
 )
+# Content types that say nothing about the bytes: sniff them instead.
+UNTYPED_CONTENT_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
 # File name endings of the formats above: what a folder (CLI) or a backfill's untyped
 # objects contribute. Bytes decide the type in the end; names only choose candidates.
 IMAGE_SUFFIXES = frozenset(

@@ -17,7 +17,7 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.auth.exceptions import GoogleAuthError
 
-from .batch import BatchRequest, Location
+from .batch import BatchRequest, GcsSource, Location, parse_source
 from .errors import Code, RequestError, StorageUnavailable, TransientFailure
 from .records import JSON_TYPE, JSONL_TYPE, Record, dumps_json, dumps_jsonl, total_usage
 from .results import write_gallery
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 # A manifest of MAX_MANIFEST_IMAGES URIs of a few hundred characters each fits.
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MANIFEST_SUFFIX = ".batch.json"
 # Checkpoints carry the gallery thumbnail under this key; it never reaches the JSONL.
 _THUMBNAIL_KEY = "_thumbnail"
 # Metadata on a job's JSONL: its tally, so a shard's counts can be read back with a stat.
@@ -62,6 +63,9 @@ class Job:
     allowed_buckets: frozenset[str]
     # A backfill's shard: each record also becomes a sidecar here, as an upload's would.
     sidecars: Location | None = None
+    # Count transient errors (rate limits, outages) as not done yet and ask for
+    # redelivery, instead of recording them for good.
+    retry_transient: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,8 +106,10 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
 
     async def keep(position: int, record: Record) -> None:
         index = todo[position]
-        await checkpoints.save(index, record)
+        # The sidecar first: a checkpoint says "done", and a failed sidecar write
+        # (it raises) must leave the source to be described again, not lost.
         await sidecars.save(index, record)
+        await checkpoints.save(index, record)
 
     async with open_pipeline(
         runtime,
@@ -119,7 +125,10 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
     for index, record in zip(todo, fresh, strict=True):
         done[index] = record.to_json()
         thumbnails[index] = record.thumbnail
-    remaining = sum(r.error_code is Code.DEADLINE_EXCEEDED for r in fresh)
+    remaining = sum(
+        r.transient if job.retry_transient else r.error_code is Code.DEADLINE_EXCEEDED
+        for r in fresh
+    )
     ordered = [done[i] for i in range(len(request.images))]
     counted = tally(ordered)
     # Replace exactly the JSONL read above (or create it): a concurrent delivery
@@ -165,11 +174,12 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
             extra={"uri": uri, "count": len(done), "usage": total_usage(done.values())},
         )
         return JobOutcome("described", counted)
-    if checkpoints.saved and not give_up:
-        # Progress was made and kept: fail this delivery so the platform
-        # redelivers the event, and the next invocation carries on from here.
+    if (checkpoints.saved or job.retry_transient) and not give_up:
+        # Progress was made and kept (or a shard, which its batch waits for): fail
+        # this delivery so the platform redelivers the event, and the next
+        # invocation carries on from here.
         raise TransientFailure(
-            job.uri, f"{remaining} of {len(request.images)} sources remain at the deadline"
+            job.uri, f"{remaining} of {len(request.images)} sources remain unfinished"
         )
     # Nothing finished in a whole invocation (a redelivery would do the same
     # again, forever), or the retry window is over. Stop here; the JSONL says
@@ -178,7 +188,7 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
         "manifest incomplete; not asking for redelivery",
         extra={"uri": uri, "remaining": remaining, "progress": checkpoints.saved},
     )
-    return JobOutcome("stalled")
+    return JobOutcome("stalled", counted)
 
 
 async def write_error_report(
@@ -295,9 +305,14 @@ class _Sidecars:
         request = job.request
         if results is None or record.transient or request.generations is None:
             return
+        if record.error_code is Code.NOT_FOUND:
+            return  # replaced or deleted since the listing: its upload event describes it
         assert request.sidecar_generations is not None  # parse_batch checks they come together
+        source = parse_source(request.images[index])
+        if not isinstance(source, GcsSource):
+            return  # a backfill lists gs:// objects only
         generation = request.generations[index]
-        name = request.images[index].removeprefix("gs://").split("/", 1)[1]
+        name = source.name
         await self._store.write(
             results.bucket,
             sidecar_name(results, name),

@@ -11,13 +11,11 @@ import logging
 
 from .batch import parse_body
 from .errors import RequestError
-from .jobs import Job, read_manifest, run_job, write_error_report
+from .jobs import MANIFEST_SUFFIX, Job, read_manifest, run_job, write_error_report
 from .runtime import ObjectEvent, Runtime
 from .shards import shard_manifest
 
 log = logging.getLogger(__name__)
-
-MANIFEST_SUFFIX = ".batch.json"
 
 
 async def describe_manifest(runtime: Runtime, event: ObjectEvent) -> str:
@@ -37,9 +35,13 @@ async def describe_manifest(runtime: Runtime, event: ObjectEvent) -> str:
         return "manifest_invalid"
     output = request.output or results
     if len(request.images) > settings.shard_size:
-        return await shard_manifest(
-            runtime, request, bucket=bucket, stem=stem, generation=generation, output=output
-        )
+        try:
+            return await shard_manifest(
+                runtime, request, bucket=bucket, stem=stem, generation=generation, output=output
+            )
+        except RequestError as exc:
+            await write_error_report(runtime.store, results, stem, manifest_uri, generation, exc)
+            return "manifest_invalid"
     job = Job(
         request=request,
         uri=manifest_uri,
@@ -48,13 +50,9 @@ async def describe_manifest(runtime: Runtime, event: ObjectEvent) -> str:
         results_name=f"{output.prefix}batches/{stem}.jsonl",
         parts_prefix=f"{output.prefix}batches/{stem}.parts/",
         title=f"Manifest {manifest_uri}",
-        allowed_buckets=settings.allowed_buckets | {bucket} | _present(settings.results_bucket),
+        allowed_buckets=settings.readable_buckets(bucket),
     )
     outcome = await run_job(runtime, job, stop_at, give_up=give_up)
     return {"described": "described_manifest", "stalled": "manifest_stalled"}.get(
         outcome.state, outcome.state
     )
-
-
-def _present(value: str | None) -> set[str]:
-    return {value} if value else set()

@@ -134,6 +134,10 @@ class Settings:
             return SCHEMAS[chosen].default_prompt, chosen
         return self.prompt, chosen
 
+    def readable_buckets(self, *also: str) -> frozenset[str]:
+        """Buckets gs:// sources may come from: ALLOWED_BUCKETS, RESULTS_BUCKET and ``also``."""
+        return self.allowed_buckets | {b for b in (self.results_bucket, *also) if b}
+
     @property
     def work_budget_s(self) -> float:
         """How long after an invocation starts it may still start or finish work."""
@@ -184,6 +188,17 @@ class Settings:
             raise ConfigError(
                 f"SHARDS_PREFIX ({self.shards_prefix!r}) and RESULTS_PREFIX "
                 f"({self.results_prefix!r}) must not contain one another"
+            )
+        if (
+            self.shards_bucket
+            and self.shards_bucket == self.results_bucket
+            and not (self.results_prefix)
+        ):
+            # Every event from the results bucket is refused when RESULTS_PREFIX is
+            # empty (the loop guard): shards written there would never run.
+            raise ConfigError(
+                "SHARDS_BUCKET is RESULTS_BUCKET while RESULTS_PREFIX is empty, so no shard "
+                "could ever run; set RESULTS_PREFIX or another SHARDS_BUCKET"
             )
         # Results written with no prefix into the bucket that triggers us would
         # re-trigger the function on its own output: refuse to start instead.

@@ -15,6 +15,7 @@ order, into the batch's JSONL.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -24,11 +25,11 @@ from typing import Any
 from .batch import BatchRequest, Location, ShardInfo, parse_body
 from .errors import RequestError, TransientFailure
 from .gallery import render_index
-from .jobs import Job, read_manifest, run_job, tally, write_error_report
+from .jobs import MANIFEST_SUFFIX, Job, read_manifest, run_job, tally, write_error_report
 from .records import JSON_TYPE, JSONL_TYPE, dumps_json
 from .results import HTML_TYPE
 from .runtime import ObjectEvent, Runtime
-from .status import new_status, record_shard, status_name, update_status
+from .status import new_status, now_iso, record_shard, status_name, update_status
 from .store import COMPLETE_KEY, SOURCE_GENERATION_KEY, Store, bounded_map
 
 log = logging.getLogger(__name__)
@@ -59,14 +60,24 @@ async def shard_manifest(
     settings = runtime.settings
     store = runtime.store
     name = status_name(output, stem)
+    shards_bucket = settings.shards_bucket or bucket
     current, current_generation = await store.read_json(output.bucket, name)
-    if current is not None and current.get("kind") == "manifest":
+    if current is not None and current.get("kind") != "manifest":
+        raise RequestError(
+            409,
+            "batch_name_taken",
+            f"A {current.get('kind')} of the same name is recorded in {name}; rename the manifest.",
+        )
+    if current is not None:
         run = str(current.get("run"))
         if run == generation:
+            if current.get("complete"):
+                # Merged, and its shards deleted: writing them again would run them again.
+                log.info("the sharded manifest is complete already; skipped")
+                return "already_done"
             # A redelivery: the plan exists; make sure every shard does too.
-            await write_shards(
-                runtime, request, current, shards_bucket=settings.shards_bucket or bucket
-            )
+            planned = plan_shards(request, current, settings.shards_prefix)
+            await write_shards(runtime, planned, shards_bucket=shards_bucket)
             return "already_sharded"
         if run.isdigit() and generation.isdigit() and int(run) > int(generation):
             log.info("a newer generation of the manifest is sharded already; ignored")
@@ -76,7 +87,7 @@ async def shard_manifest(
     status = new_status(
         batch=stem,
         kind="manifest",
-        source=f"gs://{bucket}/{stem}.batch.json",
+        source=f"gs://{bucket}/{stem}{MANIFEST_SUFFIX}",
         run=generation,
         total=len(request.images),
         shards=count,
@@ -86,6 +97,7 @@ async def shard_manifest(
         schema=schema,
         output=f"gs://{output.bucket}/{output.prefix}",
     )
+    planned = plan_shards(request, status, settings.shards_prefix)
     if not await store.write(
         output.bucket,
         name,
@@ -95,9 +107,7 @@ async def shard_manifest(
         metadata={SOURCE_GENERATION_KEY: generation},
     ):
         raise TransientFailure(f"gs://{output.bucket}/{name}", "another delivery is sharding it")
-    written = await write_shards(
-        runtime, request, status, shards_bucket=settings.shards_bucket or bucket
-    )
+    written = await write_shards(runtime, planned, shards_bucket=shards_bucket)
     log.info(
         "manifest sharded",
         extra={"count": len(request.images), "shards": count, "written": written},
@@ -105,20 +115,20 @@ async def shard_manifest(
     return "sharded"
 
 
-async def write_shards(
-    runtime: Runtime,
-    request: BatchRequest,
-    status: dict[str, Any],
-    *,
-    shards_bucket: str,
-) -> int:
-    """Write the status's shard manifests, create-only; return how many were new."""
-    settings = runtime.settings
-    size = int(status.get("shard_size") or settings.shard_size)
+def plan_shards(
+    request: BatchRequest, status: dict[str, Any], shards_prefix: str
+) -> list[tuple[str, bytes]]:
+    """The shard manifests of a batch, as names and bodies; the same every time.
+
+    Their digests go into the status object before any is written, so a shard
+    whose body is not one of them (edited, or forged by someone who may write
+    to the bucket) is refused instead of run.
+    """
+    size = int(status["shard_size"])
     count = int(status["shards"])
     batch, run = str(status["batch"]), str(status["run"])
-
-    async def write_one(index: int) -> bool:
+    planned = []
+    for index in range(count):
         offset = index * size
         info = ShardInfo(
             batch=batch,
@@ -142,17 +152,34 @@ async def write_shards(
         if request.generations is not None and request.sidecar_generations is not None:
             body["generations"] = request.generations[offset : offset + size]
             body["sidecar_generations"] = request.sidecar_generations[offset : offset + size]
+        name = shard_object_name(shards_prefix, batch, run, index)
+        planned.append((name, json.dumps(body, sort_keys=True).encode()))
+    status["shard_digests"] = [_digest(body) for _, body in planned]
+    return planned
+
+
+async def write_shards(
+    runtime: Runtime, planned: list[tuple[str, bytes]], *, shards_bucket: str
+) -> int:
+    """Write planned shard manifests, create-only; return how many were new."""
+
+    async def write_one(shard: tuple[str, bytes]) -> bool:
+        name, body = shard
         return await runtime.store.write(
             shards_bucket,
-            shard_object_name(settings.shards_prefix, batch, run, index),
-            json.dumps(body).encode(),
-            content_type="application/json",
+            name,
+            body,
+            content_type=JSON_TYPE,
             if_generation_match=0,
-            metadata={"describer-shard": batch},
+            metadata={"describer-shard": name},
         )
 
-    written = await bounded_map(write_one, range(count), limit=IO_CONCURRENCY)
+    written = await bounded_map(write_one, planned, limit=IO_CONCURRENCY)
     return sum(written)
+
+
+def _digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()[:32]
 
 
 async def describe_shard(runtime: Runtime, event: ObjectEvent) -> str:
@@ -170,20 +197,23 @@ async def describe_shard(runtime: Runtime, event: ObjectEvent) -> str:
         # shard=True: the shard fields are accepted here, and required.
         request = parse_body(body, max_batch_size=settings.max_manifest_images, shard=True)
     except RequestError as exc:
-        stem = name.removesuffix(".batch.json")
-        await write_error_report(store, results, stem, uri, generation, exc)
+        await write_error_report(
+            store, results, name.removesuffix(MANIFEST_SUFFIX), uri, generation, exc
+        )
         return "shard_invalid"
     info = request.shard
     assert info is not None  # parse_body(shard=True) requires it
     output = request.output or results
     status_object = status_name(output, info.batch)
     status, _ = await store.read_json(output.bucket, status_object)
+    fields = {"uri": uri, "batch": info.batch, "shard": info.index}
     if status is None or str(status.get("run")) != info.run:
-        log.info(
-            "shard of a run that is not the batch's current one; ignored",
-            extra={"uri": uri, "batch": info.batch},
-        )
+        log.info("shard of a run that is not the batch's current one; ignored", extra=fields)
         return "superseded"
+    digests = status.get("shard_digests") or []
+    if info.index >= len(digests) or digests[info.index] != _digest(body):
+        log.error("shard is not the one its batch planned; refused", extra=fields)
+        return "shard_invalid"
     if str(info.index) not in status.get("finished_shards", {}):
         job = Job(
             request=request,
@@ -193,36 +223,40 @@ async def describe_shard(runtime: Runtime, event: ObjectEvent) -> str:
             results_name=shard_jsonl_name(output, info.batch, info.index),
             parts_prefix=f"{output.prefix}batches/{info.batch}.shards/{info.index:05d}.parts/",
             title=f"Shard {info.index + 1} of {info.count} of {info.source}",
-            allowed_buckets=settings.allowed_buckets
-            | {bucket}
-            | ({settings.results_bucket} if settings.results_bucket else set()),
+            allowed_buckets=settings.readable_buckets(_sources_bucket(status)),
             sidecars=output if info.kind == "backfill" else None,
+            # A shard waits out passing failures with redeliveries (inside the retry
+            # window) rather than record them for good: its batch waits for it anyway.
+            retry_transient=True,
         )
         outcome = await run_job(runtime, job, stop_at, give_up=give_up)
-        if outcome.state in ("superseded", "stalled"):
-            return f"shard_{outcome.state}"
+        if outcome.state == "superseded":
+            return "shard_superseded"
+        stalled = outcome.state == "stalled"
         tally = outcome.tally or await _tally_of(store, output.bucket, job.results_name)
         status = await update_status(
             store,
             output.bucket,
             status_object,
-            lambda s: record_shard(s, info.index, tally) if s.get("run") == info.run else None,
+            lambda s: (
+                record_shard(s, info.index, tally, stalled=stalled)
+                if s.get("run") == info.run
+                else None
+            ),
         )
         if status is None or status.get("run") != info.run:
             return "superseded"
-        log.info(
-            "shard done",
-            extra={
-                "batch": info.batch,
-                "shard": info.index,
-                "pending": len(status["pending_shards"]),
-            },
-        )
+        log.info("shard done", extra={**fields, "pending": len(status["pending_shards"])})
     if status["pending_shards"] or status.get("results_uri"):
         return "described_shard"
     # The last shard recorded (or a redelivery of it, if merging failed): merge.
     await _merge(runtime, info, output, status, shards_bucket=bucket)
     return "merged"
+
+
+def _sources_bucket(status: dict[str, Any]) -> str:
+    """The bucket a sharded manifest was uploaded to (or the backfilled one): readable."""
+    return str(status.get("source", "")).removeprefix("gs://").split("/", 1)[0]
 
 
 async def _merge(
@@ -266,7 +300,9 @@ async def _merge(
     def finish(s: dict[str, Any]) -> dict[str, Any] | None:
         if s.get("run") != info.run:
             return None
-        s.update(complete=True, results_uri=results_uri, gallery_uri=gallery_uri)
+        s.update(
+            complete=True, results_uri=results_uri, gallery_uri=gallery_uri, updated_at=now_iso()
+        )
         return s
 
     await update_status(store, output.bucket, status_name(output, info.batch), finish)

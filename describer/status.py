@@ -46,7 +46,7 @@ def new_status(
     schema: str | None,
     **extra: Any,
 ) -> dict[str, Any]:
-    now = _now()
+    now = now_iso()
     return {
         "batch": batch,
         "kind": kind,
@@ -62,6 +62,7 @@ def new_status(
         "errors": 0,
         "usage": {"prompt_tokens": 0, "output_tokens": 0},
         "pending_shards": list(range(shards)),
+        "stalled_shards": [],
         "finished_shards": {},
         "created_at": now,
         "updated_at": now,
@@ -74,10 +75,17 @@ def new_status(
     }
 
 
-def record_shard(status: dict[str, Any], index: int, tally: dict[str, int]) -> dict[str, Any]:
-    """The status with shard ``index`` finished with ``tally``; totals recomputed."""
+def record_shard(
+    status: dict[str, Any], index: int, tally: dict[str, int], *, stalled: bool = False
+) -> dict[str, Any]:
+    """The status with shard ``index`` finished with ``tally``; totals recomputed.
+
+    A ``stalled`` shard gave up on some sources (past the retry window): it counts
+    as finished, so the batch still completes, and ``stalled_shards`` names it.
+    """
     finished: dict[str, Any] = status["finished_shards"]
-    finished[str(index)] = {**tally, "finished_at": _now()}
+    finished[str(index)] = {**tally, "finished_at": now_iso(), "stalled": stalled}
+    status["stalled_shards"] = sorted(int(i) for i, s in finished.items() if s.get("stalled"))
     status["ok"] = sum(int(s["ok"]) for s in finished.values())
     status["errors"] = sum(int(s["error"]) for s in finished.values())
     status["done"] = status["ok"] + status["errors"]
@@ -86,7 +94,7 @@ def record_shard(status: dict[str, Any], index: int, tally: dict[str, int]) -> d
         for key in ("prompt_tokens", "output_tokens")
     }
     status["pending_shards"] = [i for i in range(status["shards"]) if str(i) not in finished]
-    status["updated_at"] = _now()
+    status["updated_at"] = now_iso()
     elapsed = (
         datetime.fromisoformat(status["updated_at"]) - datetime.fromisoformat(status["created_at"])
     ).total_seconds()
@@ -129,5 +137,5 @@ async def update_status(
     )
 
 
-def _now() -> str:
+def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")

@@ -126,15 +126,22 @@ def test_a_backfill_of_5000_images_across_processes_survives_a_killed_process(
         assert (body["images"], body["shards"]) == (IMAGES, IMAGES // SHARD_SIZE)
         status_name = f"descriptions/batches/{body['batch']}.status.json"
 
-        def sidecars() -> int:
-            return sum(1 for _ in gcs.list_blobs(results.name, prefix="descriptions/cam/"))
+        def kept() -> int:
+            """Answers kept so as not to be asked for again: checkpoints, and finished shards."""
+            prefix = f"descriptions/batches/{body['batch']}.shards/"
+            checkpoints = sum(
+                ".parts/" in b.name for b in gcs.list_blobs(results.name, prefix=prefix)
+            )
+            blob = results.get_blob(status_name)
+            finished = json.loads(blob.download_as_bytes())["finished_shards"] if blob else {}
+            return checkpoints + sum(int(s["ok"]) for s in finished.values())
 
         # AND, a third of the way through, the model holds every further call, and once
-        # every answer so far is kept (its checkpoint, then its sidecar, written) one
+        # every answer so far is kept (its sidecar, then its checkpoint, written) one
         # describe_gcs process is killed with SIGKILL
         _wait_for(lambda: sim.stats.ok >= IMAGES // 3, "a third of the answers", 240)
         sim.hold()
-        _wait_for(lambda: sidecars() == sim.stats.ok, "every answer so far kept", 60)
+        _wait_for(lambda: kept() == sim.stats.ok, "every answer so far kept", 60)
         answered_before = sim.stats.ok
         victim = started[1]
         procs.kill_hard(victim)

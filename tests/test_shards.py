@@ -12,12 +12,13 @@ import pytest
 from google.cloud import storage
 
 from describer import Runtime, handle_storage_event
+from describer.errors import TransientFailure
 from describer.status import new_status, record_shard, update_status
 from localdev.events import finalized_event
 from localdev.gemini_sim import RunningSimulator
 from localdev.memory_store import MemoryStore
 
-from .conftest import make_image, post_batch, upload
+from .conftest import API_KEY, make_image, post_batch, upload
 
 SHARDS = "describer-shards/"
 
@@ -105,33 +106,102 @@ def test_a_large_manifest_is_sharded_and_the_last_shard_merges_in_input_order(
     assert not list(bucket.list_blobs(prefix=SHARDS))
 
 
-def test_shards_never_shard_and_stale_runs_do_nothing(
+def test_edited_or_forged_shards_are_refused_and_stale_runs_do_nothing(
     runtime: Runtime, bucket: storage.Bucket, sim: RunningSimulator
 ) -> None:
+    """Only the shards a batch planned are run: their digests are in its status object."""
     images = _pictures(bucket, 7)
     manifest = upload(bucket, "m.batch.json", json.dumps({"images": images}).encode(), None)
     assert handle_storage_event(runtime, _event(manifest)) == "sharded"
     first = sorted(bucket.list_blobs(prefix=SHARDS), key=lambda b: b.name)
-    # GIVEN a shard carrying more sources than SHARD_SIZE (a forged or edited one)
+    # GIVEN a shard edited by someone who may write to the bucket: more sources, and
+    # posing as a backfill so that its records would become sidecars
     body = json.loads(first[0].download_as_bytes())
-    body["images"] = images  # 7 > 5
-    body["shard"]["total"] = 7
+    body["images"] = images
+    body["shard"].update(total=7, kind="backfill")
+    body["generations"] = ["9" * 19] * 7
+    body["sidecar_generations"] = [0] * 7
     forged = upload(bucket, first[0].name, json.dumps(body).encode(), None)
-    # WHEN it arrives THEN it is run as one shard, never split into more shards
-    assert handle_storage_event(runtime, _event(forged)) == "described_shard"
+    # WHEN it arrives THEN it is refused: no model call, no sidecar, no new shard
+    assert handle_storage_event(runtime, _event(forged)) == "shard_invalid"
+    assert sim.stats.calls == 0
+    assert not list(bucket.list_blobs(prefix="descriptions/in/"))
     assert len(list(bucket.list_blobs(prefix=SHARDS))) == len(first)
-    # GIVEN the manifest uploaded again: a new run
-    calls = sim.stats.calls
-    again = upload(bucket, "m.batch.json", json.dumps({"images": images[:6]}).encode(), None)
-    assert handle_storage_event(runtime, _event(again)) == "sharded"
-    # WHEN a shard of the old run is delivered late THEN it does nothing
-    assert handle_storage_event(runtime, _event(first[1])) == "superseded"
-    assert sim.stats.calls == calls
-    # AND a manifest without the shard fields under the shards prefix is refused
+    # AND a manifest without the shard fields under the shards prefix is refused too
     plain = upload(
         bucket, f"{SHARDS}x/1/00000.batch.json", json.dumps({"images": images}).encode(), None
     )
     assert handle_storage_event(runtime, _event(plain)) == "shard_invalid"
+    # GIVEN the manifest uploaded again: a new run
+    again = upload(bucket, "m.batch.json", json.dumps({"images": images[:6]}).encode(), None)
+    assert handle_storage_event(runtime, _event(again)) == "sharded"
+    # WHEN a shard of the old run is delivered late THEN it does nothing
+    assert handle_storage_event(runtime, _event(first[1])) == "superseded"
+    assert sim.stats.calls == 0
+
+
+def test_a_manifest_delivered_again_after_its_merge_writes_no_shard(
+    runtime: Runtime, bucket: storage.Bucket, sim: RunningSimulator
+) -> None:
+    manifest = upload(
+        bucket, "m.batch.json", json.dumps({"images": _pictures(bucket, 6)}).encode(), None
+    )
+    assert handle_storage_event(runtime, _event(manifest)) == "sharded"
+    assert _deliver_shards(runtime, bucket)[-1] == "merged"
+    assert handle_storage_event(runtime, _event(manifest)) == "already_done"
+    assert not list(bucket.list_blobs(prefix=SHARDS))
+    assert sim.stats.calls == 6
+
+
+def test_a_shard_that_cannot_finish_is_redelivered_then_recorded_as_stalled(
+    make_runtime: Callable[..., Runtime], bucket: storage.Bucket, sim: RunningSimulator
+) -> None:
+    """Inside the retry window a stuck shard asks for redelivery; past it, the batch completes."""
+    runtime = make_runtime(
+        results_bucket=None, shard_size=5, function_timeout_s=2.5, deadline_margin_s=1.0
+    )
+    manifest = upload(
+        bucket, "m.batch.json", json.dumps({"images": _pictures(bucket, 7)}).encode(), None
+    )
+    assert handle_storage_event(runtime, _event(manifest)) == "sharded"
+    first, second = sorted(bucket.list_blobs(prefix=SHARDS), key=lambda b: b.name)
+    assert handle_storage_event(runtime, _event(second)) == "described_shard"
+    # GIVEN a model that answers nothing at all
+    sim.configure(api_key=API_KEY, answer_limit=0)
+    # WHEN the first shard runs inside the retry window THEN it asks for redelivery,
+    # though it finished nothing (its batch waits for it)
+    with pytest.raises(TransientFailure):
+        handle_storage_event(runtime, _event(first))
+    assert _status(bucket, "m")["pending_shards"] == [0]
+    # WHEN it is delivered past the retry window THEN it is recorded as stalled and the
+    # batch completes, its unfinished sources as errors in the merged JSONL
+    late = handle_storage_event(runtime, _event(first), event_time="2020-01-01T00:00:00Z")
+    assert late == "merged"
+    status = _status(bucket, "m")
+    assert status["complete"] and status["stalled_shards"] == [0]
+    assert (status["ok"], status["errors"]) == (2, 5)
+
+
+def test_shards_in_a_bucket_of_their_own_still_read_the_manifests_bucket(
+    make_runtime: Callable[..., Runtime],
+    gcs: storage.Client,
+    bucket: storage.Bucket,
+    sim: RunningSimulator,
+) -> None:
+    shards_bucket = gcs.create_bucket(f"s-{bucket.name}")
+    runtime = make_runtime(
+        results_bucket=None,
+        shard_size=5,
+        allowed_buckets=frozenset(),
+        shards_bucket=shards_bucket.name,
+    )
+    images = _pictures(bucket, 6)
+    manifest = upload(bucket, "m.batch.json", json.dumps({"images": images}).encode(), None)
+    assert handle_storage_event(runtime, _event(manifest)) == "sharded"
+    assert not list(bucket.list_blobs(prefix=SHARDS))
+    # The shards' events come from their own bucket; the results stay with the manifest's.
+    assert _deliver_shards(runtime, shards_bucket)[-1] == "merged"
+    assert _status(bucket, "m")["ok"] == 6
 
 
 def test_backfill_dry_run_writes_nothing_and_estimates(
@@ -170,9 +240,11 @@ def test_backfill_describes_each_image_once_and_a_rerun_resumes(
     assert reply.status == 202, reply.body
     assert (reply.body["images"], reply.body["already_described"]) == (6, 1)
     batch = reply.body["batch"]
-    # AND a second backfill while it runs is refused
-    busy = post_batch(runtime, where)
-    assert busy.status == 409 and busy.body["error"]["code"] == "backfill_in_progress"
+    # AND a second backfill of the bucket while it runs is refused, whatever its prefix
+    # or prompt: two at once would describe the same images twice
+    for other in (where, {"backfill": f"gs://{bucket.name}/", "prompt": "Another prompt."}):
+        busy = post_batch(runtime, other)
+        assert busy.status == 409 and busy.body["error"]["code"] == "backfill_in_progress"
     # WHEN its shards are delivered THEN 6 sidecars are written and the batch merged
     assert _deliver_shards(runtime, bucket)[-1] == "merged"
     assert sim.stats.calls == 7
