@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from google.cloud import storage
 
 from describer import Runtime, handle_storage_event
+from describer.backfill import start_backfill
 from describer.errors import TransientFailure
 from describer.status import new_status, record_shard, update_status
 from localdev.events import finalized_event
@@ -371,3 +373,25 @@ def _backfill_batch(bucket: storage.Bucket) -> str:
     """The one backfill batch whose status object is in the bucket."""
     (blob,) = bucket.list_blobs(prefix="descriptions/batches/backfill-")
     return str(blob.name).removeprefix("descriptions/batches/").removesuffix(".status.json")
+
+
+def test_a_backfill_above_max_manifest_images_or_out_of_time_claims_nothing(
+    make_runtime: Callable[..., Runtime], bucket: storage.Bucket, sim: RunningSimulator
+) -> None:
+    _pictures(bucket, 4, folder="photos")
+    where = {"backfill": f"gs://{bucket.name}/photos/"}
+    capped = make_runtime(
+        results_bucket=None, allowed_buckets=frozenset({bucket.name}), max_manifest_images=3
+    )
+    # GIVEN more images than one run may take THEN 413, and max_images within the cap works
+    reply = post_batch(capped, where)
+    assert reply.status == 413 and reply.body["error"]["code"] == "batch_too_large"
+    assert not list(bucket.list_blobs(prefix="descriptions/batches/"))
+    # GIVEN a listing that used up the invocation's time THEN nothing is claimed
+    runtime = make_runtime(results_bucket=None, allowed_buckets=frozenset({bucket.name}))
+    with pytest.raises(TransientFailure, match="time budget"):
+        asyncio.run(start_backfill(runtime, where, stop_at=time.monotonic() - 1))
+    assert not list(bucket.list_blobs(prefix="descriptions/batches/"))
+    assert not list(bucket.list_blobs(prefix=SHARDS))
+    assert post_batch(capped, {**where, "max_images": 3}).status == 202
+    assert sim.stats.calls == 0

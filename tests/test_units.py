@@ -7,6 +7,7 @@ import io
 import json
 import re
 import socket
+import time
 
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -17,6 +18,8 @@ from describer.batch import GcsSource, HttpSource, parse_body, parse_source
 from describer.images import prepare
 from describer.netguard import ForbiddenAddress, GuardedResolver, check_literal_host, is_public
 from describer.records import Usage, counts, dumps_jsonl
+from describer.results import write_gallery
+from localdev.memory_store import MemoryStore
 
 from .conftest import make_image
 
@@ -372,3 +375,47 @@ def test_allow_private_urls_is_refused_on_cloud_run() -> None:
     with pytest.raises(ConfigError, match="local testing only"):
         Settings.from_env({"ALLOW_PRIVATE_URLS": "true", "K_SERVICE": "describe-http"})
     assert Settings.from_env({"ALLOW_PRIVATE_URLS": "true"}).allow_private_urls
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"SHARDS_PREFIX": "descriptions/shards/"},  # under RESULTS_PREFIX: the loop guard eats them
+        {"RESULTS_PREFIX": "describer-shards/out/"},  # results taken for shards
+        {"RESULTS_BUCKET": "r", "RESULTS_PREFIX": "", "SHARDS_BUCKET": "r"},  # no shard could run
+        {"DESCRIBE_SCHEMA": "xml"},
+    ],
+)
+def test_settings_that_would_break_sharding_or_schemas_refuse_to_start(
+    env: dict[str, str],
+) -> None:
+    with pytest.raises(ConfigError):
+        Settings.from_env(env)
+
+
+def test_describe_schema_ignores_case_and_text_means_free_text() -> None:
+    assert Settings.from_env({"DESCRIBE_SCHEMA": "ALT_TEXT"}).schema == "alt_text"
+    assert Settings.from_env({"DESCRIBE_SCHEMA": "text"}).schema is None
+
+
+def test_no_gallery_is_written_once_the_margin_is_half_gone() -> None:
+    """A page of several MB is not started when the invocation may be killed while writing it."""
+    store = MemoryStore()
+    record = {"source": "a", "status": "ok", "description": "x"}
+
+    async def write(unless_after: float) -> str | None:
+        return await write_gallery(
+            store,
+            "out",
+            "batches/b.jsonl",
+            [record],
+            [None],
+            title="b",
+            elapsed_s=None,
+            unless_after=unless_after,
+        )
+
+    assert asyncio.run(write(time.monotonic() - 1)) is None
+    assert store.names("out") == []
+    assert asyncio.run(write(time.monotonic() + 60)) == "gs://out/batches/b.html"
+    assert store.names("out") == ["batches/b.html"]
