@@ -73,11 +73,7 @@ def parse_backfill(data: dict[str, Any]) -> BackfillRequest:
     where = data["backfill"]
     if not isinstance(where, str):
         raise RequestError(400, "invalid_request", "'backfill' must be a gs://bucket/prefix/ URI.")
-    try:
-        location = parse_output(where)
-    except RequestError as exc:
-        message = exc.message.replace("'output'", "'backfill'")
-        raise RequestError(400, "invalid_request", message) from None
+    location = parse_output(where, what="'backfill'")
     dry_run = data.get("dry_run", False)
     if not isinstance(dry_run, bool):
         raise RequestError(400, "invalid_request", "'dry_run' must be true or false.")

@@ -195,15 +195,18 @@ def _with_shard(request: BatchRequest, data: dict[str, Any]) -> BatchRequest:
     return replace(request, shard=shard, generations=generations, sidecar_generations=sidecars)
 
 
-def parse_prompt(prompt: Any) -> str:
-    """A prompt from a request: non-empty text of at most MAX_PROMPT_CHARS."""
+def parse_prompt(prompt: Any, *, what: str = "'prompt'") -> str:
+    """A prompt from a request: non-empty text of at most MAX_PROMPT_CHARS.
+
+    ``what`` names the value in the messages: the request field by default.
+    """
     if not isinstance(prompt, str) or not prompt.strip():
-        raise RequestError(400, "invalid_request", "'prompt' must be a non-empty string.")
+        raise RequestError(400, "invalid_request", f"{what} must be a non-empty string.")
     if not _encodable(prompt):
-        raise RequestError(400, "invalid_request", "'prompt' is not valid Unicode text.")
+        raise RequestError(400, "invalid_request", f"{what} is not valid Unicode text.")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise RequestError(
-            400, "invalid_request", f"'prompt' is longer than {MAX_PROMPT_CHARS} characters."
+            400, "invalid_request", f"{what} is longer than {MAX_PROMPT_CHARS} characters."
         )
     return prompt
 
@@ -220,26 +223,29 @@ def parse_schema(value: Any) -> str:
     return value
 
 
-def parse_output(uri: str) -> Location:
-    """``gs://bucket/prefix/`` to a :class:`Location`, or a 400 saying what is wrong."""
+def parse_output(uri: str, *, what: str = "'output'") -> Location:
+    """``gs://bucket/prefix/`` to a :class:`Location`, or a 400 saying what is wrong.
+
+    ``what`` names the value in the messages: the request field by default.
+    """
     try:
         bucket, name = _split_gs(uri)
     except ValueError as exc:
-        raise RequestError(400, "invalid_request", f"'output' {str(exc).rstrip('.')}.") from None
+        raise RequestError(400, "invalid_request", f"{what} {str(exc).rstrip('.')}.") from None
     prefix = normalize_prefix(name)
     if "\r" in prefix or "\n" in prefix:
-        raise RequestError(400, "invalid_request", "'output' contains a line break.")
+        raise RequestError(400, "invalid_request", f"{what} contains a line break.")
     if not _encodable(prefix):
-        raise RequestError(400, "invalid_request", "'output' is not valid Unicode text.")
+        raise RequestError(400, "invalid_request", f"{what} is not valid Unicode text.")
     if len(prefix.encode()) + _RESULTS_TAIL_BYTES > MAX_OBJECT_NAME_BYTES:
         raise RequestError(
             400,
             "invalid_request",
-            f"'output' is too long: object names are at most {MAX_OBJECT_NAME_BYTES} bytes.",
+            f"{what} is too long: object names are at most {MAX_OBJECT_NAME_BYTES} bytes.",
         )
     if prefix.startswith(".well-known/acme-challenge/"):
         raise RequestError(
-            400, "invalid_request", "'output' may not be under .well-known/acme-challenge/."
+            400, "invalid_request", f"{what} may not be under .well-known/acme-challenge/."
         )
     return Location(bucket=bucket, prefix=prefix)
 
@@ -302,8 +308,14 @@ def parse_local_source(uri: str) -> Source:
     survive). Other schemes are refused as they are over HTTP.
     """
     scheme = uri.split(":", 1)[0].lower() if _SCHEME.match(uri) else ""
-    if scheme in ("http", "https", "gs") or (scheme and scheme != "file"):
+    if scheme in ("http", "https", "gs"):
         return parse_source(uri)
+    if scheme and scheme != "file":
+        raise SourceError(
+            Code.FORBIDDEN_SOURCE,
+            f"The scheme {scheme!r} is refused: give a file or folder, or an http://, "
+            "https://, gs:// or file:// URI.",
+        )
     if scheme == "file":
         parts = urlsplit(uri)
         if parts.netloc not in ("", "localhost"):

@@ -26,9 +26,9 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from .batch import GcsSource, Location, parse_local_source, parse_output
+from .batch import GcsSource, Location, parse_local_source, parse_output, parse_prompt
 from .errors import ConfigError, RequestError, SourceError, StorageUnavailable
-from .expand import ListingFailed, expand
+from .expand import ListingFailed, check_prefixes, expand
 from .logs import configure as configure_logging
 from .records import JSONL_TYPE, Record, counts, dumps_jsonl, total_usage
 from .results import HTML_TYPE, gallery_name, gallery_page
@@ -167,9 +167,11 @@ def run(options: Options, settings: Settings, *, stdout: TextIO) -> int:
     """Describe ``options.sources`` with ``settings``; write to ``stdout`` and ``--out``."""
     if options.concurrency is not None:
         settings = replace(settings, model_concurrency=options.concurrency)
-    if options.prompt is not None and not options.prompt.strip():
-        raise ConfigError("--prompt must not be empty")
+    if options.prompt is not None:
+        # The same limits as a request's prompt: the CLI runs the function's pipeline.
+        parse_prompt(options.prompt, what="--prompt")
     output = _output(options.out)
+    check_prefixes(options.sources)
     prompt, schema = settings.prompt_and_schema(options.prompt, options.schema)
     uses_storage = isinstance(output, Location) or any(
         s.lower().startswith("gs://") for s in options.sources
@@ -181,7 +183,11 @@ def run(options: Options, settings: Settings, *, stdout: TextIO) -> int:
     try:
         uris = list(expand(options.sources, runtime.storage_client))
         if not uris:
-            raise ConfigError("the sources hold no images")
+            given = ", ".join(options.sources)
+            raise ConfigError(
+                f"no images in {given}: a folder gives the files whose names end like an "
+                "image's (.jpg, .png, .webp, .heic, .gif, .tiff and others Pillow reads)"
+            )
         started = time.monotonic()
         records, interrupted = asyncio.run(_describe(runtime, uris, prompt, schema, gallery))
         elapsed = time.monotonic() - started
@@ -353,7 +359,7 @@ def _output(out: str | None) -> Location | Path | None:
     if out is None:
         return None
     if out.lower().startswith("gs://"):
-        return parse_output(out)
+        return parse_output(out, what="--out")
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder or gs://bucket/prefix/")

@@ -10,7 +10,7 @@ from google.api_core import exceptions as gexc
 from google.auth.exceptions import GoogleAuthError
 from google.cloud import storage
 
-from .batch import LocalSource, parse_local_source, parse_output
+from .batch import LocalSource, Location, parse_local_source, parse_output
 from .errors import DescriberError, SourceError
 from .images import IMAGE_SUFFIXES
 from .store import LIST_PAGE_SIZE
@@ -20,13 +20,20 @@ class ListingFailed(DescriberError):
     """A gs:// prefix given on the command line could not be listed."""
 
 
+def check_prefixes(sources: Sequence[str]) -> None:
+    """Refuse a malformed ``gs://…/`` prefix before anything is set up for it (RequestError)."""
+    for given in sources:
+        if _is_prefix(given):
+            _prefix_location(given)
+
+
 def expand(sources: Sequence[str], client: storage.Client) -> Iterator[str]:
     """Each source as given; folders and ``gs://…/`` prefixes replaced by their images.
 
     A source that is not usable is kept as it is: its record says what is wrong.
     """
     for given in sources:
-        if given.lower().startswith("gs://") and given.endswith("/"):
+        if _is_prefix(given):
             yield from _prefix_images(client, given)
             continue
         try:
@@ -67,8 +74,16 @@ def _printable(text: str) -> bool:
     return True
 
 
+def _is_prefix(source: str) -> bool:
+    return source.lower().startswith("gs://") and source.endswith("/")
+
+
+def _prefix_location(uri: str) -> Location:
+    return parse_output(uri, what=f"the source {uri!r}")
+
+
 def _prefix_images(client: storage.Client, uri: str) -> Iterator[str]:
-    location = parse_output(uri)
+    location = _prefix_location(uri)
     try:
         blobs = client.list_blobs(
             location.bucket, prefix=location.prefix, page_size=LIST_PAGE_SIZE, timeout=60

@@ -56,6 +56,18 @@ class Described:
     data: dict[str, Any] | None = None  # the validated answer, when a schema was asked for
 
 
+@dataclass
+class Spent:
+    """The calls made for one image so far, and the usage of answers already received.
+
+    Kept up to date while the calls go on, so that a record cut short by the deadline
+    or Ctrl-C still counts the calls Gemini may bill.
+    """
+
+    attempts: int = 0
+    usage: Usage | None = None
+
+
 class GeminiConnector:
     """Process-wide: what every invocation's client shares (TLS context, credentials)."""
 
@@ -150,7 +162,12 @@ class Describer:
         )
 
     async def describe(
-        self, image: PreparedImage, prompt: str, *, schema: str | None = None
+        self,
+        image: PreparedImage,
+        prompt: str,
+        *,
+        schema: str | None = None,
+        spent: Spent | None = None,
     ) -> Described:
         """Describe ``image`` as ``prompt`` asks, in free text or as schema ``schema``.
 
@@ -159,13 +176,16 @@ class Describer:
         whole validated object. An answer that does not fit is asked for once more:
         that second call counts in ``attempts``, and ``usage`` is the sum of both
         calls. Two misfits end in a ``model_error`` that is not transient.
+
+        ``spent``, when given, is kept up to date as the calls go, so that a caller
+        whose deadline cancels this coroutine still knows what was spent.
         """
         picture = types.Part.from_bytes(data=image.data, mime_type=image.mime_type)
         if schema is None:
-            return await self._generate([picture, prompt], None)
+            return await self._generate([picture, prompt], None, spent=spent)
         shape = SCHEMAS[schema]
         contents: list[types.PartUnion] = [picture, f"{prompt}\n\n{shape.instruction}"]
-        first = await self._generate(contents, shape)
+        first = await self._generate(contents, shape, spent=spent)
         try:
             return _structured(first, shape)
         except SchemaMismatch as exc:
@@ -173,8 +193,12 @@ class Describer:
                 "the answer did not fit the schema; asking once more",
                 extra={"schema": shape.name, "reason": str(exc), "attempts": first.attempts},
             )
+        if spent is not None:
+            spent.usage = first.usage  # billed, whatever becomes of the second call
         try:
-            second = await self._generate(contents, shape, attempts_before=first.attempts)
+            second = await self._generate(
+                contents, shape, attempts_before=first.attempts, spent=spent
+            )
         except SourceError as exc:
             # The first answer was billed even though the second call failed.
             exc.usage = _sum_usage(first.usage, exc.usage)
@@ -191,7 +215,12 @@ class Describer:
             ) from None
 
     async def _generate(
-        self, contents: list[types.PartUnion], shape: Schema | None, *, attempts_before: int = 0
+        self,
+        contents: list[types.PartUnion],
+        shape: Schema | None,
+        *,
+        attempts_before: int = 0,
+        spent: Spent | None = None,
     ) -> Described:
         """One answer, retrying 408, 429, 5xx, timeouts and lost connections.
 
@@ -203,6 +232,8 @@ class Describer:
             attempt += 1
             final = attempt >= budget
             model = self._model
+            if spent is not None:
+                spent.attempts = attempt
             try:
                 response = await self._client.aio.models.generate_content(
                     model=model, contents=contents, config=self._config(model, shape)

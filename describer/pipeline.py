@@ -21,13 +21,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 from .batch import Source, parse_source
 from .errors import Code, SourceError
 from .fetch import Fetcher
-from .gemini import Describer
+from .gemini import Describer, Spent
 from .images import PreparedImage, prepare
 from .logs import source_var
 from .records import OK, Record
@@ -44,6 +45,15 @@ class _Ready:
     index: int
     image: PreparedImage
     started: float
+
+
+@dataclass
+class _Flight:
+    """A source on its way: what its record says if the deadline cuts it short."""
+
+    started: float
+    known: dict[str, Any] = field(default_factory=dict)
+    spent: Spent = field(default_factory=Spent)
 
 
 @dataclass(frozen=True)
@@ -133,12 +143,12 @@ class Pipeline:
         return [
             record
             if record is not None
-            else self._out_of_time(uri, index in batch.started, interrupted=interrupted)
+            else self._out_of_time(uri, batch.flights.get(index), interrupted=interrupted)
             for index, (uri, record) in enumerate(zip(uris, batch.records, strict=True))
         ]
 
-    def _out_of_time(self, uri: str, started: bool, *, interrupted: bool) -> Record:
-        what = "was stopped unfinished" if started else "was not started"
+    def _out_of_time(self, uri: str, flight: _Flight | None, *, interrupted: bool) -> Record:
+        what = "was stopped unfinished" if flight is not None else "was not started"
         error = (
             SourceError(Code.INTERRUPTED, f"The source {what}: the run was interrupted.")
             if interrupted
@@ -149,12 +159,22 @@ class Pipeline:
                 transient=True,
             )
         )
+        known: dict[str, Any] = {}
+        if flight is not None:
+            # Calls already made may be billed: the record counts them, as any other does.
+            known = {
+                **flight.known,
+                "attempts": flight.spent.attempts,
+                "usage": flight.spent.usage,
+                "latency_ms": _elapsed_ms(flight.started),
+            }
         return Record.failed(
             uri,
             error,
             model=self._model,
             prompt=self._prompt,
             schema=self._schema,
+            **known,
         )
 
     async def _download_worker(
@@ -165,8 +185,8 @@ class Pipeline:
     ) -> None:
         for index in pending:
             uri = batch.uris[index]
-            batch.started.add(index)
             started = time.monotonic()
+            batch.flights[index] = _Flight(started)
             token = source_var.set(uri)
             try:
                 ready = await self._download_one(index, uri, started)
@@ -184,6 +204,7 @@ class Pipeline:
                 continue
             finally:
                 source_var.reset(token)
+            batch.flights[index].known = _known(ready.image)
             await queue.put(ready)
 
     async def _download_one(self, index: int, uri: str, started: float) -> _Ready:
@@ -207,15 +228,12 @@ class Pipeline:
         while (ready := await queue.get()) is not None:
             uri = batch.uris[ready.index]
             token = source_var.set(uri)
-            image = ready.image
-            known = {
-                "mime_type": image.source_mime_type,
-                "width": image.width,
-                "height": image.height,
-                "thumbnail": image.thumbnail,
-            }
+            flight = batch.flights[ready.index]
+            known = flight.known
             try:
-                answer = await self._describer.describe(image, self._prompt, schema=self._schema)
+                answer = await self._describer.describe(
+                    ready.image, self._prompt, schema=self._schema, spent=flight.spent
+                )
             except SourceError as exc:
                 batch.finish(ready.index, self._failed(uri, exc, ready.started, **known))
             except Exception as exc:
@@ -241,7 +259,7 @@ class Pipeline:
                     usage=answer.usage,
                     attempts=answer.attempts,
                     latency_ms=_elapsed_ms(ready.started),
-                    **known,  # type: ignore[arg-type]
+                    **known,
                 )
                 batch.finish(ready.index, record)
                 log.info("described", extra={"status": OK, "attempts": answer.attempts})
@@ -269,7 +287,8 @@ class _Batch:
     def __init__(self, uris: Sequence[str], sink: RecordSink | None, *, writers: int) -> None:
         self.uris = uris
         self.records: list[Record | None] = [None] * len(uris)
-        self.started: set[int] = set()
+        # The sources started and not yet finished.
+        self.flights: dict[int, _Flight] = {}
         self.finished = 0
         self._sink = sink
         self._written: asyncio.Queue[int | None] = asyncio.Queue()
@@ -277,6 +296,7 @@ class _Batch:
 
     def finish(self, index: int, record: Record) -> None:
         self.records[index] = record
+        self.flights.pop(index, None)
         self.finished += 1
         if self._sink is not None:
             self._written.put_nowait(index)
@@ -306,6 +326,16 @@ async def _stop_on(interrupt: asyncio.Event, deadline: asyncio.Timeout) -> None:
     """Bring the deadline forward to now once ``interrupt`` is set."""
     await interrupt.wait()
     deadline.reschedule(asyncio.get_running_loop().time())
+
+
+def _known(image: PreparedImage) -> dict[str, Any]:
+    """What preparation learnt of a source, for its record whatever becomes of it."""
+    return {
+        "mime_type": image.source_mime_type,
+        "width": image.width,
+        "height": image.height,
+        "thumbnail": image.thumbnail,
+    }
 
 
 def _elapsed_ms(started: float) -> int:

@@ -169,7 +169,7 @@ class Settings:
             )
         if self.schema is not None and self.schema not in SCHEMAS:
             raise ConfigError(
-                f"DESCRIBE_SCHEMA must be text or one of {', '.join(sorted(SCHEMAS))}, "
+                f"DESCRIBE_SCHEMA must be one of text, {', '.join(sorted(SCHEMAS))}, "
                 f"got {self.schema!r}"
             )
         if self.deadline_margin_s >= self.function_timeout_s:

@@ -242,7 +242,9 @@ def test_progress_bar_is_drawn_on_a_terminal(tmp_path: Path, sim: RunningSimulat
     assert stdout.count(b"Mostly") == 4
 
 
-def test_usage_errors_exit_2_with_a_reason(image_dir: Path, sim: RunningSimulator) -> None:
+def test_usage_errors_exit_2_with_a_reason(
+    image_dir: Path, tmp_path: Path, sim: RunningSimulator
+) -> None:
     no_key = _env(sim)
     del no_key["GEMINI_API_KEY"]
     done = _cli("describe", str(image_dir / "rocket.jpg"), env=no_key)
@@ -253,7 +255,23 @@ def test_usage_errors_exit_2_with_a_reason(image_dir: Path, sim: RunningSimulato
     assert "--concurrency" in done.stderr
     done = _cli("describe", str(image_dir / "rocket.jpg"), "--out", "gs://", env=_env(sim))
     assert done.returncode == 2
-    assert "'output'" in done.stderr or "bucket" in done.stderr
+    assert "error: --out names no valid bucket" in done.stderr
+    # A source is named as the source, not as an output
+    done = _cli("describe", "gs://Bad_Bucket!/x/", env=_env(sim))
+    assert done.returncode == 2
+    assert "error: the source 'gs://Bad_Bucket!/x/' names no valid bucket" in done.stderr
+    # A prompt has the limits a request's has
+    long_prompt = "describe " * 1000
+    done = _cli("describe", str(image_dir / "rocket.jpg"), "--prompt", long_prompt, env=_env(sim))
+    assert done.returncode == 2
+    assert "error: --prompt is longer than 8000 characters" in done.stderr
+    # A folder without images says which, and what it looked for
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no pictures here")
+    done = _cli("describe", str(empty), env=_env(sim))
+    assert done.returncode == 2
+    assert f"error: no images in {empty}: a folder gives the files" in done.stderr
     assert sim.stats.calls == 0
 
 
@@ -325,7 +343,8 @@ def test_ctrl_c_keeps_what_is_finished_and_marks_the_rest_interrupted(
     )
     try:
         deadline = time.monotonic() + 60
-        while sim.stats.held < 1 or sim.stats.ok < 2:
+        # Two answered, and each of the three describers holding a call.
+        while sim.stats.held < 3 or sim.stats.ok < 2:
             assert time.monotonic() < deadline, "the run never reached the held calls"
             time.sleep(0.05)
         # WHEN Ctrl-C is pressed once
@@ -340,6 +359,8 @@ def test_ctrl_c_keeps_what_is_finished_and_marks_the_rest_interrupted(
     statuses = [r["status"] if r["status"] == "ok" else r["error"]["code"] for r in records]
     assert statuses.count("ok") == 2
     assert statuses.count("interrupted") == 4
+    # AND the three calls cut short are counted in their records' attempts
+    assert sum(r["attempts"] for r in records) == sim.stats.calls == 5
     assert proc.returncode == 130, stderr
     (written,) = (out / "batches").glob("*.jsonl")
     assert [json.loads(line) for line in written.read_text().splitlines()] == records
@@ -375,6 +396,8 @@ def test_other_schemes_are_refused_and_the_schema_brings_its_prompt(
     )  # fmt: skip
     refused, described = (json.loads(line) for line in done.stdout.splitlines())
     assert refused["error"]["code"] == "forbidden_source"
+    # The message names what the command line takes, local files among them.
+    assert "give a file or folder" in refused["error"]["message"]
     # With DESCRIBE_PROMPT at its three-word default, alt_text asks for a real description.
     assert described["prompt"] == SCHEMAS["alt_text"].default_prompt
     assert done.returncode == 1

@@ -197,6 +197,13 @@ def test_the_deadline_keeps_finished_records_and_marks_the_rest(
     # AND the records say whether the source was cut off or never started
     assert any("stopped unfinished" in m for m in messages)
     assert any("not started" in m for m in messages)
+    # AND the call the deadline cut off is counted: the attempts add up to the calls made
+    cut = [r for r in records if r["error"] and "stopped unfinished" in r["error"]["message"]]
+    (held,) = [r for r in cut if r["attempts"]]  # the others were waiting for the model
+    assert held["attempts"] == 1
+    assert (held["width"], held["height"]) == (451, 300)
+    assert held["latency_ms"] > 0
+    assert sum(r["attempts"] for r in records) == sim.stats.calls == 4
 
 
 def test_an_upload_cut_off_by_the_deadline_asks_for_redelivery(
