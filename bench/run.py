@@ -419,6 +419,12 @@ def run(options: Options) -> dict[str, Any]:
     _progress(f"timing preparation of {len(corpus.photos)} 12-MP JPEGs")
     preparation = time_preparation(corpus.photo_paths(), repetitions=options.prep_repetitions)
     rows: list[dict[str, Any]] = []
+    # The function's batches after the default-settings ones: (scenario, images,
+    # MODEL_CONCURRENCY), each at the largest N.
+    batches = (
+        ("function-mc32", corpus.mixed, TARGET_CONCURRENCY),
+        ("function-12mp", corpus.photos, None),
+    )
     with running_stack(options, corpus, logs) as stack:
         for n in options.ns:
             rows.append(
@@ -426,32 +432,20 @@ def run(options: Options) -> dict[str, Any]:
                     stack, scenario="function", names=corpus.mixed, n=n, model_concurrency=None
                 )
             )
-        rows.append(
-            run_function(
-                stack,
-                scenario="function-mc32",
-                names=corpus.mixed,
-                n=largest,
-                model_concurrency=TARGET_CONCURRENCY,
+        for scenario, names, concurrency in batches:
+            rows.append(
+                run_function(
+                    stack, scenario=scenario, names=names, n=largest, model_concurrency=concurrency
+                )
             )
-        )
-        rows.append(
-            run_function(
-                stack,
-                scenario="function-12mp",
-                names=corpus.photos,
-                n=largest,
-                model_concurrency=None,
-            )
-        )
         rows.append(
             run_baseline(stack, approach="sequential", n=options.sequential_n, n_target=largest)
         )
         for n in options.ns:
             rows.append(run_baseline(stack, approach="unbounded", n=n, n_target=n))
-        # The speed-up again where the CPU does not bound it: the small sample photos
-        # only, for the function and for the loop. On a small machine the mixed batch
-        # is bound by decoding 12-MP JPEGs; this pair shows what the concurrency gives.
+        # The speed-up pair again where the CPU does not bound it: the small sample
+        # photos only. On a small machine the mixed batch is bound by decoding 12-MP
+        # JPEGs; this pair shows what the concurrency gives.
         rows.append(
             run_function(
                 stack,
