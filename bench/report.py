@@ -237,9 +237,9 @@ def _footnotes(results: dict[str, Any]) -> list[str]:
         "ideal = ceil(N / MC) x latency. CPU ms/img: the measured processes only (the "
         "function's process group, or the baseline's process). harness: the simulator, "
         "storage emulator and image server, which share the machine. other load: cores kept "
-        "busy by processes this run did not start. KB and MP sent: per image the model "
-        "answered, as the simulator received it. max in flight: the most model calls the "
-        "simulator held at once.",
+        "busy by processes this run did not start, or taken by the host (steal time). KB "
+        "and MP sent: per image the model answered, as the simulator received it. max in "
+        "flight: the most model calls the simulator held at once.",
     ]
     if settings["function_env"]:
         notes.append(f"Function settings changed from the defaults: {settings['function_env']}.")
