@@ -310,11 +310,17 @@ def parse_local_source(uri: str) -> Source:
     scheme = uri.split(":", 1)[0].lower() if _SCHEME.match(uri) else ""
     if scheme in ("http", "https", "gs"):
         return parse_source(uri)
+    if scheme and _HOST_AND_PORT.match(uri):
+        raise SourceError(
+            Code.INVALID_SOURCE,
+            "The URI has no scheme: start it with http://, https:// or gs://, or give a "
+            "local name with a colon as ./name.",
+        )
     if scheme and scheme != "file":
         raise SourceError(
             Code.FORBIDDEN_SOURCE,
-            f"The scheme {scheme!r} is refused: give a file or folder, or an http://, "
-            "https://, gs:// or file:// URI.",
+            f"The scheme {scheme!r} is refused: give a file or folder (a local name with a "
+            "colon as ./name), or an http://, https://, gs:// or file:// URI.",
         )
     if scheme == "file":
         parts = urlsplit(uri)

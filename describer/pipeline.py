@@ -138,16 +138,23 @@ class Pipeline:
             finally:
                 if watcher is not None:
                     watcher.cancel()
+            # When the work stopped: a record cut short is timed to here, not to after
+            # the writers have drained.
+            stopped = time.monotonic()
             batch.close()
         interrupted = interrupt is not None and interrupt.is_set()
         return [
             record
             if record is not None
-            else self._out_of_time(uri, batch.flights.get(index), interrupted=interrupted)
+            else self._out_of_time(
+                uri, batch.flights.get(index), interrupted=interrupted, stopped=stopped
+            )
             for index, (uri, record) in enumerate(zip(uris, batch.records, strict=True))
         ]
 
-    def _out_of_time(self, uri: str, flight: _Flight | None, *, interrupted: bool) -> Record:
+    def _out_of_time(
+        self, uri: str, flight: _Flight | None, *, interrupted: bool, stopped: float
+    ) -> Record:
         what = "was stopped unfinished" if flight is not None else "was not started"
         error = (
             SourceError(Code.INTERRUPTED, f"The source {what}: the run was interrupted.")
@@ -166,7 +173,7 @@ class Pipeline:
                 **flight.known,
                 "attempts": flight.spent.attempts,
                 "usage": flight.spent.usage,
-                "latency_ms": _elapsed_ms(flight.started),
+                "latency_ms": int((stopped - flight.started) * 1000),
             }
         return Record.failed(
             uri,
@@ -238,15 +245,13 @@ class Pipeline:
                 batch.finish(ready.index, self._failed(uri, exc, ready.started, **known))
             except Exception as exc:
                 log.exception("unexpected failure describing a source")
-                batch.finish(
-                    ready.index,
-                    self._failed(
-                        uri,
-                        SourceError(Code.MODEL_ERROR, f"Internal error: {exc!r}."),
-                        ready.started,
-                        **known,
-                    ),
+                error = SourceError(
+                    Code.MODEL_ERROR,
+                    f"Internal error: {exc!r}.",
+                    attempts=flight.spent.attempts,
+                    usage=flight.spent.usage,
                 )
+                batch.finish(ready.index, self._failed(uri, error, ready.started, **known))
             else:
                 record = Record(
                     source=uri,

@@ -103,6 +103,7 @@ class SimStats:
     structured: int = 0  # answered calls that asked for JSON with a schema
     schemas: list[Any] = field(default_factory=list)  # the schema of each of those calls
     misfits: int = 0  # structured answers made not to fit (schema_misfits)
+    decodes: int = 0  # images decoded afresh: a recent image is remembered, not decoded again
     # One entry per image of each answered call: its size, colour, shape, fingerprint,
     # MIME type, bytes and digest (sha256 of the bytes received, 16 hex digits).
     images: list[dict[str, Any]] = field(default_factory=list)
@@ -222,9 +223,11 @@ class GeminiSimulator:
             if mime not in SUPPORTED:
                 return _error(400, "INVALID_ARGUMENT", f"Unsupported MIME type: {mime}")
             try:
-                decoded.append(_decode(mime, data))
+                info, fresh = _decode(mime, data)
             except ValueError as exc:
                 return _error(400, "INVALID_ARGUMENT", f"Provided image is not valid: {exc}")
+            decoded.append(info)
+            self.stats.decodes += fresh
         if cfg.daily_quota_exhausted:
             return _quota_error(cfg.retry_delay_s, per_day=True)
         if cfg.max_in_flight is not None and self.stats.in_flight > cfg.max_in_flight:
@@ -489,19 +492,20 @@ _DECODED_CAPACITY = 64
 _decoded: collections.OrderedDict[tuple[str, str], dict[str, Any]] = collections.OrderedDict()
 
 
-def _decode(mime: str, data: bytes) -> dict[str, Any]:
+def _decode(mime: str, data: bytes) -> tuple[dict[str, Any], bool]:
+    """What the image shows, and whether it was decoded afresh (not remembered)."""
     digest = hashlib.sha256(data).hexdigest()
     key = (mime, digest)
     known = _decoded.get(key)
     if known is not None:
         _decoded.move_to_end(key)
-        return dict(known)
+        return dict(known), False
     info = _decode_fresh(mime, data)
     info.update(mime_type=mime, bytes=len(data), digest=digest[:16])
     _decoded[key] = dict(info)
     if len(_decoded) > _DECODED_CAPACITY:
         _decoded.popitem(last=False)
-    return info
+    return info, True
 
 
 def _decode_fresh(mime: str, data: bytes) -> dict[str, Any]:

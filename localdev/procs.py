@@ -154,7 +154,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         # sendfile(2) instead of a Python read/write loop: the server shares the CPUs
         # with the function it serves, in the benchmark most of all. The headers have
         # gone out already (wfile is unbuffered), so the body follows them in order.
-        self.connection.sendfile(source)
+        self.connection.sendfile(source, offset=source.tell())
 
 
 class _StaticServer(http.server.ThreadingHTTPServer):

@@ -359,8 +359,15 @@ def test_ctrl_c_keeps_what_is_finished_and_marks_the_rest_interrupted(
     statuses = [r["status"] if r["status"] == "ok" else r["error"]["code"] for r in records]
     assert statuses.count("ok") == 2
     assert statuses.count("interrupted") == 4
-    # AND the three calls cut short are counted in their records' attempts
+    # AND the three calls cut short are counted in their records' attempts, with the size
+    # found in preparation, and the gallery shows every picture prepared
     assert sum(r["attempts"] for r in records) == sim.stats.calls == 5
+    held = [r for r in records if r["status"] != "ok" and r["attempts"]]
+    assert len(held) == 3
+    assert all((r["width"], r["height"]) == (50 + int(Path(r["source"]).stem), 40) for r in held)
+    (gallery,) = (out / "batches").glob("*.html")
+    prepared = sum(1 for r in records if "width" in r)
+    assert gallery.read_text().count('src="data:image/jpeg;base64,') == prepared >= 5
     assert proc.returncode == 130, stderr
     (written,) = (out / "batches").glob("*.jsonl")
     assert [json.loads(line) for line in written.read_text().splitlines()] == records

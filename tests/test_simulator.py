@@ -67,12 +67,14 @@ def test_an_image_seen_before_is_answered_alike_and_checked_against_its_type_aga
 ) -> None:
     # GIVEN an image the simulator has decoded once (it remembers what recent images
     # decoded to, so the benchmark's repeated photos cost it no CPU)
-    data = make_image(30, 20, "green", "PNG")
+    data = make_image(30, 21, "green", "PNG")
     png = types.Part.from_bytes(data=data, mime_type="image/png")
     first = _generate(sim, [png, "Describe."])
-    # WHEN the same bytes come again THEN the answer is the same
+    decodes = sim.stats.decodes
+    # WHEN the same bytes come again THEN the answer is the same, and nothing is decoded
     again = _generate(sim, [png, "Describe."])
     assert again.text == first.text == describe_image(data)
+    assert sim.stats.decodes == decodes
     assert [i["digest"] for i in sim.stats.images[-2:]] == [sim.stats.images[-1]["digest"]] * 2
     # AND WHEN they come declared as another type THEN they are refused as before
     with pytest.raises(errors.ClientError) as caught:

@@ -113,6 +113,22 @@ def test_an_answer_that_misfits_twice_is_a_model_error_and_once_is_retried(
     assert record["data"]["alt_text"]
 
 
+def test_a_misfit_whose_second_call_the_deadline_cuts_counts_both_calls_and_the_first_usage(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    # GIVEN a model whose first structured answer misfits and that answers nothing after it
+    sim.configure(api_key=API_KEY, schema_misfits=1, answer_limit=1)
+    runtime = make_runtime(function_timeout_s=3.0, deadline_margin_s=1.0)
+    # WHEN the deadline cuts the second call short
+    reply = post_batch(runtime, {"images": [f"{image_server}/coffee.png"], "schema": "alt_text"})
+    (record,) = reply.body["results"]
+    # THEN the record counts both calls, and the first answer's tokens, which were billed
+    assert record["error"]["code"] == "deadline_exceeded"
+    assert record["attempts"] == 2 and sim.stats.calls == 2
+    assert record["usage"]["prompt_tokens"] > 0 and record["usage"]["output_tokens"] > 0
+    assert reply.body["usage"] == record["usage"]
+
+
 def test_text_schema_in_a_request_overrides_a_structured_default(
     make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
 ) -> None:
