@@ -39,7 +39,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     out.append(
         {
             "target": f"efficiency (ideal / wall) >= {EFFICIENCY_GOAL} for N={TARGET_N}",
-            "measured": f"{function['efficiency']:.2f}{scale_note}",
+            "measured": f"{function['efficiency']:.3f}{scale_note}",
             "value": function["efficiency"],
             "met": function["efficiency"] >= EFFICIENCY_GOAL,
         }
