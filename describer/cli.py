@@ -277,8 +277,10 @@ def _write_out(
         files["gallery"] = (gallery_name(jsonl_name), page, HTML_TYPE)
     try:
         if isinstance(output, Path):
+            # file:// URIs, like the gs:// ones: absolute, and a terminal can open them.
             return {
-                key: str(_write_file(output / name, data)) for key, (name, data, _) in files.items()
+                key: _write_file(output / name, data).resolve().as_uri()
+                for key, (name, data, _) in files.items()
             }
         return asyncio.run(_upload(runtime, output, files))
     except (OSError, StorageUnavailable) as exc:

@@ -13,6 +13,7 @@ import sys
 import termios
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 from google.cloud import storage
@@ -146,9 +147,10 @@ def test_out_folder_gets_the_jsonl_and_a_gallery_with_one_card_per_source(
     done = _cli("describe", *sources, "--out", str(out), "--format", "json", env=_env(sim))
     assert done.returncode == 1, done.stderr
     document = json.loads(done.stdout)
-    jsonl = Path(document["results_uri"])
-    gallery = Path(document["gallery_uri"])
-    assert jsonl.parent == gallery.parent == out / "batches"
+    assert document["results_uri"].startswith("file:///")
+    jsonl = Path(unquote(urlsplit(document["results_uri"]).path))
+    gallery = Path(unquote(urlsplit(document["gallery_uri"]).path))
+    assert jsonl.parent == gallery.parent == (out / "batches").resolve()
     assert gallery.name == jsonl.name.removesuffix(".jsonl") + ".html"
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert lines == document["results"]
