@@ -206,6 +206,20 @@ def test_the_deadline_keeps_finished_records_and_marks_the_rest(
     assert sum(r["attempts"] for r in records) == sim.stats.calls == 4
 
 
+def test_a_deadline_during_a_retry_wait_counts_the_call_already_made(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    # GIVEN a model that answers 429 with a RetryInfo delay longer than the time left
+    sim.configure(api_key=API_KEY, rate_429=1.0, retry_delay_s=30.0)
+    runtime = make_runtime(function_timeout_s=3.0, deadline_margin_s=1.0)
+    # WHEN the deadline comes while the image waits to retry
+    (record,) = _records(post_batch(runtime, {"images": [f"{image_server}/chelsea.png"]}))
+    # THEN its record is cut short and still counts the one call made
+    assert record["error"]["code"] == "deadline_exceeded"
+    assert record["attempts"] == sim.stats.calls == 1
+    assert (record["width"], record["height"]) == (451, 300)
+
+
 def test_an_upload_cut_off_by_the_deadline_asks_for_redelivery(
     event_runtime: Callable[..., Runtime],
     bucket: storage.Bucket,
