@@ -310,13 +310,13 @@ def parse_local_source(uri: str) -> Source:
     scheme = uri.split(":", 1)[0].lower() if _SCHEME.match(uri) else ""
     if scheme in ("http", "https", "gs"):
         return parse_source(uri)
-    if scheme and _HOST_AND_PORT.match(uri):
-        raise SourceError(
-            Code.INVALID_SOURCE,
-            "The URI has no scheme: start it with http://, https:// or gs://, or give a "
-            "local name with a colon as ./name.",
-        )
     if scheme and scheme != "file":
+        if _HOST_AND_PORT.match(uri):
+            raise SourceError(
+                Code.INVALID_SOURCE,
+                "The URI has no scheme: start it with http://, https:// or gs://, or give a "
+                "local name with a colon as ./name.",
+            )
         raise SourceError(
             Code.FORBIDDEN_SOURCE,
             f"The scheme {scheme!r} is refused: give a file or folder (a local name with a "

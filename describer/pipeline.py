@@ -44,7 +44,6 @@ RecordSink = Callable[[int, Record], Awaitable[None]]
 class _Ready:
     index: int
     image: PreparedImage
-    started: float
 
 
 @dataclass
@@ -196,7 +195,7 @@ class Pipeline:
             batch.flights[index] = _Flight(started)
             token = source_var.set(uri)
             try:
-                ready = await self._download_one(index, uri, started)
+                ready = await self._download_one(index, uri)
             except SourceError as exc:
                 batch.finish(index, self._failed(uri, exc, started))
                 continue
@@ -214,7 +213,7 @@ class Pipeline:
             batch.flights[index].known = _known(ready.image)
             await queue.put(ready)
 
-    async def _download_one(self, index: int, uri: str, started: float) -> _Ready:
+    async def _download_one(self, index: int, uri: str) -> _Ready:
         source = self._parse(uri)
         data = await self._fetcher.fetch(source)
         job = partial(
@@ -225,7 +224,7 @@ class Pipeline:
             thumbnail_side=self._limits.thumbnail_side,
         )
         image = await asyncio.get_running_loop().run_in_executor(self._cpu, job)
-        return _Ready(index, image, started)
+        return _Ready(index, image)
 
     async def _describe_worker(
         self,
@@ -242,7 +241,7 @@ class Pipeline:
                     ready.image, self._prompt, schema=self._schema, spent=flight.spent
                 )
             except SourceError as exc:
-                batch.finish(ready.index, self._failed(uri, exc, ready.started, **known))
+                batch.finish(ready.index, self._failed(uri, exc, flight.started, **known))
             except Exception as exc:
                 log.exception("unexpected failure describing a source")
                 error = SourceError(
@@ -251,7 +250,7 @@ class Pipeline:
                     attempts=flight.spent.attempts,
                     usage=flight.spent.usage,
                 )
-                batch.finish(ready.index, self._failed(uri, error, ready.started, **known))
+                batch.finish(ready.index, self._failed(uri, error, flight.started, **known))
             else:
                 record = Record(
                     source=uri,
@@ -263,7 +262,7 @@ class Pipeline:
                     schema=self._schema,
                     usage=answer.usage,
                     attempts=answer.attempts,
-                    latency_ms=_elapsed_ms(ready.started),
+                    latency_ms=_elapsed_ms(flight.started),
                     **known,
                 )
                 batch.finish(ready.index, record)

@@ -400,13 +400,17 @@ def test_other_schemes_are_refused_and_the_schema_brings_its_prompt(
     image_dir: Path, sim: RunningSimulator
 ) -> None:
     done = _cli(
-        "describe", "s3://bucket/a.jpg", str(image_dir / "rocket.jpg"),
+        "describe", "s3://bucket/a.jpg", "localhost:8080/a.jpg", str(image_dir / "rocket.jpg"),
         "--schema", "alt_text", "--format", "jsonl", env=_env(sim),
     )  # fmt: skip
-    refused, described = (json.loads(line) for line in done.stdout.splitlines())
+    refused, unschemed, described = (json.loads(line) for line in done.stdout.splitlines())
     assert refused["error"]["code"] == "forbidden_source"
     # The message names what the command line takes, local files among them.
     assert "give a file or folder" in refused["error"]["message"]
+    # host:port is a URL without its scheme, or a local name with a colon
+    assert unschemed["error"]["code"] == "invalid_source"
+    assert "no scheme" in unschemed["error"]["message"]
+    assert "./name" in unschemed["error"]["message"]
     # With DESCRIBE_PROMPT at its three-word default, alt_text asks for a real description.
     assert described["prompt"] == SCHEMAS["alt_text"].default_prompt
     assert done.returncode == 1
