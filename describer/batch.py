@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from .errors import Code, RequestError, SourceError
-from .schemas import SCHEMAS
+from .schemas import SCHEMA_NAMES
 from .settings import normalize_prefix
 
 MAX_URI_LENGTH = 2048
@@ -20,8 +20,6 @@ _FIELDS = frozenset({"images", "prompt", "output", "schema"})
 # Only shard manifests, which this function writes, carry these.
 _SHARD_FIELDS = frozenset({"shard", "generations", "sidecar_generations"})
 SHARD_KINDS = ("manifest", "backfill")
-# "text" asks for free text (the default); the others name a structured answer.
-TEXT_SCHEMA = "text"
 # Bucket names per https://cloud.google.com/storage/docs/buckets#naming (dots allowed).
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 # Cloud Storage object names: at most 1024 bytes of UTF-8, no CR or LF, and not
@@ -202,7 +200,7 @@ def parse_prompt(prompt: Any, *, what: str = "'prompt'") -> str:
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise RequestError(400, "invalid_request", f"{what} must be a non-empty string.")
-    if not _encodable(prompt):
+    if not is_utf8(prompt):
         raise RequestError(400, "invalid_request", f"{what} is not valid Unicode text.")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise RequestError(
@@ -213,12 +211,11 @@ def parse_prompt(prompt: Any, *, what: str = "'prompt'") -> str:
 
 def parse_schema(value: Any) -> str:
     """A schema name from a request, CLI flag or setting: "text" or one of SCHEMAS."""
-    names = (TEXT_SCHEMA, *sorted(SCHEMAS))
-    if not isinstance(value, str) or value not in names:
+    if not isinstance(value, str) or value not in SCHEMA_NAMES:
         raise RequestError(
             400,
             "invalid_request",
-            f"'schema' must be one of {', '.join(map(repr, names))}.",
+            f"'schema' must be one of {', '.join(map(repr, SCHEMA_NAMES))}.",
         )
     return value
 
@@ -235,7 +232,7 @@ def parse_output(uri: str, *, what: str = "'output'") -> Location:
     prefix = normalize_prefix(name)
     if "\r" in prefix or "\n" in prefix:
         raise RequestError(400, "invalid_request", f"{what} contains a line break.")
-    if not _encodable(prefix):
+    if not is_utf8(prefix):
         raise RequestError(400, "invalid_request", f"{what} is not valid Unicode text.")
     if len(prefix.encode()) + _RESULTS_TAIL_BYTES > MAX_OBJECT_NAME_BYTES:
         raise RequestError(
@@ -332,7 +329,9 @@ def parse_local_source(uri: str) -> Source:
     return LocalSource(uri=uri, path=Path(uri).expanduser())
 
 
-def _encodable(text: str) -> bool:
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (a name's undecodable bytes, as surrogate escapes,
+    do not)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -28,12 +28,12 @@ from tqdm import tqdm
 
 from .batch import GcsSource, Location, parse_local_source, parse_output, parse_prompt
 from .errors import ConfigError, RequestError, SourceError, StorageUnavailable
-from .expand import ListingFailed, check_prefixes, expand
+from .expand import check_prefixes, expand
 from .logs import configure as configure_logging
 from .records import JSONL_TYPE, Record, counts, dumps_jsonl, total_usage
 from .results import HTML_TYPE, gallery_name, gallery_page
 from .runtime import Runtime, new_batch_id, open_pipeline
-from .schemas import SCHEMAS
+from .schemas import ALT_TEXT_MAX_CHARS, SCHEMA_NAMES
 from .settings import DEFAULT_MODEL_CONCURRENCY, Settings
 
 EXIT_OK = 0
@@ -105,9 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     describe.add_argument(
         "--schema",
-        choices=["text", *sorted(SCHEMAS)],
+        choices=SCHEMA_NAMES,
         help="text: free text (default, or DESCRIBE_SCHEMA); alt_text: JSON with alt_text "
-        "(<= 125 characters), description, tags and text_in_image, under each record's 'data'",
+        f"(<= {ALT_TEXT_MAX_CHARS} characters), description, tags and text_in_image, "
+        "under each record's 'data'",
     )
     describe.add_argument(
         "--out",
@@ -154,9 +155,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> 
     )
     try:
         return run(options, Settings.from_env(), stdout=stdout)
-    except (ConfigError, RequestError, ListingFailed) as exc:
-        message = exc.message if isinstance(exc, RequestError) else str(exc)
-        print(f"error: {message}", file=sys.stderr)
+    except (ConfigError, RequestError) as exc:  # ListingFailed is a ConfigError
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

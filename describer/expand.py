@@ -10,13 +10,13 @@ from google.api_core import exceptions as gexc
 from google.auth.exceptions import GoogleAuthError
 from google.cloud import storage
 
-from .batch import LocalSource, Location, parse_local_source, parse_output
-from .errors import DescriberError, SourceError
+from .batch import LocalSource, Location, is_utf8, parse_local_source, parse_output
+from .errors import ConfigError, SourceError
 from .images import IMAGE_SUFFIXES
 from .store import LIST_PAGE_SIZE
 
 
-class ListingFailed(DescriberError):
+class ListingFailed(ConfigError):
     """A gs:// prefix given on the command line could not be listed."""
 
 
@@ -63,15 +63,7 @@ def _folder_images(folder: Path) -> Iterator[str]:
         )
     for path in sorted(found):
         text = str(path)
-        yield text if _printable(text) else path.absolute().as_uri()
-
-
-def _printable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a name's undecodable bytes, as surrogate escapes
-        return False
-    return True
+        yield text if is_utf8(text) else path.absolute().as_uri()
 
 
 def _is_prefix(source: str) -> bool:

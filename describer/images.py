@@ -182,16 +182,22 @@ def _prepare_open(
         orientation = _orientation(image)
         if target == (width, height) and _send_as_is(image, data, orientation):
             # Upright already (orientation 1), and in a mode Gemini takes.
-            thumbnail = _thumbnail(image, thumbnail_side) if thumbnail_side > 0 else None
             return PreparedImage(
-                data, _AS_IS[fmt][0], source_mime, width, height, width, height, thumbnail
+                data,
+                _AS_IS[fmt][0],
+                source_mime,
+                width,
+                height,
+                width,
+                height,
+                _thumbnail(image, thumbnail_side),
             )
         picture = _eight_bit(image)
         if picture.width > target[0]:  # never upscale what draft decoded a little smaller
             picture = picture.resize(target, Image.Resampling.LANCZOS)
         if orientation in _UPRIGHT:
             picture = picture.transpose(_UPRIGHT[orientation])
-        thumbnail = _thumbnail(picture, thumbnail_side) if thumbnail_side > 0 else None
+        thumbnail = _thumbnail(picture, thumbnail_side)
         out, mime = _encode(picture)
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt data surfaces here
         raise SourceError(
@@ -207,9 +213,12 @@ def _prepare_open(
 def _thumbnail(picture: Image.Image, side: int) -> bytes | None:
     """A small opaque JPEG of an upright picture (alpha laid on white), or None.
 
-    The thumbnail is for the gallery only: if it cannot be made, the image is
-    still described, and its card shows a placeholder.
+    None when ``side`` is 0 (no thumbnails asked for). The thumbnail is for the
+    gallery only: if it cannot be made, the image is still described, and its
+    card shows a placeholder.
     """
+    if side <= 0:
+        return None
     try:
         small = _eight_bit(picture)
         # A box reduction by a whole factor first, then bicubic for the rest: half the

@@ -78,6 +78,10 @@ _ALT_TEXT = Schema(
 )
 
 SCHEMAS: Mapping[str, Schema] = MappingProxyType({_ALT_TEXT.name: _ALT_TEXT})
+# "text" asks for free text (the default); the others name a structured answer.
+TEXT_SCHEMA = "text"
+# Every name a request, the command line or DESCRIBE_SCHEMA may give.
+SCHEMA_NAMES = (TEXT_SCHEMA, *sorted(SCHEMAS))
 
 _JSON_TYPES: Mapping[type, str] = MappingProxyType(
     {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number"}

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
-from .schemas import SCHEMAS
+from .schemas import SCHEMA_NAMES, SCHEMAS, TEXT_SCHEMA
 
 DEFAULT_MODEL = "gemini-3.5-flash-lite"
 DEFAULT_PROMPT = "Describe this image in just 3 words."
@@ -169,8 +169,7 @@ class Settings:
             )
         if self.schema is not None and self.schema not in SCHEMAS:
             raise ConfigError(
-                f"DESCRIBE_SCHEMA must be one of text, {', '.join(sorted(SCHEMAS))}, "
-                f"got {self.schema!r}"
+                f"DESCRIBE_SCHEMA must be one of {', '.join(SCHEMA_NAMES)}, got {self.schema!r}"
             )
         if self.deadline_margin_s >= self.function_timeout_s:
             raise ConfigError(
@@ -280,7 +279,7 @@ class Settings:
 
 def schema_setting(name: str | None) -> str | None:
     """A schema name as settings hold it: "text" (or nothing) is free text, None."""
-    return None if not name or name == "text" else name
+    return None if not name or name == TEXT_SCHEMA else name
 
 
 def normalize_prefix(prefix: str) -> str:
