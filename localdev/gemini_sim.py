@@ -28,6 +28,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import concurrent.futures
 import contextlib
 import hashlib
 import io
@@ -682,14 +683,19 @@ class RunningSimulator:
         return self.simulator.stats
 
     def _call(self, fn: Any) -> None:
-        done = threading.Event()
+        # Its result, or what it raised, comes back here; so does a loop that never ran it.
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
 
         def run() -> None:
-            fn()
-            done.set()
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, not swallowed
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
 
         self._loop.call_soon_threadsafe(run)
-        done.wait(5)
+        done.result(5)
 
     def stop(self) -> None:
         # Release held calls first, or shutting down would wait for them.

@@ -11,7 +11,6 @@ import http.server
 import io
 import json
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -33,7 +32,9 @@ FAST = {"retry_initial_s": 0.01, "retry_max_s": 0.05}
 class Receiver:
     """A function stand-in: records every CloudEvent POSTed to it, failing the first few."""
 
-    def __init__(self, *, fail_first: int = 0, status: int = 500, delay_s: float = 0.0) -> None:
+    def __init__(
+        self, *, fail_first: int = 0, status: int = 500, gate: threading.Event | None = None
+    ) -> None:
         self.events: list[tuple[dict[str, str], dict[str, Any]]] = []
         self.fail_first = fail_first
         self._lock = threading.Lock()
@@ -42,7 +43,8 @@ class Receiver:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                time.sleep(delay_s)
+                if gate is not None:  # held until the test opens it
+                    gate.wait(10)
                 with receiver._lock:
                     receiver.events.append((dict(self.headers), json.loads(body)))
                     failing = len(receiver.events) <= receiver.fail_first
@@ -419,9 +421,11 @@ def test_wait_idle_waits_for_deliveries_and_for_a_target_to_appear(
     bucket.blob("waiting").upload_from_string(b"x")
     with pytest.raises(TimeoutError, match="1 events outstanding"):
         relay.wait_idle(0.2)
-    slow = receivers(delay_s=0.3)
+    gate = threading.Event()
+    slow = receivers(gate=gate)
     relay.set_targets([slow.url])
     assert relay.stats().outstanding == 1
+    gate.set()
     stats = relay.wait_idle(5)
     assert stats.delivered == 1 and stats.outstanding == 0 and stats.in_flight == 0
     assert len(slow.events) == 1
@@ -432,16 +436,17 @@ def test_the_relay_runs_as_a_process_with_an_http_control_surface(
 ) -> None:
     """python -m localdev.relay: stats, idle and targets over HTTP, as a manual run uses them."""
     target = receivers()
+    name = bucket_name()
     port = procs.free_port()
     proc = procs.start_relay(
-        port, emulator_url, trigger_buckets=["proc-inputs"], log_path=tmp_path / "relay.log"
+        port, emulator_url, trigger_buckets=[name], log_path=tmp_path / "relay.log"
     )
     url = f"http://127.0.0.1:{port}"
     try:
         client = storage.Client(
             project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": url}
         )
-        bucket = client.create_bucket("proc-inputs")
+        bucket = client.create_bucket(name)
         bucket.blob("m.json").upload_from_string(b"{}", if_generation_match=0)
         assert requests.get(f"{url}/_relay/idle?timeout=0.1", timeout=5).status_code == 504
         put = requests.put(f"{url}/_relay/targets", json={"targets": [target.url]}, timeout=5)
