@@ -24,14 +24,13 @@ from .results import write_gallery
 from .runtime import Runtime, open_pipeline
 from .store import (
     COMPLETE_KEY,
-    RESULT_KEY,
     SOURCE_GENERATION_KEY,
     Store,
     generation_number,
     is_permanent,
     result_key,
 )
-from .uploads import sidecar_name
+from .uploads import write_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -311,15 +310,14 @@ class _Sidecars:
         source = parse_source(request.images[index])
         if not isinstance(source, GcsSource):
             return  # a backfill lists gs:// objects only
-        generation = request.generations[index]
-        name = source.name
-        await self._store.write(
-            results.bucket,
-            sidecar_name(results, name),
-            dumps_json(record.with_generation(generation).to_json()),
-            content_type=JSON_TYPE,
+        await write_sidecar(
+            self._store,
+            results,
+            source.name,
+            record,
+            generation=request.generations[index],
+            key=self._key,
             if_generation_match=request.sidecar_generations[index],
-            metadata={SOURCE_GENERATION_KEY: generation, RESULT_KEY: self._key},
         )
 
 

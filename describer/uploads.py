@@ -6,9 +6,9 @@ import logging
 
 from .batch import Location
 from .errors import Code, TransientFailure
-from .records import JSON_TYPE, dumps_json
+from .records import JSON_TYPE, Record, dumps_json
 from .runtime import ObjectEvent, Runtime, open_pipeline
-from .store import RESULT_KEY, SOURCE_GENERATION_KEY, generation_number, result_key
+from .store import RESULT_KEY, SOURCE_GENERATION_KEY, Store, generation_number, result_key
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +16,32 @@ log = logging.getLogger(__name__)
 def sidecar_name(results: Location, name: str) -> str:
     """Where the record of the object ``name`` goes: beside its path, under the results prefix."""
     return f"{results.prefix}{name}.json"
+
+
+async def write_sidecar(
+    store: Store,
+    results: Location,
+    name: str,
+    record: Record,
+    *,
+    generation: str,
+    key: str,
+    if_generation_match: int,
+) -> bool:
+    """Write the record of generation ``generation`` of ``name`` as its sidecar.
+
+    Uploads and backfills both write through here, so a backfill can tell from a
+    sidecar's metadata alone (source generation, result key) whether it is current.
+    False when ``if_generation_match`` no longer holds: another writer came first.
+    """
+    return await store.write(
+        results.bucket,
+        sidecar_name(results, name),
+        dumps_json(record.with_generation(generation).to_json()),
+        content_type=JSON_TYPE,
+        if_generation_match=if_generation_match,
+        metadata={SOURCE_GENERATION_KEY: generation, RESULT_KEY: key},
+    )
 
 
 async def describe_upload(runtime: Runtime, event: ObjectEvent, *, sniffed: bool) -> str:
@@ -64,20 +90,18 @@ async def describe_upload(runtime: Runtime, event: ObjectEvent, *, sniffed: bool
     if sniffed and record.error_code is Code.NOT_AN_IMAGE:
         log.info("untyped object is not an image; ignored", extra={"object": name})
         return "ignored_not_image"
-    written = await store.write(
-        results.bucket,
-        sidecar,
-        dumps_json(record.with_generation(generation).to_json()),
-        content_type=JSON_TYPE,
+    written = await write_sidecar(
+        store,
+        results,
+        name,
+        record,
+        generation=generation,
+        key=result_key(settings.model, prompt, schema),
         # Create-only, or replace exactly the sidecar we read: a concurrent
         # delivery that wrote first wins and this one counts as done.
         if_generation_match=existing_generation or 0,
-        metadata={
-            SOURCE_GENERATION_KEY: generation,
-            RESULT_KEY: result_key(settings.model, prompt, schema),
-        },
     )
-    uri = results.uri(f"{name}.json")
+    uri = f"gs://{results.bucket}/{sidecar}"
     if not written:
         log.info("another delivery wrote the result first", extra={"uri": uri})
         return "already_done"
