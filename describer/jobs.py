@@ -17,11 +17,11 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.auth.exceptions import GoogleAuthError
 
-from .batch import BatchRequest, GcsSource, Location, parse_source
+from .batch import BatchRequest, GcsSource, Location, parse_body, parse_source
 from .errors import Code, RequestError, StorageUnavailable, TransientFailure
 from .records import JSON_TYPE, JSONL_TYPE, Record, dumps_json, dumps_jsonl, total_usage
 from .results import write_gallery
-from .runtime import Runtime, open_pipeline
+from .runtime import ObjectEvent, Runtime, open_pipeline
 from .store import (
     COMPLETE_KEY,
     SOURCE_GENERATION_KEY,
@@ -190,21 +190,40 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
     return JobOutcome("stalled", counted)
 
 
-async def write_error_report(
-    store: Store, results: Location, stem: str, uri: str, generation: str, exc: RequestError
-) -> None:
-    """``batches/<stem>.error.json``: why a manifest (or shard) was not run."""
+async def load_request(
+    runtime: Runtime, event: ObjectEvent, *, shard: bool = False
+) -> tuple[bytes, BatchRequest] | str:
+    """The manifest (or shard) of ``event`` at the event's generation: its bytes, parsed.
+
+    Or why there is nothing to run: "superseded" when that generation is gone, or
+    "invalid" when it cannot be run, as ``batches/<stem>.error.json`` then says.
+    """
+    try:
+        body = await read_manifest(runtime, event.bucket, event.name, event.generation)
+        if body is None:
+            return "superseded"
+        # shard=True: the shard fields are accepted, and required.
+        request = parse_body(body, max_batch_size=runtime.settings.max_manifest_images, shard=shard)
+    except RequestError as exc:
+        await write_error_report(runtime.store, event, exc)
+        return "invalid"
+    return body, request
+
+
+async def write_error_report(store: Store, event: ObjectEvent, exc: RequestError) -> None:
+    """``batches/<stem>.error.json``: why the manifest (or shard) of ``event`` was not run."""
     report = {
-        "manifest": uri,
-        "generation": generation,
+        "manifest": f"gs://{event.bucket}/{event.name}",
+        "generation": event.generation,
         "error": {"code": exc.code, "message": exc.message},
     }
+    stem = event.name.removesuffix(MANIFEST_SUFFIX)
     await store.write(
-        results.bucket,
-        f"{results.prefix}batches/{stem}.error.json",
+        event.results.bucket,
+        f"{event.results.prefix}batches/{stem}.error.json",
         dumps_json(report),
         content_type=JSON_TYPE,
-        metadata={SOURCE_GENERATION_KEY: generation},
+        metadata={SOURCE_GENERATION_KEY: event.generation},
     )
     log.error("manifest rejected", extra={"error_code": exc.code, "reason": exc.message})
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from .batch import parse_body
 from .errors import RequestError
-from .jobs import MANIFEST_SUFFIX, Job, read_manifest, run_job, write_error_report
+from .jobs import MANIFEST_SUFFIX, Job, load_request, run_job, write_error_report
 from .runtime import ObjectEvent, Runtime
 from .shards import shard_manifest
 
@@ -22,17 +21,14 @@ async def describe_manifest(runtime: Runtime, event: ObjectEvent) -> str:
     bucket, name, generation = event.bucket, event.name, event.generation
     results, stop_at, give_up = event.results, event.stop_at, event.give_up
     settings = runtime.settings
-    stem = name[: -len(MANIFEST_SUFFIX)]
+    stem = name.removesuffix(MANIFEST_SUFFIX)
     manifest_uri = f"gs://{bucket}/{name}"
-    try:
-        body = await read_manifest(runtime, bucket, name, generation)
-        if body is None:
-            log.info("the event's manifest generation no longer exists; ignored")
-            return "superseded"
-        request = parse_body(body, max_batch_size=settings.max_manifest_images)
-    except RequestError as exc:
-        await write_error_report(runtime.store, results, stem, manifest_uri, generation, exc)
-        return "manifest_invalid"
+    loaded = await load_request(runtime, event)
+    if loaded == "superseded":
+        log.info("the event's manifest generation no longer exists; ignored")
+    if isinstance(loaded, str):
+        return f"manifest_{loaded}" if loaded == "invalid" else loaded
+    _, request = loaded
     output = request.output or results
     if len(request.images) > settings.shard_size:
         try:
@@ -40,7 +36,7 @@ async def describe_manifest(runtime: Runtime, event: ObjectEvent) -> str:
                 runtime, request, bucket=bucket, stem=stem, generation=generation, output=output
             )
         except RequestError as exc:
-            await write_error_report(runtime.store, results, stem, manifest_uri, generation, exc)
+            await write_error_report(runtime.store, event, exc)
             return "manifest_invalid"
     job = Job(
         request=request,

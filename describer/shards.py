@@ -22,10 +22,10 @@ import math
 from dataclasses import asdict
 from typing import Any
 
-from .batch import BatchRequest, Location, ShardInfo, parse_body
+from .batch import BatchRequest, Location, ShardInfo
 from .errors import RequestError, TransientFailure
 from .gallery import render_index
-from .jobs import MANIFEST_SUFFIX, Job, read_manifest, run_job, tally, write_error_report
+from .jobs import MANIFEST_SUFFIX, Job, load_request, run_job, tally
 from .records import JSON_TYPE, JSONL_TYPE, dumps_json
 from .results import HTML_TYPE
 from .runtime import ObjectEvent, Runtime
@@ -189,18 +189,12 @@ async def describe_shard(runtime: Runtime, event: ObjectEvent) -> str:
     settings = runtime.settings
     store = runtime.store
     uri = f"gs://{bucket}/{name}"
-    try:
-        body = await read_manifest(runtime, bucket, name, generation)
-        if body is None:
-            log.info("the shard no longer exists (its batch finished); ignored")
-            return "superseded"
-        # shard=True: the shard fields are accepted here, and required.
-        request = parse_body(body, max_batch_size=settings.max_manifest_images, shard=True)
-    except RequestError as exc:
-        await write_error_report(
-            store, results, name.removesuffix(MANIFEST_SUFFIX), uri, generation, exc
-        )
-        return "shard_invalid"
+    loaded = await load_request(runtime, event, shard=True)
+    if loaded == "superseded":
+        log.info("the shard no longer exists (its batch finished); ignored")
+    if isinstance(loaded, str):
+        return f"shard_{loaded}" if loaded == "invalid" else loaded
+    body, request = loaded
     info = request.shard
     assert info is not None  # parse_body(shard=True) requires it
     output = request.output or results
