@@ -27,7 +27,8 @@ from typing import Any
 
 from .batch import BatchRequest, Location, parse_output, parse_prompt, parse_schema
 from .errors import RequestError, StorageUnavailable, TransientFailure
-from .images import IMAGE_SUFFIXES, UNTYPED_CONTENT_TYPES
+from .images import IMAGE_SUFFIXES, UNTYPED_CONTENT_TYPES, media_type
+from .jobs import MANIFEST_SUFFIX
 from .records import JSON_TYPE, dumps_json
 from .runtime import Runtime, new_batch_id
 from .schemas import SCHEMAS
@@ -255,13 +256,13 @@ def estimate(settings: Settings, images: int, prompt: str, schema: str | None) -
 
 def _is_source(image: ObjectInfo, bucket: str, results: Location, settings: Settings) -> bool:
     name = image.name
-    if name.endswith(("/", ".batch.json")) or name.startswith(settings.shards_prefix):
+    if name.endswith(("/", MANIFEST_SUFFIX)) or name.startswith(settings.shards_prefix):
         return False
     if bucket == results.bucket and name.startswith(results.prefix):
         return False
     if is_own_output(image.metadata):
         return False
-    content_type = image.content_type.split(";", 1)[0].strip().lower()
+    content_type = media_type(image.content_type)
     if content_type.startswith("image/"):
         return True
     return (

@@ -11,7 +11,7 @@ from typing import Any
 
 from .batch import Location
 from .errors import StorageUnavailable, TransientFailure
-from .images import UNTYPED_CONTENT_TYPES
+from .images import UNTYPED_CONTENT_TYPES, media_type
 from .jobs import MANIFEST_SUFFIX
 from .logs import batch_var, trace_from_headers, trace_var
 from .manifests import describe_manifest
@@ -106,7 +106,7 @@ def _handle_storage_event(
         return "ignored_own_output"
     if name.endswith(MANIFEST_SUFFIX):
         return asyncio.run(describe_manifest(runtime, event))
-    content_type = str(data.get("contentType") or "").split(";", 1)[0].strip().lower()
+    content_type = media_type(str(data.get("contentType") or ""))
     if not (content_type.startswith("image/") or content_type in UNTYPED_CONTENT_TYPES):
         log.info("object is not an image; ignored", extra={**fields, "content_type": content_type})
         return "ignored_not_image"

@@ -12,7 +12,7 @@ from google.cloud import storage
 
 from .batch import LocalSource, Location, is_utf8, parse_local_source, parse_output
 from .errors import ConfigError, SourceError
-from .images import IMAGE_SUFFIXES
+from .images import IMAGE_SUFFIXES, media_type
 from .store import LIST_PAGE_SIZE
 
 
@@ -82,7 +82,7 @@ def _prefix_images(client: storage.Client, uri: str) -> Iterator[str]:
         )
         for blob in blobs:
             name = str(blob.name)
-            content_type = (blob.content_type or "").lower()
+            content_type = media_type(blob.content_type)
             if name.endswith("/"):
                 continue
             suffix = PurePosixPath(name).suffix.lower()

@@ -12,6 +12,7 @@ from typing import Any
 from .backfill import is_backfill, start_backfill
 from .batch import BatchRequest, Location, decode_json, parse_batch
 from .errors import RequestError, StorageUnavailable, TransientFailure
+from .images import media_type
 from .logs import batch_var, trace_from_headers, trace_var
 from .records import JSON_TYPE, JSONL_TYPE, Record, counts, dumps_jsonl, total_usage
 from .results import write_gallery
@@ -57,7 +58,7 @@ def handle_http(
         raw = None
     if method.upper() != "POST":
         return error_reply(405, "method_not_allowed", f"Use POST, not {method}.", Allow="POST")
-    mime = (content_type or "").split(";", 1)[0].strip().lower()
+    mime = media_type(content_type)
     if mime != JSON_TYPE and not (mime.startswith("application/") and mime.endswith("+json")):
         return error_reply(
             415,

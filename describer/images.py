@@ -58,6 +58,13 @@ _OPEN_FORMATS = (
 )
 # Content types that say nothing about the bytes: sniff them instead.
 UNTYPED_CONTENT_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
+
+
+def media_type(content_type: str | None) -> str:
+    """A Content-Type without its parameters, lower-cased: "image/jpeg; q=1" -> "image/jpeg"."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
 # File name endings of the formats above: what a folder (CLI) or a backfill's untyped
 # objects contribute. Bytes decide the type in the end; names only choose candidates.
 IMAGE_SUFFIXES = frozenset(
