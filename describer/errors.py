@@ -16,10 +16,6 @@ TransientFailure.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # records imports this module
-    from .records import Usage
 
 
 class Code(StrEnum):
@@ -69,14 +65,11 @@ class SourceError(DescriberError):
         *,
         attempts: int = 0,
         transient: bool = False,
-        usage: Usage | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.attempts = attempts
-        # Tokens billed before the failure (a structured answer that did not fit).
-        self.usage = usage
         # True when the cause may pass (rate limits, 5xx, timeouts): an upload
         # event is then redelivered instead of recording the failure for good.
         self.transient = transient

@@ -177,9 +177,11 @@ class Describer:
         that second call counts in ``attempts``, and ``usage`` is the sum of both
         calls. Two misfits end in a ``model_error`` that is not transient.
 
-        ``spent``, when given, is kept up to date as the calls go, so that a caller
-        whose deadline cancels this coroutine still knows what was spent.
+        ``spent``, when given, is kept up to date as the calls go: the calls made and
+        the usage of the answers received. It is how a caller learns what a failure,
+        or a deadline that cancels this coroutine, still cost.
         """
+        spent = spent if spent is not None else Spent()
         picture = types.Part.from_bytes(data=image.data, mime_type=image.mime_type)
         if schema is None:
             return await self._generate([picture, prompt], None, spent=spent)
@@ -193,17 +195,10 @@ class Describer:
                 "the answer did not fit the schema; asking once more",
                 extra={"schema": shape.name, "reason": str(exc), "attempts": first.attempts},
             )
-        if spent is not None:
-            spent.usage = first.usage  # billed, whatever becomes of the second call
-        try:
-            second = await self._generate(
-                contents, shape, attempts_before=first.attempts, spent=spent
-            )
-        except SourceError as exc:
-            # The first answer was billed even though the second call failed.
-            exc.usage = _sum_usage(first.usage, exc.usage)
-            raise
+        spent.usage = first.usage  # billed, whatever becomes of the second call
+        second = await self._generate(contents, shape, attempts_before=first.attempts, spent=spent)
         second = replace(second, usage=_sum_usage(first.usage, second.usage))
+        spent.usage = second.usage
         try:
             return _structured(second, shape)
         except SchemaMismatch as exc:
@@ -211,7 +206,6 @@ class Describer:
                 Code.MODEL_ERROR,
                 f"Gemini's answer did not fit the {shape.name} schema twice: {exc}",
                 attempts=second.attempts,
-                usage=second.usage,
             ) from None
 
     async def _generate(
@@ -219,8 +213,8 @@ class Describer:
         contents: list[types.PartUnion],
         shape: Schema | None,
         *,
+        spent: Spent,
         attempts_before: int = 0,
-        spent: Spent | None = None,
     ) -> Described:
         """One answer, retrying 408, 429, 5xx, timeouts and lost connections.
 
@@ -232,8 +226,7 @@ class Describer:
             attempt += 1
             final = attempt >= budget
             model = self._model
-            if spent is not None:
-                spent.attempts = attempt
+            spent.attempts = attempt
             try:
                 response = await self._client.aio.models.generate_content(
                     model=model, contents=contents, config=self._config(model, shape)

@@ -240,17 +240,16 @@ class Pipeline:
                 answer = await self._describer.describe(
                     ready.image, self._prompt, schema=self._schema, spent=flight.spent
                 )
-            except SourceError as exc:
-                batch.finish(ready.index, self._failed(uri, exc, flight.started, **known))
             except Exception as exc:
-                log.exception("unexpected failure describing a source")
-                error = SourceError(
-                    Code.MODEL_ERROR,
-                    f"Internal error: {exc!r}.",
-                    attempts=flight.spent.attempts,
-                    usage=flight.spent.usage,
-                )
-                batch.finish(ready.index, self._failed(uri, error, flight.started, **known))
+                if isinstance(exc, SourceError):
+                    error = exc
+                else:
+                    log.exception("unexpected failure describing a source")
+                    error = SourceError(Code.MODEL_ERROR, f"Internal error: {exc!r}.")
+                # The calls made and the answers billed, whatever the failure.
+                spent = {"attempts": flight.spent.attempts, "usage": flight.spent.usage}
+                record = self._failed(uri, error, flight.started, **known, **spent)
+                batch.finish(ready.index, record)
             else:
                 record = Record(
                     source=uri,

@@ -55,8 +55,6 @@ class Record:
     ) -> Record:
         """An error record carrying whatever was learnt before the failure."""
         known.setdefault("attempts", error.attempts)
-        if error.usage is not None:
-            known.setdefault("usage", error.usage)
         return cls(
             source=source,
             status=ERROR,
