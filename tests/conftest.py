@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -153,6 +154,24 @@ def send_event(url: str, blob: storage.Blob, **overrides: Any) -> requests.Respo
     return requests.post(url, data=body, headers=headers, timeout=120)
 
 
+def event_data(blob: storage.Blob) -> dict[str, Any]:
+    """The data of the finalize CloudEvent Eventarc would send for ``blob``."""
+    _, body = finalized_event(blob)
+    data: dict[str, Any] = json.loads(body)
+    return data
+
+
+def wait_for(
+    condition: Callable[[], bool], what: str, timeout_s: float = 30.0, *, poll_s: float = 0.02
+) -> None:
+    """Poll real state (storage, simulator stats) until it holds; fail after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(poll_s)
+
+
 def upload(
     bucket: storage.Bucket, name: str, data: bytes, content_type: str | None
 ) -> storage.Blob:
@@ -161,6 +180,18 @@ def upload(
     fresh = bucket.get_blob(name)
     assert fresh is not None
     return fresh
+
+
+def upload_pictures(
+    bucket: storage.Bucket, n: int, *, folder: str = "in", height: int, colour: str
+) -> list[str]:
+    """Upload n distinct PNGs, ``folder``/000.png on, of widths 100, 101, ...; their gs:// URIs."""
+    uris = []
+    for i in range(n):
+        name = f"{folder}/{i:03d}.png"
+        upload(bucket, name, make_image(100 + i, height, colour, "PNG"), "image/png")
+        uris.append(f"gs://{bucket.name}/{name}")
+    return uris
 
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 210), "green": (40, 160, 60)}

@@ -11,9 +11,8 @@ process is killed with SIGKILL in the middle.
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,21 +25,12 @@ from localdev import procs
 from localdev.gemini_sim import RunningSimulator
 from localdev.relay import RelayConfig, RunningRelay, start_in_thread
 
-from .conftest import API_KEY, function_env, make_image
+from .conftest import API_KEY, function_env, make_image, wait_for
 
 IMAGES = 5000
 SHARD_SIZE = 500
 GCS_PROCESSES = 3
 SHARDS = "describer-shards/"
-
-
-def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float) -> None:
-    """Poll real state until it holds; fail after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def _image(i: int) -> bytes:
@@ -141,14 +131,15 @@ def test_a_backfill_of_5000_images_across_processes_survives_a_killed_process(
         # AND, a third of the way through, the model holds every further call, and once
         # every answer so far is kept (its sidecar, then its checkpoint, written) one
         # describe_gcs process is killed with SIGKILL
-        _wait_for(lambda: sim.stats.ok >= IMAGES // 3, "a third of the answers", 240)
+        wait_for(lambda: sim.stats.ok >= IMAGES // 3, "a third of the answers", 240, poll_s=0.1)
         sim.hold()
         # Calls let through just before the hold are still answered: wait until every
         # call in flight is a held one, so no answer is on its way to the victim.
-        _wait_for(
+        wait_for(
             lambda: sim.stats.in_flight == sim.stats.held and kept() == sim.stats.ok,
             "every call in flight held and every answer so far kept",
             60,
+            poll_s=0.1,
         )
         answered_before = sim.stats.ok
         victim = started[1]
@@ -161,7 +152,7 @@ def test_a_backfill_of_5000_images_across_processes_survives_a_killed_process(
             blob = results.get_blob(status_name)
             return blob is not None and json.loads(blob.download_as_bytes())["complete"]
 
-        _wait_for(complete, "the backfill's status to say complete", 420)
+        wait_for(complete, "the backfill's status to say complete", 420, poll_s=0.1)
         stats = relay.wait_idle(60)
     finally:
         for proc in started:

@@ -26,7 +26,16 @@ from localdev.events import finalized_event
 from localdev.gemini_sim import RunningSimulator
 from localdev.memory_store import MemoryStore
 
-from .conftest import API_KEY, function_env, make_image, post_batch, send_event, upload
+from .conftest import (
+    API_KEY,
+    event_data,
+    function_env,
+    post_batch,
+    send_event,
+    upload,
+    upload_pictures,
+    wait_for,
+)
 
 PARTS = "descriptions/batches/job.parts/"
 
@@ -34,11 +43,6 @@ PARTS = "descriptions/batches/job.parts/"
 def _records(reply: Any) -> list[dict[str, Any]]:
     assert reply.status == 200, reply.body
     return reply.body["results"]  # type: ignore[no-any-return]
-
-
-def _event(blob: storage.Blob) -> dict[str, Any]:
-    _, body = finalized_event(blob)
-    return json.loads(body)  # type: ignore[no-any-return]
 
 
 def _widths(sim: RunningSimulator) -> list[int]:
@@ -57,12 +61,7 @@ def pictures(bucket: storage.Bucket) -> Callable[[int], list[str]]:
     """Upload n distinct images (widths 100, 101, ...) and return their gs:// URIs."""
 
     def make(n: int) -> list[str]:
-        uris = []
-        for i in range(n):
-            name = f"in/{i:03d}.png"
-            upload(bucket, name, make_image(100 + i, 80, "green", "PNG"), "image/png")
-            uris.append(f"gs://{bucket.name}/{name}")
-        return uris
+        return upload_pictures(bucket, n, height=80, colour="green")
 
     return make
 
@@ -231,7 +230,7 @@ def test_an_upload_cut_off_by_the_deadline_asks_for_redelivery(
     runtime = event_runtime(function_timeout_s=2.5, deadline_margin_s=1.0)
     blob = _one_picture(bucket, pictures)
     with pytest.raises(TransientFailure, match="deadline"):
-        handle_storage_event(runtime, _event(blob))
+        handle_storage_event(runtime, event_data(blob))
     assert bucket.get_blob(f"descriptions/{blob.name}.json") is None
 
 
@@ -252,7 +251,7 @@ def test_a_manifest_cut_off_by_the_deadline_resumes_on_redelivery_without_repeat
     sim.configure(api_key=API_KEY, answer_limit=2)
     # WHEN the manifest event arrives THEN the invocation asks for redelivery
     with pytest.raises(TransientFailure, match="4 of 6 sources remain"):
-        handle_storage_event(runtime, _event(manifest))
+        handle_storage_event(runtime, event_data(manifest))
     first = _widths(sim)
     lines, meta = _jsonl(bucket)
     # AND the JSONL already holds every source, marked incomplete
@@ -261,7 +260,7 @@ def test_a_manifest_cut_off_by_the_deadline_resumes_on_redelivery_without_repeat
     assert [line["error"]["code"] for line in lines if line["error"]] == ["deadline_exceeded"] * 4
     # WHEN the event is redelivered to a model without the limit
     sim.configure(api_key=API_KEY)
-    assert handle_storage_event(runtime, _event(manifest)) == "described_manifest"
+    assert handle_storage_event(runtime, event_data(manifest)) == "described_manifest"
     # THEN only the 4 unfinished sources were described, and the JSONL is whole and in order
     assert len(first) == 2 and len(_widths(sim)) == 4
     assert sorted(first + _widths(sim)) == list(range(100, 106))
@@ -278,7 +277,7 @@ def test_a_manifest_cut_off_by_the_deadline_resumes_on_redelivery_without_repeat
     assert html.count("data:image/jpeg;base64,") == 6
     # AND the checkpoints are gone, and a third delivery does nothing
     assert not list(bucket.list_blobs(prefix=PARTS))
-    assert handle_storage_event(runtime, _event(manifest)) == "already_done"
+    assert handle_storage_event(runtime, event_data(manifest)) == "already_done"
     assert sim.stats.calls == 4
 
 
@@ -292,7 +291,7 @@ def test_a_manifest_with_no_progress_at_all_does_not_loop(
     sim.configure(api_key=API_KEY, answer_limit=0)
     runtime = event_runtime(function_timeout_s=2.5, deadline_margin_s=1.0)
     manifest = _manifest(bucket, pictures(2))
-    assert handle_storage_event(runtime, _event(manifest)) == "manifest_stalled"
+    assert handle_storage_event(runtime, event_data(manifest)) == "manifest_stalled"
     lines, meta = _jsonl(bucket)
     assert meta[COMPLETE_KEY] == "false"
     assert [line["error"]["code"] for line in lines] == ["deadline_exceeded"] * 2
@@ -323,15 +322,6 @@ def killable_function(
             procs.kill_hard(proc)
 
 
-def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    """Poll real state (storage, simulator stats) until it holds; fail after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def test_a_process_killed_mid_manifest_loses_nothing_and_repeats_nothing(
     killable_function: Callable[[], tuple[Any, str]],
     bucket: storage.Bucket,
@@ -346,7 +336,7 @@ def test_a_process_killed_mid_manifest_loses_nothing_and_repeats_nothing(
     proc, url = killable_function()
 
     def kill_once_three_are_kept() -> None:
-        _wait_for(
+        wait_for(
             lambda: sim.stats.held >= 1 and len(list(bucket.list_blobs(prefix=PARTS))) >= 3,
             "three checkpoints and a held call",
         )
@@ -400,7 +390,7 @@ def test_a_sidecar_written_first_by_another_delivery_wins(
     # GIVEN another delivery of the same event that writes the sidecar just before this one
     store.before_write = other_delivery_writes_first
     # WHEN this delivery finishes THEN it counts as done and leaves the other's result
-    assert handle_storage_event(runtime, _event(blob)) == "already_done"
+    assert handle_storage_event(runtime, event_data(blob)) == "already_done"
     assert store.rejected == [(bucket.name, sidecar)]
     assert json.loads(store.objects[(bucket.name, sidecar)].data) == {
         "description": "the other delivery"
@@ -428,7 +418,7 @@ def test_a_sidecar_replaced_between_read_and_write_is_not_overwritten(
     # WHEN a newer delivery replaces it while this one is describing
     store.before_write = newer_delivery_replaces_it
     # THEN this write is refused and the newer result stays
-    assert handle_storage_event(runtime, _event(blob)) == "already_done"
+    assert handle_storage_event(runtime, event_data(blob)) == "already_done"
     assert json.loads(store.objects[(bucket.name, sidecar)].data) == {"generation": "99"}
 
 
@@ -442,8 +432,8 @@ def test_without_a_race_the_sidecar_is_created_once(
     store = MemoryStore()
     runtime = event_runtime(store=store)
     blob = _one_picture(bucket, pictures)
-    assert handle_storage_event(runtime, _event(blob)) == "described"
-    assert handle_storage_event(runtime, _event(blob)) == "already_done"
+    assert handle_storage_event(runtime, event_data(blob)) == "described"
+    assert handle_storage_event(runtime, event_data(blob)) == "already_done"
     assert sim.stats.calls == 1
     assert store.rejected == []
     assert store.names(bucket.name) == [f"descriptions/{blob.name}.json"]
@@ -467,7 +457,7 @@ def test_manifest_checkpoints_are_create_only(
             store.put(bucket_name, name, json.dumps({"source": images[1], "racer": True}).encode())
 
     store.before_write = racing_delivery
-    assert handle_storage_event(runtime, _event(manifest)) == "described_manifest"
+    assert handle_storage_event(runtime, event_data(manifest)) == "described_manifest"
     assert store.rejected == [(bucket.name, racing)]
     lines = store.objects[(bucket.name, "descriptions/batches/job.jsonl")].data.splitlines()
     assert [json.loads(line)["source"] for line in lines] == images
@@ -506,9 +496,9 @@ def test_a_late_event_for_an_older_manifest_generation_is_superseded(
     images = pictures(3)
     old = _manifest(bucket, images[:2])
     new = _manifest(bucket, images)
-    assert handle_storage_event(runtime, _event(new)) == "described_manifest"
+    assert handle_storage_event(runtime, event_data(new)) == "described_manifest"
     # WHEN the older generation's event arrives late
-    assert handle_storage_event(runtime, _event(old)) == "superseded"
+    assert handle_storage_event(runtime, event_data(old)) == "superseded"
     # THEN no model call was made for it and the JSONL still belongs to the newer upload
     assert sim.stats.calls == 3
     lines, meta = _jsonl(bucket)
@@ -530,7 +520,7 @@ def test_results_that_can_never_be_written_do_not_ask_for_redelivery(
         json.dumps({"images": images, "output": "gs://no-such-bucket-here/out/"}).encode(),
         None,
     )
-    assert handle_storage_event(event_runtime(), _event(manifest)) == "results_unwritable"
+    assert handle_storage_event(event_runtime(), event_data(manifest)) == "results_unwritable"
     # The missing bucket shows when the earlier result is looked up: before any model call.
     assert sim.stats.calls == 0
 
@@ -559,9 +549,9 @@ def test_a_redelivered_upload_described_by_the_fallback_model_is_skipped(
     sim.configure(api_key=API_KEY, known_models=["gemini-here"])
     runtime = event_runtime(model="gemini-gone", fallback_model="gemini-here")
     blob = _one_picture(bucket, pictures)
-    assert handle_storage_event(runtime, _event(blob)) == "described"
+    assert handle_storage_event(runtime, event_data(blob)) == "described"
     calls = sim.stats.calls
-    assert handle_storage_event(runtime, _event(blob)) == "already_done"
+    assert handle_storage_event(runtime, event_data(blob)) == "already_done"
     assert sim.stats.calls == calls
 
 
@@ -577,9 +567,9 @@ def test_past_the_retry_window_a_passing_failure_is_recorded_not_redelivered(
     blob = _one_picture(bucket, pictures)
     # GIVEN a fresh event: the outage asks for redelivery
     with pytest.raises(TransientFailure):
-        handle_storage_event(runtime, _event(blob), event_time=_ago(10))
+        handle_storage_event(runtime, event_data(blob), event_time=_ago(10))
     # WHEN the same event is delivered again two minutes after it was first sent
-    assert handle_storage_event(runtime, _event(blob), event_time=_ago(120)) == "described"
+    assert handle_storage_event(runtime, event_data(blob), event_time=_ago(120)) == "described"
     # THEN the failure is written down for good
     sidecar = bucket.get_blob(f"descriptions/{blob.name}.json")
     assert sidecar is not None
@@ -612,6 +602,6 @@ def test_a_manifest_finished_first_by_a_concurrent_delivery_is_not_downgraded(
             )
 
     store.before_write = other_delivery_completes_first
-    assert handle_storage_event(runtime, _event(manifest)) == "already_done"
+    assert handle_storage_event(runtime, event_data(manifest)) == "already_done"
     assert store.rejected == [(bucket.name, jsonl)]
     assert store.objects[(bucket.name, jsonl)].data == b"{}\n"

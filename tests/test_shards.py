@@ -16,19 +16,12 @@ from describer import Runtime, handle_storage_event
 from describer.backfill import start_backfill
 from describer.errors import TransientFailure
 from describer.status import new_status, record_shard, update_status
-from localdev.events import finalized_event
 from localdev.gemini_sim import RunningSimulator
 from localdev.memory_store import MemoryStore
 
-from .conftest import API_KEY, make_image, post_batch, upload
+from .conftest import API_KEY, event_data, post_batch, upload, upload_pictures
 
 SHARDS = "describer-shards/"
-
-
-def _event(blob: storage.Blob) -> dict[str, Any]:
-    _, body = finalized_event(blob)
-    data: dict[str, Any] = json.loads(body)
-    return data
 
 
 @pytest.fixture
@@ -38,18 +31,13 @@ def runtime(make_runtime: Callable[..., Runtime], bucket: storage.Bucket) -> Run
 
 
 def _pictures(bucket: storage.Bucket, n: int, folder: str = "in") -> list[str]:
-    uris = []
-    for i in range(n):
-        name = f"{folder}/{i:03d}.png"
-        upload(bucket, name, make_image(100 + i, 60, "blue", "PNG"), "image/png")
-        uris.append(f"gs://{bucket.name}/{name}")
-    return uris
+    return upload_pictures(bucket, n, folder=folder, height=60, colour="blue")
 
 
 def _deliver_shards(runtime: Runtime, bucket: storage.Bucket) -> list[str]:
     """Deliver every shard object's finalize event, as Eventarc would; their outcomes."""
     blobs = sorted(bucket.list_blobs(prefix=SHARDS), key=lambda b: b.name)
-    return [handle_storage_event(runtime, _event(b)) for b in blobs]
+    return [handle_storage_event(runtime, event_data(b)) for b in blobs]
 
 
 def _status(bucket: storage.Bucket, batch: str) -> dict[str, Any]:
@@ -66,7 +54,7 @@ def test_a_large_manifest_is_sharded_and_the_last_shard_merges_in_input_order(
     images = [*_pictures(bucket, 11), f"gs://{bucket.name}/in/missing.png"]
     manifest = upload(bucket, "jobs/big.batch.json", json.dumps({"images": images}).encode(), None)
     # WHEN its event arrives THEN it is split into 3 shards and no model call is made
-    assert handle_storage_event(runtime, _event(manifest)) == "sharded"
+    assert handle_storage_event(runtime, event_data(manifest)) == "sharded"
     assert sim.stats.calls == 0
     shards = sorted(b.name for b in bucket.list_blobs(prefix=SHARDS))
     assert shards == [
@@ -75,7 +63,7 @@ def test_a_large_manifest_is_sharded_and_the_last_shard_merges_in_input_order(
     status = _status(bucket, "jobs/big")
     assert (status["total"], status["shards"], status["pending_shards"]) == (12, 3, [0, 1, 2])
     # AND the same manifest event again creates nothing new
-    assert handle_storage_event(runtime, _event(manifest)) == "already_sharded"
+    assert handle_storage_event(runtime, event_data(manifest)) == "already_sharded"
     assert sorted(b.name for b in bucket.list_blobs(prefix=SHARDS)) == shards
 
     # WHEN the shards' events arrive
@@ -114,7 +102,7 @@ def test_edited_or_forged_shards_are_refused_and_stale_runs_do_nothing(
     """Only the shards a batch planned are run: their digests are in its status object."""
     images = _pictures(bucket, 7)
     manifest = upload(bucket, "m.batch.json", json.dumps({"images": images}).encode(), None)
-    assert handle_storage_event(runtime, _event(manifest)) == "sharded"
+    assert handle_storage_event(runtime, event_data(manifest)) == "sharded"
     first = sorted(bucket.list_blobs(prefix=SHARDS), key=lambda b: b.name)
     # GIVEN a shard edited by someone who may write to the bucket: more sources, and
     # posing as a backfill so that its records would become sidecars
@@ -125,7 +113,7 @@ def test_edited_or_forged_shards_are_refused_and_stale_runs_do_nothing(
     body["sidecar_generations"] = [0] * 7
     forged = upload(bucket, first[0].name, json.dumps(body).encode(), None)
     # WHEN it arrives THEN it is refused: no model call, no sidecar, no new shard
-    assert handle_storage_event(runtime, _event(forged)) == "shard_invalid"
+    assert handle_storage_event(runtime, event_data(forged)) == "shard_invalid"
     assert sim.stats.calls == 0
     assert not list(bucket.list_blobs(prefix="descriptions/in/"))
     assert len(list(bucket.list_blobs(prefix=SHARDS))) == len(first)
@@ -133,12 +121,12 @@ def test_edited_or_forged_shards_are_refused_and_stale_runs_do_nothing(
     plain = upload(
         bucket, f"{SHARDS}x/1/00000.batch.json", json.dumps({"images": images}).encode(), None
     )
-    assert handle_storage_event(runtime, _event(plain)) == "shard_invalid"
+    assert handle_storage_event(runtime, event_data(plain)) == "shard_invalid"
     # GIVEN the manifest uploaded again: a new run
     again = upload(bucket, "m.batch.json", json.dumps({"images": images[:6]}).encode(), None)
-    assert handle_storage_event(runtime, _event(again)) == "sharded"
+    assert handle_storage_event(runtime, event_data(again)) == "sharded"
     # WHEN a shard of the old run is delivered late THEN it does nothing
-    assert handle_storage_event(runtime, _event(first[1])) == "superseded"
+    assert handle_storage_event(runtime, event_data(first[1])) == "superseded"
     assert sim.stats.calls == 0
 
 
@@ -148,9 +136,9 @@ def test_a_manifest_delivered_again_after_its_merge_writes_no_shard(
     manifest = upload(
         bucket, "m.batch.json", json.dumps({"images": _pictures(bucket, 6)}).encode(), None
     )
-    assert handle_storage_event(runtime, _event(manifest)) == "sharded"
+    assert handle_storage_event(runtime, event_data(manifest)) == "sharded"
     assert _deliver_shards(runtime, bucket)[-1] == "merged"
-    assert handle_storage_event(runtime, _event(manifest)) == "already_done"
+    assert handle_storage_event(runtime, event_data(manifest)) == "already_done"
     assert not list(bucket.list_blobs(prefix=SHARDS))
     assert sim.stats.calls == 6
 
@@ -165,19 +153,19 @@ def test_a_shard_that_cannot_finish_is_redelivered_then_recorded_as_stalled(
     manifest = upload(
         bucket, "m.batch.json", json.dumps({"images": _pictures(bucket, 7)}).encode(), None
     )
-    assert handle_storage_event(runtime, _event(manifest)) == "sharded"
+    assert handle_storage_event(runtime, event_data(manifest)) == "sharded"
     first, second = sorted(bucket.list_blobs(prefix=SHARDS), key=lambda b: b.name)
-    assert handle_storage_event(runtime, _event(second)) == "described_shard"
+    assert handle_storage_event(runtime, event_data(second)) == "described_shard"
     # GIVEN a model that answers nothing at all
     sim.configure(api_key=API_KEY, answer_limit=0)
     # WHEN the first shard runs inside the retry window THEN it asks for redelivery,
     # though it finished nothing (its batch waits for it)
     with pytest.raises(TransientFailure):
-        handle_storage_event(runtime, _event(first))
+        handle_storage_event(runtime, event_data(first))
     assert _status(bucket, "m")["pending_shards"] == [0]
     # WHEN it is delivered past the retry window THEN it is recorded as stalled and the
     # batch completes, its unfinished sources as errors in the merged JSONL
-    late = handle_storage_event(runtime, _event(first), event_time="2020-01-01T00:00:00Z")
+    late = handle_storage_event(runtime, event_data(first), event_time="2020-01-01T00:00:00Z")
     assert late == "merged"
     status = _status(bucket, "m")
     assert status["complete"] and status["stalled_shards"] == [0]
@@ -199,7 +187,7 @@ def test_shards_in_a_bucket_of_their_own_still_read_the_manifests_bucket(
     )
     images = _pictures(bucket, 6)
     manifest = upload(bucket, "m.batch.json", json.dumps({"images": images}).encode(), None)
-    assert handle_storage_event(runtime, _event(manifest)) == "sharded"
+    assert handle_storage_event(runtime, event_data(manifest)) == "sharded"
     assert not list(bucket.list_blobs(prefix=SHARDS))
     # The shards' events come from their own bucket; the results stay with the manifest's.
     assert _deliver_shards(runtime, shards_bucket)[-1] == "merged"
@@ -231,7 +219,7 @@ def test_backfill_describes_each_image_once_and_a_rerun_resumes(
     uris = _pictures(bucket, 12, folder="photos")
     first_upload = bucket.get_blob("photos/000.png")
     assert first_upload is not None
-    assert handle_storage_event(runtime, _event(first_upload)) == "described"
+    assert handle_storage_event(runtime, event_data(first_upload)) == "described"
     assert sim.stats.calls == 1
     # WHEN a backfill of the prefix is asked for (over the cap: max_images required)
     where = {"backfill": f"gs://{bucket.name}/photos/"}
@@ -274,7 +262,7 @@ def test_backfill_describes_each_image_once_and_a_rerun_resumes(
     # AND an upload event for a backfilled image makes no second call
     late = bucket.get_blob("photos/011.png")
     assert late is not None
-    assert handle_storage_event(runtime, _event(late)) == "already_done"
+    assert handle_storage_event(runtime, event_data(late)) == "already_done"
     assert sim.stats.calls == 12
 
 

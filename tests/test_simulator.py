@@ -6,7 +6,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +17,7 @@ from google.genai import errors, types
 
 from localdev.gemini_sim import RunningSimulator, describe_image, structured_answer
 
-from .conftest import API_KEY, make_image
+from .conftest import API_KEY, make_image, wait_for
 
 
 def _generate(
@@ -239,14 +238,6 @@ def test_misfits_come_as_invalid_json_then_an_over_long_string_then_a_missing_ke
 # --- abandoned calls --------------------------------------------------------------------------
 
 
-def _wait(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout} s for {what}")
-        time.sleep(0.01)
-
-
 def _call_then_hang_up(sim: RunningSimulator, hang_up_when: Callable[[], bool]) -> None:
     """Send one generateContent call over raw aiohttp and close the connection mid-call."""
     data = make_image(30, 30, "red", "PNG")
@@ -295,7 +286,7 @@ def test_a_held_call_whose_caller_hung_up_is_abandoned_not_answered(sim: Running
     _call_then_hang_up(sim, lambda: sim.stats.held == 1)
     sim.release()
     # THEN the call is counted as abandoned, and nothing as answered
-    _wait(lambda: sim.stats.abandoned == 1, "the held call to be abandoned")
+    wait_for(lambda: sim.stats.abandoned == 1, "the held call to be abandoned", 5.0, poll_s=0.01)
     assert (sim.stats.ok, sim.stats.by_status, sim.stats.images) == (0, {}, [])
     assert sim.stats.answered_fingerprints() == Counter()
 
@@ -305,7 +296,7 @@ def test_a_call_whose_caller_hung_up_during_latency_is_abandoned(sim: RunningSim
     sim.configure(api_key=API_KEY, latency_ms=300)
     _call_then_hang_up(sim, lambda: sim.stats.in_flight == 1)
     # WHEN the latency has passed THEN the answer was never given nor counted
-    _wait(lambda: sim.stats.abandoned == 1, "the slow call to be abandoned")
+    wait_for(lambda: sim.stats.abandoned == 1, "the slow call to be abandoned", 5.0, poll_s=0.01)
     assert (sim.stats.ok, sim.stats.by_status, sim.stats.images) == (0, {}, [])
 
 

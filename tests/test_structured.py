@@ -12,11 +12,10 @@ from google.cloud import storage
 
 from describer import Runtime, handle_storage_event
 from describer.schemas import ALT_TEXT_MAX_CHARS
-from localdev.events import finalized_event
 from localdev.gemini_sim import RunningSimulator, describe_image
 from tests.browser import Browser, browser_fixture
 
-from .conftest import API_KEY, RESULTS_BUCKET, post_batch, send_event, upload
+from .conftest import API_KEY, RESULTS_BUCKET, event_data, post_batch, send_event, upload
 
 browser = browser_fixture()
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
@@ -141,12 +140,6 @@ def test_text_schema_in_a_request_overrides_a_structured_default(
     assert sim.stats.structured == 1 and sim.stats.calls == 2
 
 
-def _event(blob: storage.Blob) -> dict[str, Any]:
-    _, body = finalized_event(blob)
-    data: dict[str, Any] = json.loads(body)
-    return data
-
-
 def test_uploads_follow_describe_schema_and_a_changed_schema_describes_again(
     make_runtime: Callable[..., Runtime],
     bucket: storage.Bucket,
@@ -157,17 +150,17 @@ def test_uploads_follow_describe_schema_and_a_changed_schema_describes_again(
     structured = make_runtime(schema="alt_text", results_bucket=None)
     blob = upload(bucket, "a.jpg", (image_dir / "rocket.jpg").read_bytes(), "image/jpeg")
     # WHEN an upload is described THEN its sidecar carries the structured answer
-    assert handle_storage_event(structured, _event(blob)) == "described"
+    assert handle_storage_event(structured, event_data(blob)) == "described"
     sidecar = bucket.get_blob("descriptions/a.jpg.json")
     assert sidecar is not None
     record = json.loads(sidecar.download_as_bytes())
     assert record["schema"] == "alt_text" and set(record["data"]) >= {"alt_text", "tags"}
     # AND the same event again is skipped
-    assert handle_storage_event(structured, _event(blob)) == "already_done"
+    assert handle_storage_event(structured, event_data(blob)) == "already_done"
     assert sim.stats.calls == 1
     # WHEN the function is redeployed with free text THEN the same event is described again
     plain = make_runtime(results_bucket=None)
-    assert handle_storage_event(plain, _event(blob)) == "described"
+    assert handle_storage_event(plain, event_data(blob)) == "described"
     sidecar = bucket.get_blob("descriptions/a.jpg.json")
     assert sidecar is not None
     assert "data" not in json.loads(sidecar.download_as_bytes())
