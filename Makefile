@@ -33,7 +33,7 @@ browser:
 	bash scripts/ensure-browser.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis bench-results
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis bench-results test-output
 
 # The benchmark (bench/README.md): not part of `make test`. Options through BENCH_ARGS,
 # e.g. make bench BENCH_ARGS=--quick

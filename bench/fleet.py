@@ -85,7 +85,7 @@ def main() -> int:
 
 
 def run(options: Options) -> dict[str, Any]:
-    logs = Path(procs.ROOT / "bench-results" / "fleet-logs")
+    logs = options.out / "fleet-logs"
     logs.mkdir(parents=True, exist_ok=True)
     started: list[Any] = []
     try:
@@ -161,7 +161,6 @@ def run(options: Options) -> dict[str, Any]:
             "emulator_s": round(procstat.cpu_seconds(emulator.pid), 1),
             "simulator_s": round(procstat.cpu_seconds(sim.pid), 1),
             "relay_s": round(procstat.cpu_seconds(relay.pid), 1),
-            "wall_s": round(time.monotonic() - begin, 1),
         }
         rss = max(procstat.group_peak_rss_mb(w.pid) for w in workers)
         with urllib.request.urlopen(f"{relay_url}/_relay/stats", timeout=60) as response:
@@ -213,7 +212,7 @@ def render(result: dict[str, Any]) -> str:
     rows = [
         ("images / shards / processes", f"{o['images']} / {result['shards']} / {o['processes']}"),
         ("model latency, quota", f"{o['latency_ms']:.0f} ms, {o['quota']} calls in flight"),
-        ("calls in flight at most", str(result["calls_in_flight_at_most"])),
+        ("calls in flight allowed", str(result["calls_in_flight_at_most"])),
         ("wall (ideal)", f"{result['wall_s']} s ({result['ideal_s']} s)"),
         ("efficiency", str(result["efficiency"])),
         ("images/s (status object)", f"{result['images_per_s']} ({result['status_images_per_s']})"),

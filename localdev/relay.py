@@ -328,20 +328,15 @@ class Relay:
         self._targets_changed.set()
         self._targets_changed = asyncio.Event()
 
-    def snapshot(self, *, with_objects: bool = True) -> RelayStats:
+    def snapshot(self) -> RelayStats:
         """A copy of the stats, safe to read while the relay goes on.
 
-        Without the per-object records when ``with_objects`` is false (cheap to poll).
         A Delivery is never changed once recorded, so the copies share them.
         """
-        objects = (
-            {
-                name: [replace(record, deliveries=list(record.deliveries)) for record in records]
-                for name, records in self.stats.objects.items()
-            }
-            if with_objects
-            else {}
-        )
+        objects = {
+            name: [replace(record, deliveries=list(record.deliveries)) for record in records]
+            for name, records in self.stats.objects.items()
+        }
         return replace(self.stats, objects=objects)
 
     async def wait_idle(self, timeout: float) -> RelayStats:
@@ -793,9 +788,9 @@ class RunningRelay:
         self._thread = thread
         self._runner = runner
 
-    def stats(self, *, with_objects: bool = True) -> RelayStats:
-        """A consistent copy of the relay's stats (the counters alone: with_objects=False)."""
-        return self._run(self._snapshot(with_objects))
+    def stats(self) -> RelayStats:
+        """A consistent copy of the relay's stats."""
+        return self._run(self._snapshot())
 
     def set_targets(self, urls: Iterable[str]) -> None:
         """Replace the function URLs events go to (a test kills an instance, starts another).
@@ -813,8 +808,8 @@ class RunningRelay:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
-    async def _snapshot(self, with_objects: bool) -> RelayStats:
-        return self.relay.snapshot(with_objects=with_objects)
+    async def _snapshot(self) -> RelayStats:
+        return self.relay.snapshot()
 
     async def _set_targets(self, urls: list[str]) -> None:
         self.relay.set_targets(urls)

@@ -19,6 +19,11 @@ import threading
 from gcp_storage_emulator.server import APIThread
 from gcp_storage_emulator.storage import Storage
 
+# The one method overridden below is the emulator's own, not an API: if an upgrade
+# renames it, the override would silently do nothing and every write turn slow again.
+if not hasattr(Storage, "_write_config_to_file"):
+    raise RuntimeError("gcp-storage-emulator no longer has Storage._write_config_to_file")
+
 
 class InMemoryStorage(Storage):  # type: ignore[misc]  # the emulator has no type hints
     """The emulator's storage with no index file: the dicts in memory are the index."""

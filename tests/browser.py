@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import pytest
 from selenium import webdriver
@@ -108,15 +108,6 @@ class Page:
     def texts(self, selector: str) -> list[str]:
         """The rendered text of each element matching a CSS selector, in document order."""
         return [element.text for element in self._driver.find_elements(By.CSS_SELECTOR, selector)]
-
-    def text(self, selector: str = "body") -> str:
-        """The rendered text of the first element matching a CSS selector."""
-        return self._driver.find_element(By.CSS_SELECTOR, selector).text
-
-    def attributes(self, selector: str, name: str) -> list[str | None]:
-        """One attribute (as written in the markup) of each element matching a selector."""
-        elements = self._driver.find_elements(By.CSS_SELECTOR, selector)
-        return [element.get_dom_attribute(name) for element in elements]
 
     def broken_images(self) -> list[str]:
         """The src (or markup) of every <img> that did not load; empty when all loaded."""
@@ -230,16 +221,13 @@ def _loaded(driver: Any) -> bool:
     )
 
 
-def browser_fixture(
-    scope: Literal["module", "session"] = "module",
-) -> Callable[[], Iterator[Browser]]:
+def browser_fixture() -> Callable[[], Iterator[Browser]]:
     """A pytest fixture named ``browser`` that fails (never skips) when Chromium is missing.
 
-    Assign it as ``browser = browser_fixture()`` in a test module (one browser per module), or
-    ``browser = browser_fixture("session")`` in a conftest.py to share one across modules.
+    Assign it as ``browser = browser_fixture()`` in a test module: one browser per module.
     """
 
-    @pytest.fixture(scope=scope, name="browser")
+    @pytest.fixture(scope="module", name="browser")
     def _browser() -> Iterator[Browser]:
         browser = Browser()
         try:
