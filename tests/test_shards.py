@@ -6,7 +6,6 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -213,7 +212,10 @@ def test_backfill_dry_run_writes_nothing_and_estimates(
 
 
 def test_backfill_describes_each_image_once_and_a_rerun_resumes(
-    runtime: Runtime, bucket: storage.Bucket, sim: RunningSimulator
+    runtime: Runtime,
+    make_runtime: Callable[..., Runtime],
+    bucket: storage.Bucket,
+    sim: RunningSimulator,
 ) -> None:
     # GIVEN 12 images, one of which already has a sidecar for the current settings
     uris = _pictures(bucket, 12, folder="photos")
@@ -223,7 +225,13 @@ def test_backfill_describes_each_image_once_and_a_rerun_resumes(
     assert sim.stats.calls == 1
     # WHEN a backfill of the prefix is asked for (over the cap: max_images required)
     where = {"backfill": f"gs://{bucket.name}/photos/"}
-    refused = post_batch(_with_cap(runtime, 5), where)
+    capped = make_runtime(
+        results_bucket=None,
+        shard_size=5,
+        allowed_buckets=frozenset({bucket.name}),
+        backfill_confirm_over=5,
+    )
+    refused = post_batch(capped, where)
     assert refused.status == 400 and refused.body["error"]["code"] == "max_images_required"
     reply = post_batch(runtime, {**where, "max_images": 6})
     # THEN 6 of the 11 undescribed images are sharded
@@ -264,16 +272,6 @@ def test_backfill_describes_each_image_once_and_a_rerun_resumes(
     assert late is not None
     assert handle_storage_event(runtime, event_data(late)) == "already_done"
     assert sim.stats.calls == 12
-
-
-def _with_cap(runtime: Runtime, over: int) -> Runtime:
-    """The same runtime with BACKFILL_CONFIRM_OVER set to ``over``."""
-    return Runtime(
-        settings=replace(runtime.settings, backfill_confirm_over=over),
-        storage_client=runtime.storage_client,
-        gemini=runtime.gemini,
-        address_allowed=runtime.address_allowed,
-    )
 
 
 def test_backfill_requests_are_checked(runtime: Runtime, bucket: storage.Bucket) -> None:
