@@ -30,6 +30,7 @@ from .errors import RequestError, StorageUnavailable, TransientFailure
 from .images import IMAGE_SUFFIXES, UNTYPED_CONTENT_TYPES, media_type
 from .jobs import MANIFEST_SUFFIX
 from .records import JSON_TYPE, dumps_json
+from .results import batch_object
 from .runtime import Runtime, new_batch_id
 from .schemas import SCHEMAS
 from .settings import Settings
@@ -164,7 +165,7 @@ async def start_backfill(
             "listing took the whole time budget; backfill narrower prefixes, or raise "
             "FUNCTION_TIMEOUT_S",
         )
-    status_uri = results.uri(f"batches/{batch}.status.json")
+    status_uri = f"gs://{results.bucket}/{status_name(results, batch)}"
     run = new_batch_id()
     status = new_status(
         batch=batch,
@@ -220,7 +221,7 @@ async def start_backfill(
         **body,
         "run": run,
         "status_uri": status_uri,
-        "results_uri": results.uri(f"batches/{batch}.jsonl"),
+        "results_uri": f"gs://{results.bucket}/{batch_object(results.prefix, batch, '.jsonl')}",
     }
 
 

@@ -15,7 +15,7 @@ from .errors import RequestError, StorageUnavailable, TransientFailure
 from .images import media_type
 from .logs import batch_var, trace_from_headers, trace_var
 from .records import JSON_TYPE, JSONL_TYPE, Record, counts, dumps_jsonl, total_usage
-from .results import write_gallery
+from .results import batch_object, write_gallery
 from .runtime import Runtime, new_batch_id, open_pipeline
 from .settings import Settings
 
@@ -93,7 +93,7 @@ def handle_http(
     batch_var.set(batch_id)
     allowed = settings.readable_buckets()
     prompt, schema = settings.prompt_and_schema(request.prompt, request.schema)
-    results_name = f"{output.prefix}batches/{batch_id}.jsonl"
+    results_name = batch_object(output.prefix, batch_id, ".jsonl")
     log.info("batch received", extra={"count": len(request.images)})
     records, results, gallery_uri, write_error = asyncio.run(
         _describe_and_write(

@@ -20,7 +20,7 @@ from google.auth.exceptions import GoogleAuthError
 from .batch import BatchRequest, GcsSource, Location, parse_body, parse_source
 from .errors import Code, RequestError, StorageUnavailable, TransientFailure
 from .records import JSON_TYPE, JSONL_TYPE, Record, dumps_json, dumps_jsonl, total_usage
-from .results import write_gallery
+from .results import batch_object, write_gallery
 from .runtime import ObjectEvent, Runtime, open_pipeline
 from .store import (
     COMPLETE_KEY,
@@ -220,7 +220,7 @@ async def write_error_report(store: Store, event: ObjectEvent, exc: RequestError
     stem = event.name.removesuffix(MANIFEST_SUFFIX)
     await store.write(
         event.results.bucket,
-        f"{event.results.prefix}batches/{stem}.error.json",
+        batch_object(event.results.prefix, stem, ".error.json"),
         dumps_json(report),
         content_type=JSON_TYPE,
         metadata={SOURCE_GENERATION_KEY: event.generation},

@@ -11,6 +11,7 @@ import logging
 
 from .errors import RequestError
 from .jobs import MANIFEST_SUFFIX, Job, load_request, run_job, write_error_report
+from .results import batch_object
 from .runtime import ObjectEvent, Runtime
 from .shards import shard_manifest
 
@@ -43,8 +44,8 @@ async def describe_manifest(runtime: Runtime, event: ObjectEvent) -> str:
         uri=manifest_uri,
         generation=generation,
         output=output,
-        results_name=f"{output.prefix}batches/{stem}.jsonl",
-        parts_prefix=f"{output.prefix}batches/{stem}.parts/",
+        results_name=batch_object(output.prefix, stem, ".jsonl"),
+        parts_prefix=batch_object(output.prefix, stem, ".parts/"),
         title=f"Manifest {manifest_uri}",
         allowed_buckets=settings.readable_buckets(bucket),
     )

@@ -27,7 +27,7 @@ from .errors import RequestError, TransientFailure
 from .gallery import render_index
 from .jobs import MANIFEST_SUFFIX, Job, load_request, run_job, tally
 from .records import JSON_TYPE, JSONL_TYPE, dumps_json
-from .results import HTML_TYPE
+from .results import HTML_TYPE, batch_object, gallery_name
 from .runtime import ObjectEvent, Runtime
 from .status import new_status, now_iso, record_shard, status_name, update_status
 from .store import COMPLETE_KEY, SOURCE_GENERATION_KEY, Store, bounded_map
@@ -44,7 +44,7 @@ def shard_object_name(settings_prefix: str, batch: str, run: str, index: int) ->
 
 
 def shard_jsonl_name(output: Location, batch: str, index: int) -> str:
-    return f"{output.prefix}batches/{batch}.shards/{index:05d}.jsonl"
+    return batch_object(output.prefix, batch, f".shards/{index:05d}.jsonl")
 
 
 async def shard_manifest(
@@ -215,7 +215,9 @@ async def describe_shard(runtime: Runtime, event: ObjectEvent) -> str:
             generation=generation,
             output=output,
             results_name=shard_jsonl_name(output, info.batch, info.index),
-            parts_prefix=f"{output.prefix}batches/{info.batch}.shards/{info.index:05d}.parts/",
+            parts_prefix=batch_object(
+                output.prefix, info.batch, f".shards/{info.index:05d}.parts/"
+            ),
             title=f"Shard {info.index + 1} of {info.count} of {info.source}",
             allowed_buckets=settings.readable_buckets(_sources_bucket(status)),
             sidecars=output if info.kind == "backfill" else None,
@@ -272,7 +274,7 @@ async def _merge(
         raise TransientFailure(
             f"gs://{output.bucket}/{missing[0]}", "a finished shard's JSONL is missing"
         )
-    merged_name = f"{output.prefix}batches/{info.batch}.jsonl"
+    merged_name = batch_object(output.prefix, info.batch, ".jsonl")
     await store.write(
         output.bucket,
         merged_name,
@@ -283,13 +285,13 @@ async def _merge(
     results_uri = f"gs://{output.bucket}/{merged_name}"
     gallery_uri = None
     if runtime.settings.gallery:
-        gallery_name = f"{output.prefix}batches/{info.batch}.html"
+        index_name = gallery_name(merged_name)
         page = render_index(
             status,
             [f"{info.batch.rsplit('/', 1)[-1]}.shards/{i:05d}.html" for i in range(info.count)],
         )
-        await store.write(output.bucket, gallery_name, page, content_type=HTML_TYPE)
-        gallery_uri = f"gs://{output.bucket}/{gallery_name}"
+        await store.write(output.bucket, index_name, page, content_type=HTML_TYPE)
+        gallery_uri = f"gs://{output.bucket}/{index_name}"
 
     def finish(s: dict[str, Any]) -> dict[str, Any] | None:
         if s.get("run") != info.run:

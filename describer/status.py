@@ -20,6 +20,7 @@ from typing import Any
 from .batch import Location
 from .errors import TransientFailure
 from .records import JSON_TYPE, dumps_json
+from .results import batch_object
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ _BACKOFF_S = 0.05
 
 
 def status_name(output: Location, batch: str) -> str:
-    return f"{output.prefix}batches/{batch}.status.json"
+    return batch_object(output.prefix, batch, ".status.json")
 
 
 def new_status(
