@@ -28,18 +28,19 @@ import asyncio
 import base64
 import binascii
 import collections
-import concurrent.futures
 import contextlib
 import hashlib
 import io
 import json
 import random
-import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from aiohttp import web
 from PIL import Image
+
+from localdev.threaded import Served, serve_in_thread
 
 SUPPORTED = {
     "image/png": "PNG",
@@ -652,19 +653,10 @@ def _quota_error(retry_delay_s: float, *, per_day: bool = False) -> web.Response
 class RunningSimulator:
     """A simulator serving on loopback from a background thread (for tests)."""
 
-    def __init__(
-        self,
-        simulator: GeminiSimulator,
-        url: str,
-        loop: asyncio.AbstractEventLoop,
-        thread: threading.Thread,
-        runner: web.AppRunner,
-    ) -> None:
-        self.simulator = simulator
-        self.url = url
-        self._loop = loop
-        self._thread = thread
-        self._runner = runner
+    def __init__(self, served: Served[GeminiSimulator]) -> None:
+        self._served = served
+        self.simulator = served.app
+        self.url = served.url
 
     def configure(self, **changes: Any) -> None:
         """Replace the configuration (defaults for what is not given) and clear the stats."""
@@ -682,53 +674,28 @@ class RunningSimulator:
     def stats(self) -> SimStats:
         return self.simulator.stats
 
-    def _call(self, fn: Any) -> None:
-        # Its result, or what it raised, comes back here; so does a loop that never ran it.
-        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+    def _call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the simulator's loop, where its state lives."""
 
-        def run() -> None:
-            try:
-                fn()
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller, not swallowed
-                done.set_exception(exc)
-            else:
-                done.set_result(None)
+        async def call() -> None:
+            fn()
 
-        self._loop.call_soon_threadsafe(run)
-        done.result(5)
+        self._served.run(call(), 5)
 
     def stop(self) -> None:
         # Release held calls first, or shutting down would wait for them.
         self._call(self.simulator.reset)
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        self._served.stop()
 
 
 def start_in_thread(config: SimConfig | None = None, host: str = "127.0.0.1") -> RunningSimulator:
     simulator = GeminiSimulator(config)
-    loop = asyncio.new_event_loop()
-    started: dict[str, Any] = {}
-    ready = threading.Event()
 
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
+    def build() -> tuple[GeminiSimulator, web.AppRunner]:
         # Calls hanging on purpose (rate_hang) must not hold up shutdown.
-        runner = web.AppRunner(simulator.app, access_log=None, shutdown_timeout=1.0)
-        loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, host, 0)
-        loop.run_until_complete(site.start())
-        port = runner.addresses[0][1]
-        started.update(url=f"http://{host}:{port}", runner=runner)
-        ready.set()
-        loop.run_forever()
-        loop.close()
+        return simulator, web.AppRunner(simulator.app, access_log=None, shutdown_timeout=1.0)
 
-    thread = threading.Thread(target=serve, name="gemini-sim", daemon=True)
-    thread.start()
-    if not ready.wait(10):
-        raise RuntimeError("the Gemini simulator did not start")
-    return RunningSimulator(simulator, started["url"], loop, thread, started["runner"])
+    return RunningSimulator(serve_in_thread(build, name="gemini-sim", host=host))
 
 
 def main() -> None:

@@ -47,11 +47,10 @@ import json
 import logging
 import random
 import re
-import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 from urllib.parse import quote, unquote
 
 import aiohttp
@@ -60,6 +59,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from localdev.events import finalized_event_from_resource
+from localdev.threaded import Served, serve_in_thread
 
 DEFAULT_MAX_DELIVERIES_AT_ONCE = 8
 DEFAULT_MAX_ATTEMPTS = 20
@@ -76,7 +76,6 @@ MAX_REQUEST_BYTES = 1024 * 1024 * 1024
 PRECONDITION_FAILED_MESSAGE = "At least one of the pre-conditions you specified did not hold."
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -774,39 +773,28 @@ def _relink(value: Any, emulator: str, relay: str) -> Any:
 class RunningRelay:
     """A relay serving on loopback from a background thread (for tests)."""
 
-    def __init__(
-        self,
-        relay: Relay,
-        url: str,
-        loop: asyncio.AbstractEventLoop,
-        thread: threading.Thread,
-        runner: web.AppRunner,
-    ) -> None:
-        self.relay = relay
-        self.url = url
-        self._loop = loop
-        self._thread = thread
-        self._runner = runner
+    def __init__(self, served: Served[Relay]) -> None:
+        self._served = served
+        self.relay = served.app
+        self.url = served.url
 
     def stats(self) -> RelayStats:
         """A consistent copy of the relay's stats."""
-        return self._run(self._snapshot())
+        return self._served.run(self._snapshot())
 
     def set_targets(self, urls: Iterable[str]) -> None:
         """Replace the function URLs events go to (a test kills an instance, starts another).
 
         In effect when this returns: every delivery attempt from then on uses the new list.
         """
-        self._run(self._set_targets(list(urls)))
+        self._served.run(self._set_targets(list(urls)))
 
     def wait_idle(self, timeout: float = 30.0) -> RelayStats:
         """Wait until every event is delivered or dead-lettered: the stats then, or TimeoutError."""
-        return self._run(self.relay.wait_idle(timeout), timeout + 5)
+        return self._served.run(self.relay.wait_idle(timeout), timeout + 5)
 
     def stop(self) -> None:
-        self._run(self._runner.cleanup(), 10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        self._served.stop()
 
     async def _snapshot(self) -> RelayStats:
         return self.relay.snapshot()
@@ -814,40 +802,17 @@ class RunningRelay:
     async def _set_targets(self, urls: list[str]) -> None:
         self.relay.set_targets(urls)
 
-    def _run(self, coroutine: Coroutine[Any, Any, _T], timeout: float = 10) -> _T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
-
 
 def start_in_thread(
     config: RelayConfig, *, targets: Sequence[str] = (), host: str = "127.0.0.1", port: int = 0
 ) -> RunningRelay:
     """Start a relay on its own event loop in a daemon thread; returns once it listens."""
-    loop = asyncio.new_event_loop()
-    started: dict[str, Any] = {}
-    ready = threading.Event()
 
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            relay = Relay(config, targets)
-            runner = _runner(relay)
-            loop.run_until_complete(runner.setup())
-            loop.run_until_complete(web.TCPSite(runner, host, port).start())
-            bound = runner.addresses[0][1]
-            started.update(relay=relay, runner=runner, url=f"http://{host}:{bound}")
-        except BaseException as exc:
-            started["error"] = exc
-            raise
-        finally:
-            ready.set()
-        loop.run_forever()
-        loop.close()
+    def build() -> tuple[Relay, web.AppRunner]:
+        relay = Relay(config, targets)  # made on the loop it serves from
+        return relay, _runner(relay)
 
-    thread = threading.Thread(target=serve, name="storage-relay", daemon=True)
-    thread.start()
-    if not ready.wait(10) or "error" in started:
-        raise RuntimeError("the relay did not start") from started.get("error")
-    return RunningRelay(started["relay"], started["url"], loop, thread, started["runner"])
+    return RunningRelay(serve_in_thread(build, name="storage-relay", host=host, port=port))
 
 
 def _runner(relay: Relay) -> web.AppRunner:
