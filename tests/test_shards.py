@@ -18,7 +18,7 @@ from describer.status import new_status, record_shard, update_status
 from localdev.gemini_sim import RunningSimulator
 from localdev.memory_store import MemoryStore
 
-from .conftest import API_KEY, event_data, post_batch, upload, upload_pictures
+from .conftest import API_KEY, event_data, make_image, post_batch, upload, upload_pictures
 
 SHARDS = "describer-shards/"
 
@@ -285,6 +285,31 @@ def test_backfill_requests_are_checked(runtime: Runtime, bucket: storage.Bucket)
     for body, status, code in cases:
         reply = post_batch(runtime, body)
         assert (reply.status, reply.body["error"]["code"]) == (status, code), body
+
+
+def test_a_backfill_whose_results_would_land_among_its_sources_is_refused(
+    make_runtime: Callable[..., Runtime], bucket: storage.Bucket
+) -> None:
+    # GIVEN RESULTS_BUCKET set to the backfilled bucket, with no RESULTS_PREFIX
+    runtime = make_runtime(
+        results_bucket=bucket.name, results_prefix="", allowed_buckets=frozenset({bucket.name})
+    )
+    _pictures(bucket, 2)
+    # WHEN a backfill of it is asked for THEN it is refused: its sidecars would be sources
+    reply = post_batch(runtime, {"backfill": f"gs://{bucket.name}/"})
+    assert (reply.status, reply.body["error"]["code"]) == (400, "invalid_request")
+    assert "among the sources" in reply.body["error"]["message"]
+    assert not list(bucket.list_blobs(prefix=SHARDS))
+
+
+def test_an_object_under_the_shards_prefix_that_is_no_shard_is_ignored(
+    runtime: Runtime, bucket: storage.Bucket, sim: RunningSimulator
+) -> None:
+    # GIVEN an image written under the shards prefix, where only shards belong
+    blob = upload(bucket, f"{SHARDS}stray.png", make_image(40, 30, "red", "PNG"), "image/png")
+    # WHEN its event arrives THEN it is neither described nor run as a shard
+    assert handle_storage_event(runtime, event_data(blob)) == "ignored_not_shard"
+    assert sim.stats.calls == 0
 
 
 def test_status_updates_from_many_shards_at_once_lose_nothing() -> None:

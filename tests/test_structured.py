@@ -188,3 +188,17 @@ def test_a_manifest_asking_for_alt_text_gets_structured_records_and_a_gallery(
     assert html.count('class="card') == 2
     assert records[0]["data"]["alt_text"] in html
     assert (gallery.metadata or {}).get("describer-output") == "true"
+
+
+def test_with_gallery_false_a_batch_gets_its_jsonl_and_no_gallery(
+    make_runtime: Callable[..., Runtime], image_server: str, gcs: storage.Client
+) -> None:
+    # GIVEN GALLERY=false WHEN a batch is described over HTTP
+    runtime = make_runtime(gallery=False)
+    reply = post_batch(runtime, {"images": [f"{image_server}/rocket.jpg"]})
+    # THEN its JSONL is written, and no page beside it
+    assert reply.status == 200 and reply.body["gallery_uri"] is None
+    jsonl = reply.body["results_uri"].removeprefix(f"gs://{RESULTS_BUCKET}/")
+    results = gcs.bucket(RESULTS_BUCKET)
+    assert results.get_blob(jsonl) is not None
+    assert results.get_blob(jsonl.removesuffix(".jsonl") + ".html") is None
