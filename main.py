@@ -11,19 +11,26 @@ from typing import Any
 
 import flask
 import functions_framework
+import werkzeug.exceptions
 from cloudevents.http import CloudEvent
 
 import describer
 
 describer.configure_logging()
-# Read once at import: a bad setting stops the instance from starting, with the
-# reason in the log, instead of failing every request.
-SETTINGS = describer.Settings.from_env()
+# Read once at import: a bad setting, missing credentials or a missing
+# RESULTS_BUCKET stop the instance with one log line saying what to fix,
+# instead of failing every request.
+RUNTIME = describer.start_instance()
 
 
-# Built once at import, too: missing credentials or an unusable setting stop the
-# instance with the reason in its log, instead of answering every request 500.
-RUNTIME = describer.Runtime.create(SETTINGS)
+# functions-framework binds errorhandler to its Flask app before it imports this file.
+@functions_framework.errorhandler(werkzeug.exceptions.HTTPException)  # type: ignore[untyped-decorator]
+def framework_error(error: werkzeug.exceptions.HTTPException) -> flask.Response:
+    """What the framework itself refuses (a GET, or no CloudEvent, to describe_gcs) as JSON."""
+    reply = describer.framework_error_reply(
+        error.code or 500, method=flask.request.method, path=flask.request.path
+    )
+    return _json(reply)
 
 
 @functions_framework.http
@@ -36,12 +43,7 @@ def describe_http(request: flask.Request) -> flask.Response:
         read_body=lambda: request.get_data(cache=False),
         headers=dict(request.headers),
     )
-    return flask.Response(
-        json.dumps(reply.body),
-        status=reply.status,
-        headers=reply.headers,
-        mimetype="application/json",
-    )
+    return _json(reply)
 
 
 @functions_framework.cloud_event
@@ -53,4 +55,13 @@ def describe_gcs(cloud_event: CloudEvent) -> None:
         event_id=str(cloud_event["id"]),
         event_time=cloud_event.get("time"),
         traceparent=cloud_event.get("traceparent"),
+    )
+
+
+def _json(reply: describer.HttpReply) -> flask.Response:
+    return flask.Response(
+        json.dumps(reply.body),
+        status=reply.status,
+        headers=reply.headers,
+        mimetype="application/json",
     )

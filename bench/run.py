@@ -30,7 +30,7 @@ spent is shown beside it, and so is the CPU everything else on the machine spent
 (/proc/stat): on a small machine they bound what the function can reach.
 
 It prints a table, checks the targets of issue 4, and writes
-bench-results/latest.json and bench-results/latest.md (for the README).
+bench-results/latest.json and bench-results/latest.md (for docs/performance.md).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ exists; see deploy/config.env.example), then flags.
   --gcs-timeout SECONDS        describe_gcs timeout, also its FUNCTION_TIMEOUT_S (540; max 540)
   --http-memory SIZE           e.g. 2Gi (default: sized for the worst case, see the plan)
   --gcs-memory SIZE            the same for describe_gcs
-  --runtime RUNTIME            python312 (or python311, python313)
+  --runtime RUNTIME            python312 (or python311, python313; the code needs 3.11+)
   --invoker MEMBER             may call describe_http, e.g. user:ana@example.com (repeatable)
   --build-service-account SA   service account Cloud Build uses to build the functions
   --env KEY=VALUE              another function setting (DESCRIBE_PROMPT, MEDIA_RESOLUTION,
@@ -98,7 +98,8 @@ validate_deploy() {
   fi
   [[ -z $HTTP_MAX_INSTANCES ]] || require_uint --http-max-instances "$HTTP_MAX_INSTANCES" 1
   [[ -z $GCS_MAX_INSTANCES ]] || require_uint --gcs-max-instances "$GCS_MAX_INSTANCES" 1
-  [[ $RUNTIME =~ ^python3[0-9]+$ ]] || die "--runtime must be a Python runtime, got '$RUNTIME'"
+  [[ " ${SUPPORTED_RUNTIMES[*]} " == *" $RUNTIME "* ]] ||
+    die "--runtime $RUNTIME cannot run this code (it needs Python 3.11+); use one of: ${SUPPORTED_RUNTIMES[*]}"
   [[ -n $GEMINI_MODEL ]] || die "--model must not be empty"
   [[ $VERTEX_LOCATION =~ ^[a-z0-9-]+$ ]] || die "not a valid --vertex-location: '$VERTEX_LOCATION'"
   local media=${EXTRA_ENV[MEDIA_RESOLUTION]:-medium}

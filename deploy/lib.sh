@@ -51,10 +51,12 @@ GCS_TIMEOUT=540
 HTTP_MEMORY=
 GCS_MEMORY=
 RUNTIME=python312
+# The code needs Python 3.11+ (datetime.UTC, asyncio.TaskGroup, ExceptionGroup).
+SUPPORTED_RUNTIMES=(python311 python312 python313)
 INVOKERS=
 BUILD_SERVICE_ACCOUNT=
 DRY_RUN=0
-# Function settings passed through as environment variables (README "Settings").
+# Function settings passed through as environment variables (docs/settings.md).
 declare -A EXTRA_ENV=()
 PASSTHROUGH_ENV=(DESCRIBE_PROMPT MEDIA_RESOLUTION IMAGE_MAX_SIDE MAX_BATCH_SIZE MAX_IMAGE_BYTES
   MAX_IMAGE_PIXELS DOWNLOAD_CONCURRENCY MODEL_MAX_ATTEMPTS MODEL_TIMEOUT_S MODEL_BACKOFF_S

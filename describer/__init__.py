@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from .errors import Code, ConfigError, DescriberError, RequestError, SourceError, StorageUnavailable
 from .events import handle_storage_event
-from .http_api import HttpReply, handle_http
+from .http_api import HttpReply, framework_error_reply, handle_http
+from .instance import start_instance
 from .logs import configure as configure_logging
 from .records import Record
 from .runtime import Runtime
@@ -26,6 +27,8 @@ __all__ = [
     "SourceError",
     "StorageUnavailable",
     "configure_logging",
+    "framework_error_reply",
     "handle_http",
     "handle_storage_event",
+    "start_instance",
 ]

@@ -62,7 +62,7 @@ Gemini is reached as the function reaches it: GEMINI_API_KEY (or GOOGLE_API_KEY)
 GOOGLE_GENAI_USE_VERTEXAI=true with GOOGLE_CLOUD_PROJECT and GOOGLE_CLOUD_LOCATION;
 GOOGLE_GEMINI_BASE_URL points it at another endpoint (the local simulator). Every other
 setting (GEMINI_MODEL, IMAGE_MAX_SIDE, MEDIA_RESOLUTION, ...) is read from the environment
-too; see the README's settings table.
+too; see docs/settings.md.
 
 exit status: 0 every image described, 1 some failed (see their records),
 2 the command could not start (arguments, settings, credentials, a listing that failed),

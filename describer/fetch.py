@@ -23,7 +23,7 @@ from .batch import GcsSource, HttpSource, LocalSource, Source
 from .errors import Code, SourceError
 from .netguard import AddressCheck, ForbiddenAddress, GuardedResolver, check_literal_host, is_public
 from .settings import Settings
-from .store import is_permanent
+from .store import bucket_missing, is_permanent
 
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -183,6 +183,17 @@ class Fetcher:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._io, self._read_gcs_blocking, source)
 
+    def _not_found(self, source: GcsSource) -> str:
+        """Which of the two is missing: Cloud Storage answers 404 alike for both."""
+        missing = bucket_missing(
+            self._storage, source.bucket, timeout_s=self._settings.download_timeout_s
+        )
+        if missing:
+            return f"No such bucket: {source.bucket!r} does not exist."
+        if missing is None:
+            return f"No such object in bucket {source.bucket!r} (or no such bucket)."
+        return f"No such object in bucket {source.bucket!r}."
+
     def _read_gcs_blocking(self, source: GcsSource) -> bytes:
         cap = self._settings.max_image_bytes
         try:
@@ -193,7 +204,7 @@ class Fetcher:
                 timeout=self._settings.download_timeout_s,
             )
             if blob is None:
-                raise SourceError(Code.NOT_FOUND, "No such object.")
+                raise SourceError(Code.NOT_FOUND, self._not_found(source))
             if blob.size is not None and blob.size > cap:
                 raise SourceError(Code.TOO_LARGE, _too_large(blob.size, cap))
             # Pin the generation we checked, so a replaced object cannot slip past the cap.
@@ -204,7 +215,7 @@ class Fetcher:
                 checksum=None,
             )
         except gexc.NotFound:
-            raise SourceError(Code.NOT_FOUND, "No such bucket or object.") from None
+            raise SourceError(Code.NOT_FOUND, self._not_found(source)) from None
         except gexc.Forbidden as exc:
             raise SourceError(
                 Code.DOWNLOAD_FAILED, f"The function may not read it: {exc.message}."

@@ -147,7 +147,26 @@ def _summary(
         f'<dt>generated</dt><dd><time datetime="{stamp.isoformat()}">'
         f"{stamp:%Y-%m-%d %H:%M:%S} UTC</time></dd>"
     )
-    return f'<dl class="stats">{stat_html}</dl>\n<dl class="facts">{"".join(facts)}</dl>'
+    simulated = sum(1 for record in records if record.get("simulated") is True)
+    notice = _simulated_notice(simulated, described=ok)
+    return f'{notice}<dl class="stats">{stat_html}</dl>\n<dl class="facts">{"".join(facts)}</dl>'
+
+
+def _simulated_notice(simulated: int, *, described: int) -> str:
+    """A banner when answers came from the project's simulator: they must not pass for Gemini's."""
+    if not simulated:
+        return ""
+    which = (
+        "Every description"
+        if simulated >= described
+        else f"{simulated:,} of the {described:,} descriptions"
+    )
+    return (
+        '<p class="simulated" role="note"><b>Simulated.</b> '
+        f"{which} on this page came from the project's Gemini simulator "
+        "(localdev/gemini_sim.py), not from Gemini: they name colours and shapes, "
+        "not what the image shows.</p>\n"
+    )
 
 
 def _card(number: int, record: Mapping[str, Any], thumbnail: bytes | None) -> str:
@@ -225,7 +244,7 @@ def _error(record: Mapping[str, Any]) -> tuple[str, str | None]:
 
 
 def _meta(record: Mapping[str, Any]) -> str:
-    bits = []
+    bits = ['<span class="sim">simulated</span>'] if record.get("simulated") is True else []
     width, height = _int(record.get("width")), _int(record.get("height"))
     if width is not None and height is not None:
         bits.append(f"{width}\u00d7{height}")
@@ -369,4 +388,7 @@ q{display:block}
  border:1px solid #f0a8ad;border-radius:4px;padding:0 6px;margin-right:4px}
 .card>.meta{margin-top:auto;padding-top:6px;font-size:12px;color:#59636e}
 .empty,.unknown{color:#59636e}
+.simulated{margin:0 0 12px;padding:8px 12px;border:1px solid #d4a72c;border-radius:8px;
+ background:#fff8c5;color:#3b2300}
+.card .sim{font-size:11px;font-weight:600;color:#7d4e00;text-transform:uppercase}
 """

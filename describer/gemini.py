@@ -32,6 +32,9 @@ from .settings import GeminiAccess
 # 408 and 5xx are transient on Google's side; 429 is a rate limit unless the
 # quota that ran out is a per-day one, which no retry within a call can outlast.
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# The project's Gemini simulator (localdev/gemini_sim.py) answers with this prefix on
+# modelVersion, so records and galleries can say that no real model wrote them.
+SIMULATOR_MODEL_VERSION_PREFIX = "describer-simulator/"
 _BLOCK_FINISH = frozenset(
     {"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "IMAGE_SAFETY", "RECITATION"}
 )
@@ -54,6 +57,7 @@ class Described:
     attempts: int
     model: str
     data: dict[str, Any] | None = None  # the validated answer, when a schema was asked for
+    simulated: bool = False  # answered by the project's simulator, not by Gemini
 
 
 @dataclass
@@ -349,7 +353,8 @@ def _answer(response: types.GenerateContentResponse, attempts: int, model: str) 
         if meta is not None
         else None
     )
-    return Described(text=text, usage=usage, attempts=attempts, model=model)
+    simulated = (response.model_version or "").startswith(SIMULATOR_MODEL_VERSION_PREFIX)
+    return Described(text=text, usage=usage, attempts=attempts, model=model, simulated=simulated)
 
 
 def _structured(answer: Described, shape: Schema) -> Described:

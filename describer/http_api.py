@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 from .backfill import is_backfill, start_backfill
@@ -33,6 +34,31 @@ class HttpReply:
 
 def error_reply(status: int, code: str, message: str, **headers: str) -> HttpReply:
     return HttpReply(status, {"error": {"code": code, "message": message}}, headers)
+
+
+def framework_error_reply(status: int, *, method: str, path: str) -> HttpReply:
+    """A JSON answer for what functions-framework refuses before the function runs.
+
+    Its own pages are HTML, and the one for a request that is not a CloudEvent
+    echoes every request header back: neither is an answer a client can act on.
+    """
+    if status == 405:
+        return error_reply(405, "method_not_allowed", f"Use POST, not {method}.", Allow="POST")
+    if status in (400, 415):
+        return error_reply(
+            status,
+            "invalid_event" if status == 400 else "unsupported_media_type",
+            "This function takes Cloud Storage object-finalized CloudEvents "
+            "(google.cloud.storage.object.v1.finalized, in binary or structured mode, as "
+            "Eventarc sends them); the request was not one.",
+        )
+    if status == 404:
+        return error_reply(404, "not_found", f"Nothing is served at {path[:200]!r}.")
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    return error_reply(status, f"http_{status}", f"{phrase}.")
 
 
 def handle_http(

@@ -255,6 +255,7 @@ class Pipeline:
                     source=uri,
                     status=OK,
                     model=answer.model,
+                    simulated=answer.simulated,
                     prompt=self._prompt,
                     description=answer.text,
                     data=answer.data,

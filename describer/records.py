@@ -44,6 +44,8 @@ class Record:
     error_code: Code | None = None
     error_message: str | None = None
     generation: str | None = None
+    # The answer came from the project's Gemini simulator, not from Gemini.
+    simulated: bool = False
     # Not serialised: whether a later retry could turn this error into a description.
     transient: bool = False
     # Not serialised: the gallery's thumbnail, when one was made.
@@ -77,6 +79,8 @@ class Record:
         if self.data is not None:
             out["data"] = self.data
         out["model"] = self.model
+        if self.simulated:
+            out["simulated"] = True
         out["prompt"] = self.prompt
         if self.schema is not None:
             out["schema"] = self.schema

@@ -260,6 +260,24 @@ class ResultStore:
         return True
 
 
+def bucket_missing(
+    client: storage.Client, bucket: str, *, prefix: str = "", timeout_s: float = 10.0
+) -> bool | None:
+    """Whether ``bucket`` does not exist: True, False, or None when storage did not say.
+
+    A one-object listing answers 404 only for a missing bucket, and needs no more than
+    the object-list permission every role the function holds has (``buckets.get``,
+    the direct question, is in none of them); a missing object lists as nothing.
+    """
+    try:
+        next(iter(client.list_blobs(bucket, prefix=prefix, max_results=1, timeout=timeout_s)), None)
+    except gexc.NotFound:
+        return True
+    except (gexc.GoogleAPIError, GoogleAuthError, OSError, ValueError):
+        return None
+    return False
+
+
 def _plainly(exc: BaseException) -> BaseException:
     """The storage failure as a sentence fragment a person can act on."""
     if isinstance(exc, gexc.NotFound):

@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from google.api_core.exceptions import NotFound
 from google.cloud import storage
 
 from localdev import procs
@@ -92,22 +93,37 @@ def main() -> int:
         ]
         print(f"1. POST describe_http with {len(batch)} images")
         reply = _post_json(f"http://127.0.0.1:{http_port}/", {"images": batch})
-        for record in reply["results"]:
+        for record in reply.get("results", []):
             _print_record(record)
-        print(f"   counts {reply['counts']}; written to {reply['results_uri']}")
-        # The emulator keeps everything in memory: copy the gallery out to open it later.
-        gallery = logs / "http-batch-gallery.html"
-        _, gallery_name = reply["gallery_uri"].removeprefix("gs://").split("/", 1)
-        client.bucket(RESULTS).blob(gallery_name).download_to_filename(str(gallery))
-        print(f"   gallery {reply['gallery_uri']}, copied to {gallery.as_uri()}\n")
+        if reply.get("error"):
+            print(f"   the function answered {reply['error']['code']}: {reply['error']['message']}")
+        print(f"   counts {reply.get('counts')}; written to {reply.get('results_uri')}")
+        if not reply.get("counts", {}).get("ok"):
+            # Nothing was described: the rest would only fail the same way, slower.
+            print(_nothing_described(reply.get("results", []), logs))
+            return 1
+        if reply.get("gallery_uri"):
+            # The emulator keeps everything in memory: copy the gallery out to open it later.
+            gallery = logs / "http-batch-gallery.html"
+            _, gallery_name = reply["gallery_uri"].removeprefix("gs://").split("/", 1)
+            client.bucket(RESULTS).blob(gallery_name).download_to_filename(str(gallery))
+            print(f"   gallery {reply['gallery_uri']}, copied to {gallery.as_uri()}")
+        print()
 
         upload = f"photos/{images[0].name}"
         print(f"2. Upload event for gs://{UPLOADS}/{upload} -> describe_gcs")
         blob = client.bucket(UPLOADS).get_blob(upload)
         _send_event(gcs_port, blob)
         sidecar = f"descriptions/{upload}.json"
-        _print_record(json.loads(client.bucket(RESULTS).blob(sidecar).download_as_bytes()))
-        print(f"   written to gs://{RESULTS}/{sidecar}\n")
+        failed = 0
+        written = _read(client, sidecar)
+        if written is None:
+            failed += 1
+            print(f"   no sidecar was written: see {logs / 'describe_gcs.log'}")
+        else:
+            _print_record(json.loads(written))
+            print(f"   written to gs://{RESULTS}/{sidecar}")
+        print()
 
         manifest = client.bucket(UPLOADS).blob("demo.batch.json")
         manifest.upload_from_string(
@@ -118,9 +134,15 @@ def main() -> int:
         print(f"3. Manifest event for gs://{UPLOADS}/{manifest.name} -> describe_gcs")
         _send_event(gcs_port, manifest)
         jsonl = "descriptions/batches/demo.jsonl"
-        for line in client.bucket(RESULTS).blob(jsonl).download_as_text().splitlines():
-            _print_record(json.loads(line))
-        print(f"   written to gs://{RESULTS}/{jsonl}\n")
+        written = _read(client, jsonl)
+        if written is None:
+            failed += 1
+            print(f"   no JSONL was written: see {logs / 'describe_gcs.log'}")
+        else:
+            for line in written.decode().splitlines():
+                _print_record(json.loads(line))
+            print(f"   written to gs://{RESULTS}/{jsonl}")
+        print()
         server.shutdown()
 
         out = logs / "cli"
@@ -135,18 +157,49 @@ def main() -> int:
         )
         print(textwrap.indent(cli.stdout.rstrip(), "   "))
         print(textwrap.indent(cli.stderr.rstrip(), "   "))
-        return 0 if cli.returncode == 0 else 1
+        failed += cli.returncode != 0
+        if failed:
+            print(
+                f"\nThe demo ran, but {failed} of its 4 steps did not end as expected: see above."
+            )
+        return 0 if not failed else 1
     finally:
         for proc in reversed(started):
             procs.stop(proc)
 
 
 def _post_json(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The function's JSON answer, whatever its status: error answers carry records too."""
     request = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=300) as response:
-        return json.loads(response.read())  # type: ignore[no-any-return]
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return json.loads(response.read())  # type: ignore[no-any-return]
+    except urllib.error.HTTPError as exc:
+        return json.loads(exc.read())  # type: ignore[no-any-return]
+
+
+def _read(client: storage.Client, name: str) -> bytes | None:
+    """A results object, or None when the function wrote none."""
+    try:
+        return client.bucket(RESULTS).blob(name).download_as_bytes()  # type: ignore[no-any-return]
+    except NotFound:
+        return None
+
+
+def _nothing_described(records: list[dict[str, Any]], logs: Path) -> str:
+    """Why the demo stops after its first step, in words a newcomer can act on."""
+    errors = [r["error"] for r in records if r.get("error")]
+    first = errors[0] if errors else {"code": "none", "message": "no records came back"}
+    return textwrap.dedent(
+        f"""
+        Nothing was described, so the demo stops here. Every image ended as an error; the
+        first: {first["code"]}: {first["message"]}
+        Gemini could not be reached, or refused the calls. Check GEMINI_API_KEY (or the Vertex
+        AI settings) and that this machine can reach Gemini, or run `make demo` with no key
+        set to use the local simulator. The function logs are in {logs}."""
+    ).rstrip()
 
 
 def _send_event(port: int, blob: storage.Blob) -> None:

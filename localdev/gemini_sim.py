@@ -40,6 +40,7 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
+from describer.gemini import SIMULATOR_MODEL_VERSION_PREFIX
 from localdev.threaded import Served, serve_in_thread
 
 SUPPORTED = {
@@ -88,6 +89,9 @@ class SimConfig:
     # After this many answers, further calls are held (unanswered) until the
     # configuration changes: a way to stop a run at a known point and kill it.
     answer_limit: int | None = None
+    # Answer with the bare model name as modelVersion, as Gemini does, instead of the
+    # simulator's mark: how tests see what a real answer looks like to the function.
+    impersonate: bool = False
     seed: int = 0
 
 
@@ -294,7 +298,7 @@ class GeminiSimulator:
                         "promptTokenCount": prompt_tokens,
                         "totalTokenCount": prompt_tokens,
                     },
-                    "modelVersion": model,
+                    "modelVersion": self._model_version(model),
                 }
             )
         if schema is not None:
@@ -316,10 +320,13 @@ class GeminiSimulator:
                     "candidatesTokenCount": output_tokens,
                     "totalTokenCount": prompt_tokens + output_tokens,
                 },
-                "modelVersion": model,
+                "modelVersion": self._model_version(model),
                 "responseId": f"sim-{self.stats.calls}",
             }
         )
+
+    def _model_version(self, model: str) -> str:
+        return model if self.config.impersonate else SIMULATOR_MODEL_VERSION_PREFIX + model
 
     def _structured(self, schema: Any, info: dict[str, Any]) -> str:
         """The JSON text answering for the image ``info``, made to misfit if configured."""

@@ -630,6 +630,8 @@ def test_teardown_takes_back_the_shards_folder_and_asks_before_deleting_it(
         (["--shards-prefix", " / "], {}, "--shards-prefix must not be empty"),
         (["--shards-prefix", "shards*"], {}, "--shards-prefix may hold only"),
         (["--env", "SHARD_SIZE=0"], {}, "SHARD_SIZE must be at least 1"),
+        (["--runtime", "python39"], {}, "use one of: python311 python312 python313"),
+        (["--runtime", "nodejs20"], {}, "--runtime nodejs20 cannot run this code"),
     ],
 )
 def test_unsafe_or_impossible_settings_are_refused_before_any_change(

@@ -358,7 +358,7 @@ AT_CANARY = [
     Trick("gopher://127.0.0.1:{port}/_GET%20/%20HTTP/1.0%0D%0A%0D%0A", SCHEME),
     Trick("dict://127.0.0.1:{port}/info", SCHEME),
     Trick("ws://127.0.0.1:{port}/", SCHEME),
-    # Credentials are refused before the host is even looked at (README: invalid_source).
+    # Credentials are refused before the host is even looked at (docs/http-api.md: invalid_source).
     Trick("http://example.com@127.0.0.1:{port}/", "credentials", "invalid_source"),
     Trick("http://example.com:443@127.0.0.1:{port}/", "credentials", "invalid_source"),
     Trick("http://example.com\\@127.0.0.1:{port}/", "credentials", "invalid_source"),

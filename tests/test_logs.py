@@ -81,7 +81,7 @@ def test_the_function_refuses_to_start_when_results_would_retrigger_it(
         procs.start_function(
             "describe_gcs", procs.free_port(), env, cloudevent=True, log_path=log_path
         )
-    assert "RESULTS_PREFIX is empty and RESULTS_BUCKET is unset" in log_path.read_text()
+    assert "RESULTS_PREFIX is empty and RESULTS_BUCKET is unset" in _refusal(log_path)["message"]
 
 
 def test_the_function_refuses_to_start_with_no_time_to_work(
@@ -94,18 +94,43 @@ def test_the_function_refuses_to_start_with_no_time_to_work(
     log_path = tmp_path / "refused.log"
     with pytest.raises(RuntimeError, match="exited"):
         procs.start_function("describe_http", procs.free_port(), env, log_path=log_path)
-    assert "DEADLINE_MARGIN_S (30.0) must be less than FUNCTION_TIMEOUT_S" in log_path.read_text()
+    message = _refusal(log_path)["message"]
+    assert "DEADLINE_MARGIN_S (30.0) must be less than FUNCTION_TIMEOUT_S" in message
 
 
-def test_the_function_refuses_to_start_without_gemini_credentials(
+def _refusal(log_path: Path) -> dict[str, Any]:
+    """The one line a refused instance logs: JSON, critical, no traceback around it."""
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    entry: dict[str, Any] = json.loads(lines[0])
+    assert entry["severity"] == "CRITICAL"
+    assert entry["error_code"] == "invalid_configuration"
+    return entry
+
+
+def test_an_instance_without_credentials_refuses_in_one_line(
     emulator_url: str, sim_server: RunningSimulator, tmp_path: Path
 ) -> None:
-    """No key and no Vertex AI: every image would fail, so the instance does not start."""
+    """No Gemini key: the process exits 1 after a single JSON line naming what to set."""
     env = function_env(emulator_url, sim_server.url, GEMINI_API_KEY="", GOOGLE_API_KEY="")
     log_path = tmp_path / "refused.log"
-    with pytest.raises(RuntimeError, match="exited"):
+    with pytest.raises(RuntimeError, match="exited with 1"):
         procs.start_function("describe_http", procs.free_port(), env, log_path=log_path)
-    assert "no Gemini credentials: set GEMINI_API_KEY" in log_path.read_text()
+    assert "no Gemini credentials: set GEMINI_API_KEY" in _refusal(log_path)["message"]
+
+
+def test_an_instance_whose_results_bucket_is_missing_names_it_at_start(
+    emulator_url: str, sim_server: RunningSimulator, gcs: storage.Client, tmp_path: Path
+) -> None:
+    """A RESULTS_BUCKET that does not exist stops the instance at start, named, not at the
+    first request as a 500."""
+    env = function_env(emulator_url, sim_server.url, RESULTS_BUCKET="no-such-results-bucket")
+    log_path = tmp_path / "refused.log"
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        procs.start_function("describe_http", procs.free_port(), env, log_path=log_path)
+    message = _refusal(log_path)["message"]
+    assert "RESULTS_BUCKET 'no-such-results-bucket' does not exist" in message
+    assert "gcloud storage buckets create gs://no-such-results-bucket" in message
 
 
 def test_an_events_lines_carry_the_cloudevent_traceparent(
