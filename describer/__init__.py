@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .errors import Code, ConfigError, DescriberError, RequestError, SourceError, StorageUnavailable
 from .events import handle_storage_event
-from .http_api import HttpReply, framework_error_reply, handle_http
+from .http_api import HttpReply, framework_error_reply, handle_http, read_capped
 from .instance import start_instance
 from .logs import configure as configure_logging
 from .records import Record
@@ -30,5 +30,6 @@ __all__ = [
     "framework_error_reply",
     "handle_http",
     "handle_storage_event",
+    "read_capped",
     "start_instance",
 ]

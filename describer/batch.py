@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote_to_bytes, urlsplit
+from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from .errors import Code, RequestError, SourceError
 from .schemas import SCHEMA_NAMES
@@ -22,6 +22,8 @@ _SHARD_FIELDS = frozenset({"shard", "generations", "sidecar_generations"})
 SHARD_KINDS = ("manifest", "backfill")
 # Bucket names per https://cloud.google.com/storage/docs/buckets#naming (dots allowed).
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+# Characters outside ASCII, which an http(s) URI carries as their UTF-8 percent-escapes.
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 # Cloud Storage object names: at most 1024 bytes of UTF-8, no CR or LF, and not
 # under .well-known/acme-challenge/. A batch's results land at PREFIX + this tail.
 MAX_OBJECT_NAME_BYTES = 1024
@@ -253,24 +255,21 @@ def parse_source(uri: str) -> Source:
         raise SourceError(
             Code.INVALID_SOURCE, f"The URI is longer than {MAX_URI_LENGTH} characters."
         )
-    if not uri.isascii():
-        # Non-ASCII hosts are normalised differently by each parser (fullwidth
-        # digits become 127.0.0.1 in yarl but not in ipaddress): refuse them.
-        raise SourceError(
-            Code.INVALID_SOURCE, "The URI has non-ASCII characters; percent-encode them."
-        )
     if uri[:5].lower() == "gs://":
-        try:
-            bucket, name = _split_gs("gs://" + uri[5:])
-        except ValueError as exc:
-            raise SourceError(Code.INVALID_SOURCE, f"The URI {exc}") from None
-        if not name or name.endswith("/"):
-            raise SourceError(Code.INVALID_SOURCE, "The gs:// URI names a folder, not an object.")
-        return GcsSource(uri=uri, bucket=bucket, name=name)
+        return _gcs_source(uri)
     try:
         parts = urlsplit(uri)
     except ValueError:
         raise SourceError(Code.INVALID_SOURCE, "The URI is malformed.") from None
+    if not parts.netloc.isascii():
+        # Non-ASCII hosts are normalised differently by each parser (fullwidth
+        # digits become 127.0.0.1 in yarl but not in ipaddress): refuse them.
+        raise SourceError(
+            Code.INVALID_SOURCE,
+            "The URI's host has non-ASCII characters; give its ASCII (xn--) form.",
+        )
+    if not is_utf8(uri):
+        raise SourceError(Code.INVALID_SOURCE, "The URI is not valid Unicode text.")
     scheme = parts.scheme.lower()
     if not scheme or (scheme not in ("http", "https") and _HOST_AND_PORT.match(uri)):
         raise SourceError(
@@ -294,7 +293,33 @@ def parse_source(uri: str) -> Source:
         raise SourceError(Code.INVALID_SOURCE, "Credentials in the URI are not accepted.")
     if any(c.isspace() for c in uri):
         raise SourceError(Code.INVALID_SOURCE, "The URI contains whitespace.")
-    return HttpSource(uri=uri)
+    # Percent-encoding is the transport's business: a path or query written in
+    # any script is fetched as its UTF-8 escapes, as a browser would.
+    return HttpSource(uri=_NON_ASCII.sub(lambda m: quote(m.group(), safe=""), uri))
+
+
+def _gcs_source(uri: str) -> GcsSource:
+    """A gs:// URI as gcloud writes it: the object name verbatim, in any script.
+
+    A percent sign is a character of the name, never an escape (Cloud Storage
+    names may hold one), so ``gs://b/caf%C3%A9.png`` names another object than
+    ``gs://b/café.png``.
+    """
+    try:
+        bucket, name = _split_gs("gs://" + uri[5:])
+    except ValueError as exc:
+        raise SourceError(Code.INVALID_SOURCE, f"The URI {exc}") from None
+    if not name or name.endswith("/"):
+        raise SourceError(Code.INVALID_SOURCE, "The gs:// URI names a folder, not an object.")
+    if not is_utf8(name):
+        raise SourceError(Code.INVALID_SOURCE, "The object name is not valid Unicode text.")
+    if "\r" in name or "\n" in name or len(name.encode()) > MAX_OBJECT_NAME_BYTES:
+        raise SourceError(
+            Code.INVALID_SOURCE,
+            f"The object name is not one Cloud Storage can hold (a line break, or over "
+            f"{MAX_OBJECT_NAME_BYTES} bytes).",
+        )
+    return GcsSource(uri=uri, bucket=bucket, name=name)
 
 
 def parse_local_source(uri: str) -> Source:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from html import escape
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from .records import ERROR, OK, total_usage
 
@@ -89,7 +89,10 @@ def render_index(status: Mapping[str, Any], shard_pages: Sequence[str]) -> bytes
     ]
     finished = _as_mapping(status.get("finished_shards"))
     links = []
-    for index, page in enumerate(shard_pages):
+    for index, name in enumerate(shard_pages):
+        # Names come from manifests anyone with upload rights may name: "./" and
+        # percent-encoding keep even "javascript:x" a path relative to this page.
+        page = "./" + quote(name, safe="/")
         tally = _as_mapping(finished.get(str(index)))
         counts = (
             f"{_int(tally.get('ok')) or 0:,} ok, {_int(tally.get('error')) or 0:,} errors"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import IO, Any
 
 from .backfill import is_backfill, start_backfill
 from .batch import BatchRequest, Location, decode_json, parse_batch
@@ -23,6 +24,8 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
+# How much of a body is held at once while it is read, or dropped past MAX_REQUEST_BYTES.
+_READ_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,27 @@ class HttpReply:
 
 def error_reply(status: int, code: str, message: str, **headers: str) -> HttpReply:
     return HttpReply(status, {"error": {"code": code, "message": message}}, headers)
+
+
+def read_capped(stream: IO[bytes], limit: int = MAX_REQUEST_BYTES) -> bytes:
+    """At most ``limit + 1`` bytes of a request body, in constant memory whatever its size.
+
+    Past the limit the rest is read and dropped: functions-framework reads whatever
+    is left of a body after every call, into memory, so leaving it unread would not
+    spare the memory. Errors of a broken framing propagate from the first reads.
+    """
+    parts: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = stream.read(min(_READ_CHUNK, limit + 1 - size))
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+        size += len(chunk)
+    with contextlib.suppress(Exception):  # the answer is a 413 whatever the rest holds
+        while stream.read(_READ_CHUNK):
+            pass
+    return b"".join(parts)
 
 
 def framework_error_reply(status: int, *, method: str, path: str) -> HttpReply:

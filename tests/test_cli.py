@@ -414,3 +414,34 @@ def test_other_schemes_are_refused_and_the_schema_brings_its_prompt(
     # With DESCRIBE_PROMPT at its three-word default, alt_text asks for a real description.
     assert described["prompt"] == SCHEMAS["alt_text"].default_prompt
     assert done.returncode == 1
+
+
+def test_names_in_any_script_are_described_from_folders_and_gs_prefixes(
+    tmp_path: Path,
+    bucket: storage.Bucket,
+    emulator_url: str,
+    image_dir: Path,
+    sim: RunningSimulator,
+) -> None:
+    """A local `café.png` and a gs:// `日本/写真.png` are described and named as written,
+    with no percent-encoding asked of the user."""
+    folder = tmp_path / "été"
+    folder.mkdir()
+    (folder / "café.png").write_bytes((image_dir / "coffee.png").read_bytes())
+    bucket.blob("日本/写真.png").upload_from_filename(str(image_dir / "chelsea.png"))
+
+    done = _cli(
+        "describe",
+        str(folder),
+        f"gs://{bucket.name}/日本/",
+        "--format",
+        "jsonl",
+        env=_env(sim, emulator_url),
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["source"], r["status"]) for r in records] == [
+        (str(folder / "café.png"), "ok"),
+        (f"gs://{bucket.name}/日本/写真.png", "ok"),
+    ]
