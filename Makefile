@@ -22,6 +22,12 @@ demo: $(STAMP)
 test: $(STAMP) lint browser
 	$(PY) -m pytest
 
+# The fast tier, for the edit loop: under a minute, without the tests marked slow (the fleet,
+# soak, deadline, crash and fuzzing runs, the command line, the deploy scripts). `make test` runs all.
+.PHONY: test-fast
+test-fast: $(STAMP) browser
+	$(PY) -m pytest -m "not slow"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

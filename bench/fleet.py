@@ -152,7 +152,7 @@ def run(options: Options) -> dict[str, Any]:
             f"http://127.0.0.1:{http_port}/",
             {"backfill": f"gs://{photos.name}/cam/", "max_images": options.images},
         )
-        status_name = f"descriptions/batches/{reply['batch']}.status.json"
+        status_name = f"describer-batches/{reply['batch']}.status.json"
         status = _wait_complete(results, status_name)
         wall = time.monotonic() - begin
         cpu = sum(procstat.group_cpu_seconds(w.pid) for w in workers)
@@ -167,7 +167,7 @@ def run(options: Options) -> dict[str, Any]:
             relay_stats = json.load(response)
         with urllib.request.urlopen(f"{sim_url}/_sim/stats", timeout=60) as response:
             sim_stats = json.load(response)
-        merged = results.get_blob(f"descriptions/batches/{reply['batch']}.jsonl")
+        merged = results.get_blob(f"describer-batches/{reply['batch']}.jsonl")
         lines = merged.download_as_text().splitlines() if merged else []
     finally:
         for proc in reversed(started):

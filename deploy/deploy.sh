@@ -26,6 +26,8 @@ exists; see deploy/config.env.example), then flags.
   --results-prefix PREFIX      object prefix for results (descriptions/)
   --shards-prefix PREFIX       where the function writes shard manifests in a source bucket, a
                                managed folder it may write only in (describer-shards/)
+  --batches-prefix PREFIX      where batch JSONL, galleries, status objects and checkpoints go
+                               in the results bucket (describer-batches/)
   --shards-bucket BUCKET       write every shard manifest into this source bucket instead of
                                the manifest's or backfilled bucket (lets read buckets and the
                                results bucket be backfilled)
@@ -194,38 +196,35 @@ min_cpu() {
 }
 
 # size_instance CONCURRENCY MODEL_CONC DOWNLOAD_CONC OVERRIDE: sets MEMORY, CPU and NEED_MIB.
-# The worst case of one instance: the runtime (512 MiB) + every image an invocation may hold,
-# (DOWNLOAD_CONCURRENCY + 2 x MODEL_CONCURRENCY) of up to MAX_IMAGE_BYTES, per concurrent request
-# + one decoded image of MAX_IMAGE_PIXELS (two 3-byte copies) per vCPU (one decode per vCPU).
+# The worst case of one instance, which runs one process (functions-framework's default): the
+# runtime (512 MiB) + every image an invocation may hold, (DOWNLOAD_CONCURRENCY + 2 x
+# MODEL_CONCURRENCY) of up to MAX_IMAGE_BYTES (downloads, and prepared images queued or in a
+# model call), per concurrent request + MAX_DECODE_BYTES, the one budget all the process's
+# decodes share, however many vCPUs decode (describer/memory.py; a decode estimated above it
+# is refused).
 size_instance() {
-  local conc=$1 model=$2 download=$3 override=$4 bytes pixels image_mib decode_mib tier mib
+  local conc=$1 model=$2 download=$3 override=$4 bytes decode image_mib decode_mib tier mib
   bytes=${EXTRA_ENV[MAX_IMAGE_BYTES]:-20971520}
-  pixels=${EXTRA_ENV[MAX_IMAGE_PIXELS]:-100000000}
+  decode=${EXTRA_ENV[MAX_DECODE_BYTES]:-536870912}
   is_uint "$bytes" || die "MAX_IMAGE_BYTES must be a whole number, got '$bytes'"
-  is_uint "$pixels" || die "MAX_IMAGE_PIXELS must be a whole number, got '$pixels'"
+  is_uint "$decode" || die "MAX_DECODE_BYTES must be a whole number, got '$decode'"
   image_mib=$(((bytes + 1048575) / 1048576))
-  decode_mib=$(((pixels * 6 + 1048575) / 1048576))
-  CPU=1
-  while true; do
-    NEED_MIB=$((512 + conc * (download + 2 * model) * image_mib + CPU * decode_mib))
-    if [[ -n $override ]]; then
-      mib=$(memory_mib "$override")
-    else
-      mib=0
-      for tier in 1024 2048 4096 8192 16384 32768; do
-        if ((NEED_MIB <= tier)); then
-          mib=$tier
-          break
-        fi
-      done
-      ((mib)) || die "one instance could need $NEED_MIB MiB, more than 32Gi: lower the" \
-        "concurrency, MODEL_CONCURRENCY, DOWNLOAD_CONCURRENCY or MAX_IMAGE_BYTES"
-    fi
-    if (($(min_cpu "$mib") <= CPU)); then
-      break
-    fi
-    CPU=$(min_cpu "$mib")
-  done
+  decode_mib=$(((decode + 1048575) / 1048576))
+  NEED_MIB=$((512 + conc * (download + 2 * model) * image_mib + decode_mib))
+  if [[ -n $override ]]; then
+    mib=$(memory_mib "$override")
+  else
+    mib=0
+    for tier in 1024 2048 4096 8192 16384 32768; do
+      if ((NEED_MIB <= tier)); then
+        mib=$tier
+        break
+      fi
+    done
+    ((mib)) || die "one instance could need $NEED_MIB MiB, more than 32Gi: lower the" \
+      "concurrency, MODEL_CONCURRENCY, DOWNLOAD_CONCURRENCY, MAX_IMAGE_BYTES or MAX_DECODE_BYTES"
+  fi
+  CPU=$(min_cpu "$mib")
   if ((mib % 1024 == 0)); then MEMORY=$((mib / 1024))Gi; else MEMORY=${mib}Mi; fi
   SHORT=""
   if ((mib < NEED_MIB)); then
@@ -433,6 +432,7 @@ write_env() {
     yaml_pair RESULTS_BUCKET "$RESULTS_BUCKET"
     yaml_pair RESULTS_PREFIX "$RESULTS_PREFIX"
     yaml_pair SHARDS_PREFIX "$SHARDS_PREFIX"
+    yaml_pair BATCHES_PREFIX "$BATCHES_PREFIX"
     [[ -z $SHARDS_BUCKET ]] || yaml_pair SHARDS_BUCKET "$SHARDS_BUCKET"
     yaml_pair ALLOWED_BUCKETS "$allowed"
     yaml_pair FUNCTION_TIMEOUT_S "$2"
@@ -580,12 +580,14 @@ main() {
     fi
   done
   if ((SHARED_RESULTS)); then
-    # Uploads live in this bucket too: read-write only under the results prefix (a managed
-    # folder), so the function can never change or delete an upload.
-    local folder="gs://$RESULTS_BUCKET/$RESULTS_PREFIX"
-    ensure_managed_folder "$folder"
-    bind storage managed-folders add-iam-policy-binding "$folder" \
-      --member="serviceAccount:$RUN_SA" --role=roles/storage.objectUser
+    # Uploads live in this bucket too: read-write only under the results and batches prefixes
+    # (managed folders), so the function can never change or delete an upload.
+    local folder
+    for folder in "gs://$RESULTS_BUCKET/$RESULTS_PREFIX" "gs://$RESULTS_BUCKET/$BATCHES_PREFIX"; do
+      ensure_managed_folder "$folder"
+      bind storage managed-folders add-iam-policy-binding "$folder" \
+        --member="serviceAccount:$RUN_SA" --role=roles/storage.objectUser
+    done
   else
     ensure_bucket "$RESULTS_BUCKET"
     bind storage buckets add-iam-policy-binding "gs://$RESULTS_BUCKET" \

@@ -31,6 +31,8 @@ READ_BUCKETS=
 RESULTS_BUCKET=
 RESULTS_PREFIX=descriptions/
 SHARDS_PREFIX=describer-shards/
+# Batch files and state (JSONL, galleries, status objects, checkpoints), beside the results.
+BATCHES_PREFIX=describer-batches/
 SHARDS_BUCKET=
 GEMINI_MODEL=gemini-3.5-flash-lite
 GEMINI_FALLBACK_MODEL=
@@ -59,9 +61,9 @@ DRY_RUN=0
 # Function settings passed through as environment variables (docs/settings.md).
 declare -A EXTRA_ENV=()
 PASSTHROUGH_ENV=(DESCRIBE_PROMPT MEDIA_RESOLUTION IMAGE_MAX_SIDE MAX_BATCH_SIZE MAX_IMAGE_BYTES
-  MAX_IMAGE_PIXELS DOWNLOAD_CONCURRENCY MODEL_MAX_ATTEMPTS MODEL_TIMEOUT_S MODEL_BACKOFF_S
-  DOWNLOAD_TIMEOUT_S DEADLINE_MARGIN_S DESCRIBE_SCHEMA GALLERY SHARD_SIZE MAX_MANIFEST_IMAGES
-  BACKFILL_CONFIRM_OVER PRICE_INPUT_PER_MTOK PRICE_OUTPUT_PER_MTOK)
+  MAX_IMAGE_PIXELS MAX_DECODE_BYTES DOWNLOAD_CONCURRENCY MODEL_MAX_ATTEMPTS MODEL_TIMEOUT_S
+  MODEL_BACKOFF_S DOWNLOAD_TIMEOUT_S DEADLINE_MARGIN_S DESCRIBE_SCHEMA GALLERY SHARD_SIZE
+  MAX_MANIFEST_IMAGES BACKFILL_CONFIRM_OVER PRICE_INPUT_PER_MTOK PRICE_OUTPUT_PER_MTOK)
 LIST_SETTINGS=" SOURCE_BUCKETS READ_BUCKETS INVOKERS "
 declare -A LIST_FROM_FLAGS=()
 
@@ -89,6 +91,7 @@ set_setting() {
       die "$origin: FUNCTION_TIMEOUT_S is set from the deployed timeout; use HTTP_TIMEOUT or" \
         "GCS_TIMEOUT (--http-timeout, --gcs-timeout)" ;;
     MODEL_CONCURRENCY | GCS_MODEL_CONCURRENCY | RESULTS_BUCKET | RESULTS_PREFIX | SHARDS_PREFIX | \
+      BATCHES_PREFIX | \
       SHARDS_BUCKET | GEMINI_MODEL | GEMINI_FALLBACK_MODEL | NAME | PROJECT | REGION | \
       GEMINI_ACCESS | SECRET_NAME | API_KEY_FILE | VERTEX_LOCATION | GEMINI_MAX_IN_FLIGHT | \
       HTTP_SHARE | HTTP_CONCURRENCY | GCS_CONCURRENCY | HTTP_MAX_INSTANCES | GCS_MAX_INSTANCES | \
@@ -153,6 +156,7 @@ parse_flag() {
     --results-bucket) key=RESULTS_BUCKET ;;
     --results-prefix) key=RESULTS_PREFIX ;;
     --shards-prefix) key=SHARDS_PREFIX ;;
+    --batches-prefix) key=BATCHES_PREFIX ;;
     --shards-bucket) key=SHARDS_BUCKET ;;
     --model) key=GEMINI_MODEL ;;
     --fallback-model) key=GEMINI_FALLBACK_MODEL ;;
@@ -271,6 +275,22 @@ check_shards_prefix() {
   fi
 }
 
+# check_batches_prefix: the function refuses a BATCHES_PREFIX that is empty or overlaps
+# RESULTS_PREFIX or SHARDS_PREFIX (an upload's sidecar name could then reach a batch's files).
+check_batches_prefix() {
+  [[ $BATCHES_PREFIX =~ ^([A-Za-z0-9_-][A-Za-z0-9._-]*/)+$ ]] ||
+    die "--batches-prefix may hold only letters, digits, '.', '_', '-' and '/', and must not" \
+      "be empty, got '$BATCHES_PREFIX'"
+  local other
+  for other in "$RESULTS_PREFIX" "$SHARDS_PREFIX"; do
+    if [[ -n $other ]] && [[ $BATCHES_PREFIX == "$other"* || $other == "$BATCHES_PREFIX"* ]]; then
+      die "--batches-prefix ($BATCHES_PREFIX) and $other must not contain one another: an" \
+        "upload's sidecar or a shard could then take a batch file's name; the function" \
+        "refuses to start"
+    fi
+  done
+}
+
 check_bucket_name() {
   [[ $1 =~ ^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$ ]] || die "not a valid bucket name: '$1'"
 }
@@ -295,7 +315,9 @@ validate_common() {
   done
   RESULTS_PREFIX=$(normalize_prefix "$RESULTS_PREFIX")
   SHARDS_PREFIX=$(normalize_prefix "$SHARDS_PREFIX")
+  BATCHES_PREFIX=$(normalize_prefix "$BATCHES_PREFIX")
   check_shards_prefix
+  check_batches_prefix
   SHARED_RESULTS=0
   for bucket in "${SOURCES[@]}"; do
     if [[ $bucket == "$RESULTS_BUCKET" ]]; then

@@ -100,9 +100,12 @@ teardown_bucket() {
     teardown_shards_folder "gs://$bucket/$SHARDS_PREFIX"
   fi
   if [[ $bucket == "$RESULTS_BUCKET" ]] && ((SHARED_RESULTS)); then
-    # The managed folder's grant goes; the folder and the results stay, with the bucket.
-    try storage managed-folders remove-iam-policy-binding "gs://$bucket/$RESULTS_PREFIX" \
-      --member="serviceAccount:$RUN_SA" --role=roles/storage.objectUser --format=none
+    # The managed folders' grants go; the folders and the results stay, with the bucket.
+    local folder
+    for folder in "gs://$bucket/$RESULTS_PREFIX" "gs://$bucket/$BATCHES_PREFIX"; do
+      try storage managed-folders remove-iam-policy-binding "$folder" \
+        --member="serviceAccount:$RUN_SA" --role=roles/storage.objectUser --format=none
+    done
   elif [[ $bucket == "$RESULTS_BUCKET" ]]; then
     try storage buckets remove-iam-policy-binding "gs://$bucket" \
       --member="serviceAccount:$RUN_SA" --role=roles/storage.objectUser --format=none

@@ -29,15 +29,30 @@ from .batch import BatchRequest, Location, parse_output, parse_prompt, parse_sch
 from .errors import RequestError, StorageUnavailable, TransientFailure
 from .images import IMAGE_SUFFIXES, UNTYPED_CONTENT_TYPES, media_type
 from .jobs import MANIFEST_SUFFIX
+from .layout import (
+    KIND_KEY,
+    batch_files,
+    batch_object,
+    is_sidecar,
+    sidecar_name,
+    state_location,
+    status_name,
+)
 from .records import JSON_TYPE, dumps_json
-from .results import batch_object
 from .runtime import Runtime, new_batch_id
 from .schemas import SCHEMAS
 from .settings import Settings
 from .shards import plan_shards, write_shards
-from .status import new_status, now_iso, status_name, update_status
-from .store import RESULT_KEY, SOURCE_GENERATION_KEY, ObjectInfo, is_own_output, result_key
-from .uploads import sidecar_name
+from .status import new_status, now_iso, update_status
+from .store import (
+    READ_CONCURRENCY,
+    RESULT_KEY,
+    SOURCE_GENERATION_KEY,
+    ObjectInfo,
+    bounded_map,
+    is_own_output,
+    result_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,21 +126,38 @@ async def start_backfill(
             "invalid_request",
             "Results would land among the sources with no RESULTS_PREFIX: refused.",
         )
+    files = batch_files(settings, results.bucket, None)
+    state = state_location(settings, where.bucket)
     prompt, schema = settings.prompt_and_schema(request.prompt, request.schema)
     key = result_key(settings.model, prompt, schema)
+    # Sidecars written with the deployment's own prompt and schema are what uploads get:
+    # a caller's backfill with a prompt or schema of its own never replaces one.
+    deployment_key = result_key(settings.model, *settings.prompt_and_schema())
     sources, sidecars = await asyncio.gather(
         runtime.store.list(where.bucket, where.prefix),
         runtime.store.list(results.bucket, f"{results.prefix}{where.prefix}"),
     )
-    described = {s.name: s for s in sidecars}
     images = [o for o in sources if _is_source(o, where.bucket, results, settings)]
+    described = await _sidecars_of(runtime, results, where.bucket, images, sidecars)
     todo: list[tuple[ObjectInfo, int]] = []
+    taken = kept = 0
     for image in images:
-        sidecar = described.get(sidecar_name(results, image.name))
+        name = sidecar_name(results, image.name)
+        if name in described and described[name] is None:
+            taken += 1  # something that is not its sidecar has the name: never replaced
+            continue
+        sidecar = described.get(name)
         if sidecar is not None and _describes(sidecar, image, key):
             continue
+        if (
+            sidecar is not None
+            and key != deployment_key
+            and sidecar.metadata.get(RESULT_KEY) == deployment_key
+        ):
+            kept += 1
+            continue
         todo.append((image, sidecar.generation if sidecar else 0))
-    already = len(images) - len(todo)
+    already = len(images) - len(todo) - taken - kept
     capped = todo[: request.max_images] if request.max_images else todo
     batch = _batch_name(where.bucket, results)
     body: dict[str, Any] = {
@@ -134,6 +166,8 @@ async def start_backfill(
         "images": len(capped),
         "listed": len(sources),
         "already_described": already,
+        "kept_deployment_sidecars": kept,
+        "names_taken": taken,
         "shards": math.ceil(len(capped) / settings.shard_size),
         "estimate": estimate(settings, len(capped), prompt, schema),
     }
@@ -165,7 +199,7 @@ async def start_backfill(
             "listing took the whole time budget; backfill narrower prefixes, or raise "
             "FUNCTION_TIMEOUT_S",
         )
-    status_uri = f"gs://{results.bucket}/{status_name(results, batch)}"
+    status_uri = f"gs://{state.bucket}/{status_name(state, batch)}"
     run = new_batch_id()
     status = new_status(
         batch=batch,
@@ -179,6 +213,7 @@ async def start_backfill(
         prompt=prompt,
         schema=schema,
         output=f"gs://{results.bucket}/{results.prefix}",
+        files=f"gs://{files.bucket}/{files.prefix}",
         estimate=body["estimate"],
     )
     shard_request = BatchRequest(
@@ -190,7 +225,7 @@ async def start_backfill(
         sidecar_generations=[sidecar for _, sidecar in capped],
     )
     planned = plan_shards(shard_request, status, settings.shards_prefix)
-    if not await _claim(runtime, results, batch, status):
+    if not await _claim(runtime, state, batch, status):
         raise RequestError(
             409,
             "backfill_in_progress",
@@ -206,8 +241,8 @@ async def start_backfill(
         reason = str(exc)
         await update_status(
             runtime.store,
-            results.bucket,
-            status_name(results, batch),
+            state.bucket,
+            status_name(state, batch),
             lambda s: (
                 {**s, "failed": reason, "updated_at": now_iso()} if s.get("run") == run else None
             ),
@@ -221,7 +256,7 @@ async def start_backfill(
         **body,
         "run": run,
         "status_uri": status_uri,
-        "results_uri": f"gs://{results.bucket}/{batch_object(results.prefix, batch, '.jsonl')}",
+        "results_uri": f"gs://{files.bucket}/{batch_object(files, batch, '.jsonl')}",
     }
 
 
@@ -257,7 +292,9 @@ def estimate(settings: Settings, images: int, prompt: str, schema: str | None) -
 
 def _is_source(image: ObjectInfo, bucket: str, results: Location, settings: Settings) -> bool:
     name = image.name
-    if name.endswith(("/", MANIFEST_SUFFIX)) or name.startswith(settings.shards_prefix):
+    if name.endswith(("/", MANIFEST_SUFFIX)) or name.startswith(
+        (settings.shards_prefix, settings.batches_prefix)
+    ):
         return False
     if bucket == results.bucket and name.startswith(results.prefix):
         return False
@@ -291,10 +328,40 @@ def _batch_name(bucket: str, results: Location) -> str:
     return f"backfill-{digest[:12]}"
 
 
-async def _claim(runtime: Runtime, results: Location, batch: str, status: dict[str, Any]) -> bool:
+async def _sidecars_of(
+    runtime: Runtime,
+    results: Location,
+    bucket: str,
+    images: list[ObjectInfo],
+    listed: list[ObjectInfo],
+) -> dict[str, ObjectInfo | None]:
+    """The objects at the images' sidecar names: each listed object, or None where one is
+    there that is not the image's sidecar (and so must never be replaced)."""
+    wanted = {sidecar_name(results, i.name): f"gs://{bucket}/{i.name}" for i in images}
+    found: dict[str, ObjectInfo | None] = {}
+    unmarked: list[ObjectInfo] = []
+    for info in listed:
+        if info.name not in wanted:
+            continue
+        if info.metadata.get(KIND_KEY) is not None or RESULT_KEY in info.metadata:
+            found[info.name] = info if is_sidecar(info.metadata, None, "") else None
+        elif is_own_output(info.metadata):
+            unmarked.append(info)  # a sidecar from before the markers, or not: read it
+        else:
+            found[info.name] = None
+
+    async def judge(info: ObjectInfo) -> None:
+        record, _ = await runtime.store.read_json(results.bucket, info.name)
+        found[info.name] = info if is_sidecar(info.metadata, record, wanted[info.name]) else None
+
+    await bounded_map(judge, unmarked, limit=READ_CONCURRENCY)
+    return found
+
+
+async def _claim(runtime: Runtime, state: Location, batch: str, status: dict[str, Any]) -> bool:
     """Write the new run's status unless another run of the batch is still going."""
-    name = status_name(results, batch)
-    current, generation = await runtime.store.read_json(results.bucket, name)
+    name = status_name(state, batch)
+    current, generation = await runtime.store.read_json(state.bucket, name)
     if (
         current is not None
         and not current.get("complete")
@@ -303,7 +370,7 @@ async def _claim(runtime: Runtime, results: Location, batch: str, status: dict[s
     ):
         return False
     return await runtime.store.write(
-        results.bucket,
+        state.bucket,
         name,
         dumps_json(status),
         content_type=JSON_TYPE,

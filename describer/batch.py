@@ -73,7 +73,7 @@ Source = HttpSource | GcsSource | LocalSource
 class ShardInfo:
     """Where a shard sits in its batch: its slice of the sources and its run."""
 
-    batch: str  # the batch's name: results go to batches/<batch>.*
+    batch: str  # the batch's name: its files are BATCHES_PREFIX<batch>.*
     index: int
     count: int  # shards in the batch
     offset: int  # the position of the shard's first source in the batch

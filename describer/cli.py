@@ -29,9 +29,10 @@ from tqdm import tqdm
 from .batch import GcsSource, Location, parse_local_source, parse_output, parse_prompt
 from .errors import ConfigError, RequestError, SourceError, StorageUnavailable
 from .expand import check_prefixes, expand
+from .layout import batch_object, gallery_name
 from .logs import configure as configure_logging
 from .records import JSONL_TYPE, Record, counts, dumps_jsonl, total_usage
-from .results import HTML_TYPE, batch_object, gallery_name, gallery_page
+from .results import HTML_TYPE, gallery_page
 from .runtime import Runtime, new_batch_id, open_pipeline
 from .schemas import ALT_TEXT_MAX_CHARS, SCHEMA_NAMES
 from .settings import DEFAULT_MODEL_CONCURRENCY, Settings
@@ -265,7 +266,8 @@ def _write_out(
     """Write the JSONL (and gallery) to --out: what was written where, or None on failure."""
     if output is None:
         return {}
-    jsonl_name = batch_object("", batch_id, ".jsonl")
+    # --out names a folder of the user's own: the batch goes under its batches/.
+    jsonl_name = batch_object(Location("", "batches/"), batch_id, ".jsonl")
     files = {"results": (jsonl_name, dumps_jsonl(results), JSONL_TYPE)}
     if gallery:
         page = gallery_page(

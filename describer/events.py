@@ -93,6 +93,11 @@ def _handle_storage_event(
     if bucket == results.bucket and name.startswith(results.prefix):
         log.info("object is under the results prefix; ignored (loop guard)", extra=fields)
         return "ignored_results"
+    if name.startswith(settings.batches_prefix):
+        # Batch files and state are the function's own, wherever they land; an
+        # upload named there is not described, so its sidecar cannot reach them.
+        log.info("object is under the batches prefix; ignored (loop guard)", extra=fields)
+        return "ignored_batch_file"
     event = ObjectEvent(bucket, name, generation, results, stop_at, give_up)
     if name.startswith(settings.shards_prefix):
         # Shards are this function's own output too, written to be delivered

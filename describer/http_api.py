@@ -15,9 +15,10 @@ from .backfill import is_backfill, start_backfill
 from .batch import BatchRequest, Location, decode_json, parse_batch
 from .errors import RequestError, StorageUnavailable, TransientFailure
 from .images import media_type
+from .layout import batch_files, batch_object
 from .logs import batch_var, trace_from_headers, trace_var
 from .records import JSON_TYPE, JSONL_TYPE, Record, counts, dumps_jsonl, total_usage
-from .results import batch_object, write_gallery
+from .results import write_gallery
 from .runtime import Runtime, new_batch_id, open_pipeline
 from .settings import Settings
 
@@ -143,7 +144,7 @@ def handle_http(
     batch_var.set(batch_id)
     allowed = settings.readable_buckets()
     prompt, schema = settings.prompt_and_schema(request.prompt, request.schema)
-    results_name = batch_object(output.prefix, batch_id, ".jsonl")
+    results_name = batch_object(output, batch_id, ".jsonl")
     log.info("batch received", extra={"count": len(request.images)})
     records, results, gallery_uri, write_error = asyncio.run(
         _describe_and_write(
@@ -256,10 +257,9 @@ def _backfill(runtime: Runtime, data: dict[str, Any], stop_at: float) -> HttpRep
 
 
 def _http_output(request: BatchRequest, settings: Settings) -> Location:
-    if request.output is not None:
-        return request.output
-    if settings.results_bucket:
-        return Location(settings.results_bucket, settings.results_prefix)
+    """Where the batch's JSONL and gallery go: its own output, else BATCHES_PREFIX."""
+    if request.output is not None or settings.results_bucket:
+        return batch_files(settings, settings.results_bucket or "", request.output)
     raise RequestError(
         400,
         "output_required",

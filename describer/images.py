@@ -3,26 +3,35 @@
 Runs in a worker thread (Pillow releases the GIL while decoding), never on the
 event loop. The type comes from the bytes, not from the name or Content-Type.
 
-    bytes ─► sniff ─► open (header only) ─► pixel cap ─► decode ─┬─► as-is (PNG, JPEG, WebP)
-             │        │                                          └─► 8 bits, downscale,
-             │        └─ unreadable: unsupported_image                upright ─► JPEG or PNG
+    bytes ─► sniff ─► open (header only) ─► pixel cap ─► byte cap ─► decode ─┬─► as-is
+             │        │                                                      └─► 8 bits, downscale,
+             │        └─ unreadable: unsupported_image                           upright ─► JPEG/PNG
              └─ a known non-image (PDF, video, ZIP…): not_an_image
+
+The pixel and byte caps refuse with too_large; the decode runs holding its bytes
+of the process's budget.
 
 Small PNG, JPEG and WebP pictures that are already upright, 8-bit and single-frame
 are sent byte for byte; everything else is decoded and re-encoded as JPEG, or as
-PNG when it has an alpha channel.
+PNG when it has an alpha channel. What a decode will cost in bytes is estimated
+from the header (``memory.decode_cost``): above MAX_DECODE_BYTES the image is
+refused, below it the decode holds that much of the process's ``DecodeBudget``.
 """
 
 from __future__ import annotations
 
 import io
 import re
+import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from PIL import ExifTags, Image, ImageCms, ImageFile, UnidentifiedImageError
 from pillow_heif import register_heif_opener
 
 from .errors import Code, SourceError
+from .memory import DecodeBudget, decode_cost
+from .settings import DEFAULT_MAX_DECODE_BYTES
 
 # HEIC/HEIF open through pillow-heif (libheif), so they get the same pixel cap,
 # downscaling and orientation as every other format. Registration only adds the
@@ -120,17 +129,30 @@ class PreparedImage:
 
 
 def prepare(
-    data: bytes, *, max_side: int, max_pixels: int, thumbnail_side: int = 0
+    data: bytes,
+    *,
+    max_side: int,
+    max_pixels: int,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    budget: DecodeBudget | None = None,
+    cancelled: threading.Event | None = None,
+    thumbnail_side: int = 0,
 ) -> PreparedImage:
     """Sniff, check and (only when needed) downscale, rotate upright or convert one image.
 
-    With ``thumbnail_side`` > 0 a thumbnail that fits in that square is made
-    from the pixels already decoded, so a gallery costs no second download or decode.
+    An image whose decode would hold more than ``max_decode_bytes`` at its peak is
+    refused before decoding; the others are decoded holding their estimate of
+    ``budget`` (waiting for it when other decodes hold it; giving up once
+    ``cancelled`` is set). With ``thumbnail_side`` > 0 a thumbnail that fits in
+    that square is made from the pixels already decoded, so a gallery costs no
+    second download or decode.
     """
     _keep_pillow_guard_above(max_pixels)
     kind = _sniff(data)
     if kind is not None and not kind.image:
         raise SourceError(Code.NOT_AN_IMAGE, f"The source is not an image: it is {kind.what}.")
+    if data.startswith(_ICO_MAGIC):
+        _check_icon(data, max_pixels)
     try:
         # Reads the header only: the size is known, no pixel is decoded yet.
         image = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
@@ -150,6 +172,9 @@ def prepare(
             kind,
             max_side=max_side,
             max_pixels=max_pixels,
+            max_decode_bytes=max_decode_bytes,
+            budget=budget,
+            cancelled=cancelled,
             thumbnail_side=thumbnail_side,
         )
 
@@ -161,17 +186,22 @@ def _prepare_open(
     *,
     max_side: int,
     max_pixels: int,
+    max_decode_bytes: int,
+    budget: DecodeBudget | None,
+    cancelled: threading.Event | None,
     thumbnail_side: int,
 ) -> PreparedImage:
     fmt = image.format or "unknown"
     what = kind.what if kind is not None else f"a {fmt} image"
     width, height = image.size
-    source_mime = _SOURCE_MIME.get(fmt) or image.get_format_mimetype() or f"image/{fmt.lower()}"
+    # Image.open has decoded an ICO already (its entries were measured before it, so
+    # it took a few MB at most): its record must not say otherwise.
+    fate = "it was decoded but not sent" if fmt == "ICO" else "it was not decoded"
     if width * height > max_pixels:
         raise SourceError(
             Code.TOO_LARGE,
             f"The source is {what} of {width}x{height} pixels, "
-            f"more than MAX_IMAGE_PIXELS ({max_pixels}); it was not decoded.",
+            f"more than MAX_IMAGE_PIXELS ({max_pixels}); {fate}.",
         )
     target = _fit(width, height, max_side)
     try:
@@ -183,6 +213,45 @@ def _prepare_open(
             # accepted: a 4000 px photo then decodes at 1/4 (1000 px) for a 1024 px
             # target, with no resize at all, instead of at 1/2 and then resized.
             image.draft(None, (max(1, target[0] * 9 // 10), max(1, target[1] * 9 // 10)))
+        # After the draft: a JPEG decoded at 1/8 costs a 64th of its full size.
+        cost = decode_cost(image, data, source_size=(width, height), target=target)
+    except Exception as exc:  # noqa: BLE001 - a header Pillow read but cannot use
+        raise SourceError(
+            Code.UNSUPPORTED_IMAGE, f"The source is {what} that cannot be decoded: {exc}."
+        ) from None
+    if cost > max_decode_bytes:
+        raise SourceError(
+            Code.TOO_LARGE,
+            f"The source is {what} of {width}x{height} pixels in mode {image.mode}; "
+            f"decoding it would take about {_amount(cost)}, more than MAX_DECODE_BYTES "
+            f"({max_decode_bytes}); {fate}.",
+        )
+    held = budget.hold(cost, cancelled=cancelled) if budget is not None else nullcontext()
+    with held:
+        return _decode(
+            image,
+            data,
+            what,
+            source_size=(width, height),
+            target=target,
+            thumbnail_side=thumbnail_side,
+        )
+
+
+def _decode(
+    image: ImageFile.ImageFile,
+    data: bytes,
+    what: str,
+    *,
+    source_size: tuple[int, int],
+    target: tuple[int, int],
+    thumbnail_side: int,
+) -> PreparedImage:
+    """Decode the opened image and make what is sent from it: the part that costs memory."""
+    fmt = image.format or "unknown"
+    width, height = source_size
+    source_mime = _SOURCE_MIME.get(fmt) or image.get_format_mimetype() or f"image/{fmt.lower()}"
+    try:
         # Decode fully even when sending as-is, so a truncated file is caught here, not by
         # Gemini. Only the current frame is decoded: the first page or frame.
         image.load()
@@ -260,6 +329,81 @@ def _keep_pillow_guard_above(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
+# An ICO directory cannot state a side above 256 pixels (a 0 byte stands for 256).
+_ICON_MAX_SIDE = 256
+_ICO_MAGIC = b"\x00\x00\x01\x00"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# The DIB headers Pillow's BMP reader takes: OS/2 core (12 bytes) and the Windows ones.
+_DIB_HEADER_SIZES = frozenset({40, 52, 56, 64, 108, 124})
+
+
+def _check_icon(data: bytes, max_pixels: int) -> None:
+    """Refuse an ICO any entry of which is larger than an icon can be, before any is decoded.
+
+    Pillow decodes an ICO's largest entry inside Image.open, at the size that entry's
+    own PNG or BMP header gives, whatever the directory says: a directory saying
+    256x256 over a 14000x14000 PNG took 861 MB before the pixel cap saw the size.
+    So every entry's own header is read here first, and an entry over 256x256 (the
+    most a directory can state, so no real icon holds more) or over
+    MAX_IMAGE_PIXELS refuses the file. What is left costs at most a few MB to decode.
+    An entry whose header cannot be read refuses it too, rather than be guessed at.
+    """
+    count = int.from_bytes(data[4:6], "little")
+    for index in range(count):
+        entry = data[6 + 16 * index : 22 + 16 * index]
+        offset = int.from_bytes(entry[12:16], "little")
+        size = _icon_entry_size(data, offset) if len(entry) == 16 else None
+        if size is None:
+            raise SourceError(
+                Code.UNSUPPORTED_IMAGE,
+                f"The source is an ICO icon whose entry {index + 1} of {count} "
+                "is not a PNG or BMP picture that can be read; it was not decoded.",
+            )
+        width, height = size
+        if width > _ICON_MAX_SIDE or height > _ICON_MAX_SIDE:
+            raise SourceError(
+                Code.TOO_LARGE,
+                f"The source is an ICO icon whose entry {index + 1} of {count} holds "
+                f"{width}x{height} pixels, more than the {_ICON_MAX_SIDE}x{_ICON_MAX_SIDE} "
+                "an icon can hold; it was not decoded.",
+            )
+        if width * height > max_pixels:
+            raise SourceError(
+                Code.TOO_LARGE,
+                f"The source is an ICO icon of {width}x{height} pixels, "
+                f"more than MAX_IMAGE_PIXELS ({max_pixels}); it was not decoded.",
+            )
+
+
+def _icon_entry_size(data: bytes, offset: int) -> tuple[int, int] | None:
+    """The size an ICO entry decodes to, read as Pillow reads it, or None when unreadable."""
+    head = data[offset : offset + 24]
+    if head.startswith(_PNG_MAGIC):
+        if len(head) < 24 or head[12:16] != b"IHDR":
+            return None
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if len(head) < 12:
+        return None
+    header_size = int.from_bytes(head[0:4], "little")
+    if header_size == 12:
+        width, height = int.from_bytes(head[4:6], "little"), int.from_bytes(head[6:8], "little")
+    elif header_size in _DIB_HEADER_SIZES:
+        width, height = int.from_bytes(head[4:8], "little"), int.from_bytes(head[8:12], "little")
+        if head[11] == 0xFF:  # negative: rows stored top-down
+            height = 2**32 - height
+    else:
+        return None
+    # The bitmap's height counts its colour rows and its transparency mask's.
+    return width, height // 2
+
+
+def _amount(nbytes: int) -> str:
+    """Bytes the way the messages say them: 620 MB, 1.7 GB."""
+    if nbytes >= 1_000_000_000:
+        return f"{nbytes / 1e9:.1f} GB"
+    return f"{max(1, round(nbytes / 1e6))} MB"
+
+
 def _fit(width: int, height: int, max_side: int) -> tuple[int, int]:
     """The size within max_side x max_side that keeps the source's aspect ratio."""
     longest = max(width, height)
@@ -295,7 +439,10 @@ def _send_as_is(image: Image.Image, data: bytes, orientation: int) -> bool:
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:
-    """The picture as L, LA, RGB or RGBA with 8 bits a channel, whatever it was."""
+    """The picture as L, LA, RGB or RGBA with 8 bits a channel, whatever it was.
+
+    ``memory._eight_bit_bytes`` counts the bytes each of these steps holds: change both.
+    """
     mode = image.mode
     if mode in ("L", "LA", "RGB", "RGBA"):
         return image

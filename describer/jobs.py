@@ -19,8 +19,9 @@ from google.auth.exceptions import GoogleAuthError
 
 from .batch import BatchRequest, GcsSource, Location, parse_body, parse_source
 from .errors import Code, RequestError, StorageUnavailable, TransientFailure
+from .layout import batch_files, batch_object
 from .records import JSON_TYPE, JSONL_TYPE, Record, dumps_json, dumps_jsonl, total_usage
-from .results import batch_object, write_gallery
+from .results import write_gallery
 from .runtime import ObjectEvent, Runtime, open_pipeline
 from .store import (
     COMPLETE_KEY,
@@ -55,9 +56,10 @@ class Job:
     request: BatchRequest
     uri: str  # the manifest or shard object, for logs and errors
     generation: str  # its generation: checkpoints and the JSONL's metadata are keyed by it
-    output: Location
+    output: Location  # where the JSONL and gallery go (the batch's files)
     results_name: str  # the JSONL, in output.bucket
-    parts_prefix: str  # checkpoints go under <parts_prefix><generation>/
+    state: Location  # where the batch's state lives: its checkpoints go there
+    parts_prefix: str  # checkpoints go under <parts_prefix><generation>/, in state.bucket
     title: str
     allowed_buckets: frozenset[str]
     # A backfill's shard: each record also becomes a sidecar here, as an upload's would.
@@ -84,13 +86,13 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
     settings = runtime.settings
     store = runtime.store
     request, output = job.request, job.output
-    existing = await store.stat(output.bucket, job.results_name)
+    existing = await _listed(store, output.bucket, job.results_name)
     if existing is not None:
         state = _manifest_state(existing[0], job.generation)
         if state != "open":
             log.info("manifest skipped", extra={"uri": job.uri, "state": state})
             return JobOutcome(state, _tally_from(existing[0]) if state == "already_done" else None)
-    checkpoints = _Checkpoints(store, output.bucket, job.parts_prefix, job.generation)
+    checkpoints = _Checkpoints(store, job.state.bucket, job.parts_prefix, job.generation)
     done, thumbnails = await checkpoints.load(request.images)
     todo = [i for i in range(len(request.images)) if i not in done]
     log.info(
@@ -196,7 +198,7 @@ async def load_request(
     """The manifest (or shard) of ``event`` at the event's generation: its bytes, parsed.
 
     Or why there is nothing to run: "superseded" when that generation is gone, or
-    "invalid" when it cannot be run, as ``batches/<stem>.error.json`` then says.
+    "invalid" when it cannot be run, as ``BATCHES_PREFIX<stem>.error.json`` then says.
     """
     try:
         body = await read_manifest(runtime, event.bucket, event.name, event.generation)
@@ -205,27 +207,40 @@ async def load_request(
         # shard=True: the shard fields are accepted, and required.
         request = parse_body(body, max_batch_size=runtime.settings.max_manifest_images, shard=shard)
     except RequestError as exc:
-        await write_error_report(runtime.store, event, exc)
+        await write_error_report(runtime, event, exc)
         return "invalid"
     return body, request
 
 
-async def write_error_report(store: Store, event: ObjectEvent, exc: RequestError) -> None:
-    """``batches/<stem>.error.json``: why the manifest (or shard) of ``event`` was not run."""
+async def write_error_report(runtime: Runtime, event: ObjectEvent, exc: RequestError) -> None:
+    """``BATCHES_PREFIX<stem>.error.json``: why the manifest (or shard) of ``event`` was not run."""
     report = {
         "manifest": f"gs://{event.bucket}/{event.name}",
         "generation": event.generation,
         "error": {"code": exc.code, "message": exc.message},
     }
     stem = event.name.removesuffix(MANIFEST_SUFFIX)
-    await store.write(
-        event.results.bucket,
-        batch_object(event.results.prefix, stem, ".error.json"),
+    files = batch_files(runtime.settings, event.results.bucket, None)
+    await runtime.store.write(
+        files.bucket,
+        batch_object(files, stem, ".error.json"),
         dumps_json(report),
         content_type=JSON_TYPE,
         metadata={SOURCE_GENERATION_KEY: event.generation},
     )
     log.error("manifest rejected", extra={"error_code": exc.code, "reason": exc.message})
+
+
+async def _listed(store: Store, bucket: str, name: str) -> tuple[dict[str, str], int] | None:
+    """An object's metadata and generation, found by listing its name.
+
+    A listing, unlike a lookup, fails for a bucket that does not exist, so a job
+    whose output cannot be written stops before it pays for a single model call.
+    """
+    for info in await store.list(bucket, name):
+        if info.name == name:
+            return dict(info.metadata), info.generation
+    return None
 
 
 def _manifest_state(metadata: Mapping[str, str], generation: str) -> str:

@@ -11,7 +11,7 @@ import logging
 
 from .errors import RequestError
 from .jobs import MANIFEST_SUFFIX, Job, load_request, run_job, write_error_report
-from .results import batch_object
+from .layout import batch_files, batch_object, state_location
 from .runtime import ObjectEvent, Runtime
 from .shards import shard_manifest
 
@@ -30,22 +30,31 @@ async def describe_manifest(runtime: Runtime, event: ObjectEvent) -> str:
     if isinstance(loaded, str):
         return f"manifest_{loaded}" if loaded == "invalid" else loaded
     _, request = loaded
-    output = request.output or results
+    files = batch_files(settings, results.bucket, request.output)
+    state = state_location(settings, bucket)
     if len(request.images) > settings.shard_size:
         try:
             return await shard_manifest(
-                runtime, request, bucket=bucket, stem=stem, generation=generation, output=output
+                runtime,
+                request,
+                bucket=bucket,
+                stem=stem,
+                generation=generation,
+                output=request.output or results,
+                files=files,
+                state=state,
             )
         except RequestError as exc:
-            await write_error_report(runtime.store, event, exc)
+            await write_error_report(runtime, event, exc)
             return "manifest_invalid"
     job = Job(
         request=request,
         uri=manifest_uri,
         generation=generation,
-        output=output,
-        results_name=batch_object(output.prefix, stem, ".jsonl"),
-        parts_prefix=batch_object(output.prefix, stem, ".parts/"),
+        output=files,
+        results_name=batch_object(files, stem, ".jsonl"),
+        state=state,
+        parts_prefix=batch_object(state, stem, ".parts/"),
         title=f"Manifest {manifest_uri}",
         allowed_buckets=settings.readable_buckets(bucket),
     )

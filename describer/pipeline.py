@@ -2,7 +2,8 @@
 
 A fixed pool of download workers (DOWNLOAD_CONCURRENCY) feeds a bounded queue
 read by a fixed pool of model workers (MODEL_CONCURRENCY); preparation runs on
-a thread pool; finished records go to a small pool of writers (the caller's
+a thread pool, each decode holding its estimated bytes of the process's decode
+budget; finished records go to a small pool of writers (the caller's
 sink: sidecars, checkpoints). A source moves on as soon as it is ready, so the
 model stage starts with the first download, and no stage ever holds more than
 its bound. Every worker turns its own failures into records: a task group
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
@@ -31,7 +33,9 @@ from .fetch import Fetcher
 from .gemini import Describer, Spent
 from .images import PreparedImage, prepare
 from .logs import source_var
+from .memory import DecodeBudget
 from .records import OK, Record
+from .settings import DEFAULT_MAX_DECODE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,7 @@ class StageLimits:
     model_concurrency: int
     image_max_side: int
     max_image_pixels: int
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
     write_concurrency: int = DEFAULT_WRITE_CONCURRENCY
     # Side of the gallery thumbnails made during preparation; 0 makes none.
     thumbnail_side: int = 0
@@ -80,8 +85,11 @@ class Pipeline:
         prompt: str,
         schema: str | None = None,
         parse: Callable[[str], Source] = parse_source,
+        decode_budget: DecodeBudget | None = None,
     ) -> None:
         self._fetcher = fetcher
+        # The process's one budget, shared with every other invocation's decodes.
+        self._decode_budget = decode_budget
         self._schema = schema
         # The CLI widens this to local paths; the function never does.
         self._parse = parse
@@ -216,14 +224,26 @@ class Pipeline:
     async def _download_one(self, index: int, uri: str) -> _Ready:
         source = self._parse(uri)
         data = await self._fetcher.fetch(source)
+        cancelled = threading.Event()
         job = partial(
             prepare,
             data,
             max_side=self._limits.image_max_side,
             max_pixels=self._limits.max_image_pixels,
+            max_decode_bytes=self._limits.max_decode_bytes,
+            budget=self._decode_budget,
+            cancelled=cancelled,
             thumbnail_side=self._limits.thumbnail_side,
         )
-        image = await asyncio.get_running_loop().run_in_executor(self._cpu, job)
+        try:
+            image = await asyncio.get_running_loop().run_in_executor(self._cpu, job)
+        except asyncio.CancelledError:
+            # The wait for the decode budget happens in the worker thread, which a
+            # cancelled task cannot interrupt: told, a decode still waiting gives up
+            # instead of decoding for nobody. One already decoding finishes and gives
+            # its bytes back.
+            cancelled.set()
+            raise
         return _Ready(index, image)
 
     async def _describe_worker(

@@ -9,21 +9,12 @@ from typing import Any
 
 from .errors import StorageUnavailable
 from .gallery import GalleryEntry, render_gallery
+from .layout import gallery_name
 from .store import Store
 
 log = logging.getLogger(__name__)
 
 HTML_TYPE = "text/html; charset=utf-8"
-
-
-def batch_object(prefix: str, batch: str, suffix: str) -> str:
-    """``<prefix>batches/<batch><suffix>``: where every file of a batch goes."""
-    return f"{prefix}batches/{batch}{suffix}"
-
-
-def gallery_name(jsonl_name: str) -> str:
-    """``batches/x.jsonl`` -> ``batches/x.html``: the gallery sits beside its JSONL."""
-    return jsonl_name.removesuffix(".jsonl") + ".html"
 
 
 def gallery_page(

@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .fetch import Fetcher, open_http_session
 from .gemini import Describer, GeminiConnector
 from .images import THUMBNAIL_SIDE
+from .memory import DecodeBudget, return_freed_buffers
 from .netguard import AddressCheck, is_public
 from .pipeline import DEFAULT_WRITE_CONCURRENCY, Pipeline, StageLimits
 from .settings import Settings
@@ -47,6 +48,8 @@ class Runtime:
     io_executor: ThreadPoolExecutor = field(init=False)
     store_executor: ThreadPoolExecutor = field(init=False)
     cpu_executor: ThreadPoolExecutor = field(init=False)
+    # What all decodes in this process may hold at once, whichever invocation they serve.
+    decode_budget: DecodeBudget = field(init=False)
 
     def __post_init__(self) -> None:
         self.io_executor = ThreadPoolExecutor(
@@ -69,6 +72,11 @@ class Runtime:
             max_workers=len(os.sched_getaffinity(0)) or 1,
             thread_name_prefix="describer-cpu",
         )
+        # The same number caps one decode: deploy.sh sizes an instance for one budget,
+        # which the largest decode allowed fills alone.
+        self.decode_budget = DecodeBudget(self.settings.max_decode_bytes)
+        # So that memory a decode frees leaves the process too, whichever thread freed it.
+        return_freed_buffers()
 
     @classmethod
     def create(
@@ -175,12 +183,14 @@ async def open_pipeline(
                     model_concurrency=settings.model_concurrency,
                     image_max_side=settings.image_max_side,
                     max_image_pixels=settings.max_image_pixels,
+                    max_decode_bytes=settings.max_decode_bytes,
                     thumbnail_side=THUMBNAIL_SIDE if thumbnails else 0,
                 ),
                 model=settings.model,
                 prompt=prompt,
                 schema=schema,
                 parse=parse_local_source if local_files else parse_source,
+                decode_budget=runtime.decode_budget,
             )
         finally:
             await client.aio.aclose()

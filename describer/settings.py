@@ -28,6 +28,12 @@ DEFAULT_IMAGE_MAX_SIDE = 1024
 # Pillow's own warning threshold is ~89 MP; a 100 MP cap still admits every
 # real camera photo while refusing decompression bombs before any decoding.
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+# The most one instance's decodes may hold at once, and so one decode at most (see
+# describer/memory.py). 512 MiB admits 100 MP RGB JPEGs (and progressive 4:2:0 ones),
+# 48 MP HEICs, 100 MP 8-bit RGB PNGs and 50 MP RGBA ones, and still fits the 2 GiB
+# instance deploy.sh sizes for the default concurrency; it refuses what takes more,
+# such as a 100 MP 16-bit PNG (1.2 GB) or 32-bit TIFF (1.9 GB).
+DEFAULT_MAX_DECODE_BYTES = 512 * 1024 * 1024
 DEFAULT_MODEL_MAX_ATTEMPTS = 5
 # A Gemini call on a large image rarely takes more than ~20 s; 30 s leaves room
 # for a slow answer while a stuck call can still be retried inside the default
@@ -53,6 +59,9 @@ MEDIA_RESOLUTIONS = ("low", "medium", "high", "default")
 # images at MODEL_CONCURRENCY 16 and ~1 s a call take about 30 s, inside the default budget.
 DEFAULT_SHARD_SIZE = 500
 DEFAULT_SHARDS_PREFIX = "describer-shards/"
+# Everything the function writes but sidecars: batch JSONL, galleries, status objects,
+# checkpoints, locks. Outside RESULTS_PREFIX, so no upload's sidecar name can reach it.
+DEFAULT_BATCHES_PREFIX = "describer-batches/"
 # A sharded manifest may list this many sources (its JSON is at most 16 MiB).
 DEFAULT_MAX_MANIFEST_IMAGES = 100_000
 # A backfill of more images than this must say how many it means (max_images).
@@ -89,6 +98,7 @@ class Settings:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
     download_concurrency: int = DEFAULT_DOWNLOAD_CONCURRENCY
     model_concurrency: int = DEFAULT_MODEL_CONCURRENCY
     image_max_side: int = DEFAULT_IMAGE_MAX_SIDE
@@ -106,6 +116,7 @@ class Settings:
     gallery: bool = True
     shard_size: int = DEFAULT_SHARD_SIZE
     shards_prefix: str = DEFAULT_SHARDS_PREFIX
+    batches_prefix: str = DEFAULT_BATCHES_PREFIX
     # Where shard manifests go (a bucket with a describe_gcs trigger); None: the
     # manifest's own bucket, or the backfilled bucket.
     shards_bucket: str | None = None
@@ -134,6 +145,15 @@ class Settings:
             return SCHEMAS[chosen].default_prompt, chosen
         return self.prompt, chosen
 
+    def state_bucket(self, event_bucket: str) -> str:
+        """Where a batch's status, checkpoints and locks live, from the settings alone.
+
+        A manifest's event and each of its shards' events name the same bucket
+        here (shards go to SHARDS_BUCKET, or back to the manifest's bucket), so a
+        shard finds its batch's status without trusting a word of its own body.
+        """
+        return self.results_bucket or self.shards_bucket or event_bucket
+
     def readable_buckets(self, *also: str) -> frozenset[str]:
         """Buckets gs:// sources may come from: ALLOWED_BUCKETS, RESULTS_BUCKET and ``also``."""
         return self.allowed_buckets | {b for b in (self.results_bucket, *also) if b}
@@ -148,6 +168,7 @@ class Settings:
             "max_batch_size",
             "max_image_bytes",
             "max_image_pixels",
+            "max_decode_bytes",
             "download_concurrency",
             "model_concurrency",
             "image_max_side",
@@ -188,6 +209,20 @@ class Settings:
                 f"SHARDS_PREFIX ({self.shards_prefix!r}) and RESULTS_PREFIX "
                 f"({self.results_prefix!r}) must not contain one another"
             )
+        if not self.batches_prefix:
+            raise ConfigError("BATCHES_PREFIX must not be empty: batch files are told apart by it")
+        for name, other in (
+            ("RESULTS_PREFIX", self.results_prefix),
+            ("SHARDS_PREFIX", self.shards_prefix),
+        ):
+            if other and (
+                self.batches_prefix.startswith(other) or other.startswith(self.batches_prefix)
+            ):
+                # Under RESULTS_PREFIX an upload's sidecar name could be a batch file's.
+                raise ConfigError(
+                    f"BATCHES_PREFIX ({self.batches_prefix!r}) and {name} ({other!r}) must not "
+                    "contain one another"
+                )
         if (
             self.shards_bucket
             and self.shards_bucket == self.results_bucket
@@ -232,6 +267,7 @@ class Settings:
             max_batch_size=reader.integer("MAX_BATCH_SIZE", DEFAULT_MAX_BATCH_SIZE),
             max_image_bytes=reader.integer("MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES),
             max_image_pixels=reader.integer("MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS),
+            max_decode_bytes=reader.integer("MAX_DECODE_BYTES", DEFAULT_MAX_DECODE_BYTES),
             download_concurrency=reader.integer(
                 "DOWNLOAD_CONCURRENCY", DEFAULT_DOWNLOAD_CONCURRENCY
             ),
@@ -250,6 +286,7 @@ class Settings:
             shard_size=reader.integer("SHARD_SIZE", DEFAULT_SHARD_SIZE),
             shards_prefix=normalize_prefix(reader.text("SHARDS_PREFIX", DEFAULT_SHARDS_PREFIX)),
             shards_bucket=reader.text("SHARDS_BUCKET", "") or None,
+            batches_prefix=normalize_prefix(reader.text("BATCHES_PREFIX", DEFAULT_BATCHES_PREFIX)),
             max_manifest_images=reader.integer("MAX_MANIFEST_IMAGES", DEFAULT_MAX_MANIFEST_IMAGES),
             backfill_confirm_over=reader.integer(
                 "BACKFILL_CONFIRM_OVER", DEFAULT_BACKFILL_CONFIRM_OVER

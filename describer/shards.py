@@ -22,29 +22,28 @@ import math
 from dataclasses import asdict
 from typing import Any
 
-from .batch import BatchRequest, Location, ShardInfo
+from .batch import BatchRequest, Location, ShardInfo, parse_output
 from .errors import RequestError, TransientFailure
 from .gallery import render_index
 from .jobs import MANIFEST_SUFFIX, Job, load_request, run_job, tally
+from .layout import (
+    batch_object,
+    gallery_name,
+    shard_jsonl_name,
+    shard_object_name,
+    state_location,
+    status_name,
+)
 from .records import JSON_TYPE, JSONL_TYPE, dumps_json
-from .results import HTML_TYPE, batch_object, gallery_name
+from .results import HTML_TYPE
 from .runtime import ObjectEvent, Runtime
-from .status import new_status, now_iso, record_shard, status_name, update_status
+from .status import new_status, now_iso, record_shard, update_status
 from .store import COMPLETE_KEY, SOURCE_GENERATION_KEY, Store, bounded_map
 
 log = logging.getLogger(__name__)
 
 # Shard objects written (or shard JSONLs read) at once.
 IO_CONCURRENCY = 8
-
-
-def shard_object_name(settings_prefix: str, batch: str, run: str, index: int) -> str:
-    """``SHARDS_PREFIX<batch>/<run>/<index>.batch.json``: one folder per run of a batch."""
-    return f"{settings_prefix}{batch}/{run}/{index:05d}.batch.json"
-
-
-def shard_jsonl_name(output: Location, batch: str, index: int) -> str:
-    return batch_object(output.prefix, batch, f".shards/{index:05d}.jsonl")
 
 
 async def shard_manifest(
@@ -55,13 +54,19 @@ async def shard_manifest(
     stem: str,
     generation: str,
     output: Location,
+    files: Location,
+    state: Location,
 ) -> str:
-    """Split a large manifest into shards (once per manifest generation)."""
+    """Split a large manifest into shards (once per manifest generation).
+
+    ``output`` is the manifest's results location, ``files`` where its JSONL and
+    galleries go, ``state`` where its status object lives (from the settings).
+    """
     settings = runtime.settings
     store = runtime.store
-    name = status_name(output, stem)
+    name = status_name(state, stem)
     shards_bucket = settings.shards_bucket or bucket
-    current, current_generation = await store.read_json(output.bucket, name)
+    current, current_generation = await store.read_json(state.bucket, name)
     if current is not None and current.get("kind") != "manifest":
         raise RequestError(
             409,
@@ -96,17 +101,18 @@ async def shard_manifest(
         prompt=prompt,
         schema=schema,
         output=f"gs://{output.bucket}/{output.prefix}",
+        files=f"gs://{files.bucket}/{files.prefix}",
     )
     planned = plan_shards(request, status, settings.shards_prefix)
     if not await store.write(
-        output.bucket,
+        state.bucket,
         name,
         dumps_json(status),
         content_type=JSON_TYPE,
         if_generation_match=current_generation or 0,
         metadata={SOURCE_GENERATION_KEY: generation},
     ):
-        raise TransientFailure(f"gs://{output.bucket}/{name}", "another delivery is sharding it")
+        raise TransientFailure(f"gs://{state.bucket}/{name}", "another delivery is sharding it")
     written = await write_shards(runtime, planned, shards_bucket=shards_bucket)
     log.info(
         "manifest sharded",
@@ -197,9 +203,11 @@ async def describe_shard(runtime: Runtime, event: ObjectEvent) -> str:
     body, request = loaded
     info = request.shard
     assert info is not None  # parse_body(shard=True) requires it
-    output = request.output or results
-    status_object = status_name(output, info.batch)
-    status, _ = await store.read_json(output.bucket, status_object)
+    # The status object is found from the settings alone, never from the shard's
+    # body: whoever may write a shard beside real ones cannot write its status too.
+    state = state_location(settings, bucket)
+    status_object = status_name(state, info.batch)
+    status, _ = await store.read_json(state.bucket, status_object)
     fields = {"uri": uri, "batch": info.batch, "shard": info.index}
     if status is None or str(status.get("run")) != info.run:
         log.info("shard of a run that is not the batch's current one; ignored", extra=fields)
@@ -208,16 +216,21 @@ async def describe_shard(runtime: Runtime, event: ObjectEvent) -> str:
     if info.index >= len(digests) or digests[info.index] != _digest(body):
         log.error("shard is not the one its batch planned; refused", extra=fields)
         return "shard_invalid"
+    # From here the body is the one the batch planned: its fields can be trusted.
+    output = request.output or results
+    files = _files_of(status)
+    if files is None:
+        log.error("the batch's status names no files location; ignored", extra=fields)
+        return "superseded"
     if str(info.index) not in status.get("finished_shards", {}):
         job = Job(
             request=request,
             uri=uri,
             generation=generation,
-            output=output,
-            results_name=shard_jsonl_name(output, info.batch, info.index),
-            parts_prefix=batch_object(
-                output.prefix, info.batch, f".shards/{info.index:05d}.parts/"
-            ),
+            output=files,
+            results_name=shard_jsonl_name(files, info.batch, info.index),
+            state=state,
+            parts_prefix=batch_object(state, info.batch, f".shards/{info.index:05d}.parts/"),
             title=f"Shard {info.index + 1} of {info.count} of {info.source}",
             allowed_buckets=settings.readable_buckets(_sources_bucket(status)),
             sidecars=output if info.kind == "backfill" else None,
@@ -229,10 +242,10 @@ async def describe_shard(runtime: Runtime, event: ObjectEvent) -> str:
         if outcome.state == "superseded":
             return "shard_superseded"
         stalled = outcome.state == "stalled"
-        tally = outcome.tally or await _tally_of(store, output.bucket, job.results_name)
+        tally = outcome.tally or await _tally_of(store, files.bucket, job.results_name)
         status = await update_status(
             store,
-            output.bucket,
+            state.bucket,
             status_object,
             lambda s: (
                 record_shard(s, info.index, tally, stalled=stalled)
@@ -246,8 +259,16 @@ async def describe_shard(runtime: Runtime, event: ObjectEvent) -> str:
     if status["pending_shards"] or status.get("results_uri"):
         return "described_shard"
     # The last shard recorded (or a redelivery of it, if merging failed): merge.
-    await _merge(runtime, info, output, status, shards_bucket=bucket)
+    await _merge(runtime, info, files, state, status, shards_bucket=bucket)
     return "merged"
+
+
+def _files_of(status: dict[str, Any]) -> Location | None:
+    """Where the batch's JSONL and galleries go, as its status records it."""
+    try:
+        return parse_output(str(status.get("files") or ""), what="the status's files")
+    except RequestError:
+        return None
 
 
 def _sources_bucket(status: dict[str, Any]) -> str:
@@ -258,31 +279,32 @@ def _sources_bucket(status: dict[str, Any]) -> str:
 async def _merge(
     runtime: Runtime,
     info: ShardInfo,
-    output: Location,
+    files: Location,
+    state: Location,
     status: dict[str, Any],
     *,
     shards_bucket: str,
 ) -> None:
     """Concatenate the shards' JSONL, in shard order (each is in input order), into one."""
     store = runtime.store
-    names = [shard_jsonl_name(output, info.batch, i) for i in range(info.count)]
+    names = [shard_jsonl_name(files, info.batch, i) for i in range(info.count)]
     parts = await bounded_map(
-        lambda n: store.read_bytes(output.bucket, n), names, limit=IO_CONCURRENCY
+        lambda n: store.read_bytes(files.bucket, n), names, limit=IO_CONCURRENCY
     )
     missing = [n for n, data in zip(names, parts, strict=True) if data is None]
     if missing:
         raise TransientFailure(
-            f"gs://{output.bucket}/{missing[0]}", "a finished shard's JSONL is missing"
+            f"gs://{files.bucket}/{missing[0]}", "a finished shard's JSONL is missing"
         )
-    merged_name = batch_object(output.prefix, info.batch, ".jsonl")
+    merged_name = batch_object(files, info.batch, ".jsonl")
     await store.write(
-        output.bucket,
+        files.bucket,
         merged_name,
         b"".join(p for p in parts if p is not None),
         content_type=JSONL_TYPE,
         metadata={SOURCE_GENERATION_KEY: info.run, COMPLETE_KEY: "true"},
     )
-    results_uri = f"gs://{output.bucket}/{merged_name}"
+    results_uri = f"gs://{files.bucket}/{merged_name}"
     gallery_uri = None
     if runtime.settings.gallery:
         index_name = gallery_name(merged_name)
@@ -290,8 +312,8 @@ async def _merge(
             status,
             [f"{info.batch.rsplit('/', 1)[-1]}.shards/{i:05d}.html" for i in range(info.count)],
         )
-        await store.write(output.bucket, index_name, page, content_type=HTML_TYPE)
-        gallery_uri = f"gs://{output.bucket}/{index_name}"
+        await store.write(files.bucket, index_name, page, content_type=HTML_TYPE)
+        gallery_uri = f"gs://{files.bucket}/{index_name}"
 
     def finish(s: dict[str, Any]) -> dict[str, Any] | None:
         if s.get("run") != info.run:
@@ -301,7 +323,7 @@ async def _merge(
         )
         return s
 
-    await update_status(store, output.bucket, status_name(output, info.batch), finish)
+    await update_status(store, state.bucket, status_name(state, info.batch), finish)
     # The shard manifests did their job; their events, if redelivered late, find nothing.
     await store.delete_all(
         shards_bucket, f"{runtime.settings.shards_prefix}{info.batch}/{info.run}/"

@@ -1,4 +1,4 @@
-"""A sharded batch's status object, ``batches/<batch>.status.json``, shared by its shards.
+"""A sharded batch's status object, ``BATCHES_PREFIX<batch>.status.json``, shared by its shards.
 
 Every shard that finishes records its tally in the same object. Writers race,
 so each update is a read-modify-write under a generation precondition,
@@ -17,10 +17,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from .batch import Location
 from .errors import TransientFailure
 from .records import JSON_TYPE, dumps_json
-from .results import batch_object
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -28,10 +26,6 @@ log = logging.getLogger(__name__)
 # Ten shards finishing in the same second need a few rounds; each round re-reads.
 UPDATE_ATTEMPTS = 12
 _BACKOFF_S = 0.05
-
-
-def status_name(output: Location, batch: str) -> str:
-    return batch_object(output.prefix, batch, ".status.json")
 
 
 def new_status(

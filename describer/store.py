@@ -70,6 +70,10 @@ class Store(Protocol):
 
     async def stat(self, bucket: str, name: str) -> tuple[dict[str, str], int] | None: ...
 
+    async def read_json_meta(
+        self, bucket: str, name: str
+    ) -> tuple[dict[str, Any] | None, int | None, dict[str, str]]: ...
+
     async def read_all_json(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]: ...
 
     async def read_bytes(self, bucket: str, name: str) -> bytes | None: ...
@@ -120,13 +124,23 @@ class ResultStore:
 
     async def read_json(self, bucket: str, name: str) -> tuple[dict[str, Any] | None, int | None]:
         """The JSON object stored at bucket/name and its generation, or (None, None)."""
+        data, generation, _ = await self.read_json_meta(bucket, name)
+        return data, generation
 
-        def read() -> tuple[dict[str, Any] | None, int | None]:
+    async def read_json_meta(
+        self, bucket: str, name: str
+    ) -> tuple[dict[str, Any] | None, int | None, dict[str, str]]:
+        """As :meth:`read_json`, with the object's custom metadata ({} when there is none).
+
+        The data is None, with the generation, for an object that is not a JSON object.
+        """
+
+        def read() -> tuple[dict[str, Any] | None, int | None, dict[str, str]]:
             blob = self._client.bucket(bucket).get_blob(
                 name, timeout=self._timeout, retry=self._retry
             )
             if blob is None:
-                return None, None
+                return None, None, {}
             # Keep the generation from the metadata read: a download may reset it.
             generation = blob.generation
             try:
@@ -136,10 +150,11 @@ class ResultStore:
                     )
                 )
             except (gexc.NotFound, gexc.PreconditionFailed):
-                return None, None  # deleted or replaced since: as if not there yet
+                return None, None, {}  # deleted or replaced since: as if not there yet
             except ValueError:
                 data = None
-            return (data if isinstance(data, dict) else None), generation
+            metadata = dict(blob.metadata or {})
+            return (data if isinstance(data, dict) else None), generation, metadata
 
         return await self._run(read, f"gs://{bucket}/{name}")
 
@@ -209,14 +224,20 @@ class ResultStore:
         return await self._run(listing, f"gs://{bucket}/{prefix}")
 
     async def delete_all(self, bucket: str, prefix: str) -> int:
-        """Delete every object under ``prefix``; return how many went."""
+        """Delete every object under ``prefix`` that this function wrote; return how many went.
+
+        Only its own objects: anyone who may write beside them cannot make the
+        function delete what it did not write.
+        """
 
         def delete() -> int:
-            blobs = list(
-                self._client.list_blobs(
+            blobs = [
+                blob
+                for blob in self._client.list_blobs(
                     bucket, prefix=prefix, timeout=self._timeout, retry=self._retry
                 )
-            )
+                if is_own_output(blob.metadata)
+            ]
             for blob in blobs:
                 with contextlib.suppress(gexc.NotFound):  # a concurrent delivery got there first
                     blob.delete(timeout=self._timeout, retry=self._retry)

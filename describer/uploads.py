@@ -6,16 +6,12 @@ import logging
 
 from .batch import Location
 from .errors import Code, TransientFailure
+from .layout import KIND_KEY, SIDECAR_KIND, is_sidecar, sidecar_name
 from .records import JSON_TYPE, Record, dumps_json
 from .runtime import ObjectEvent, Runtime, open_pipeline
 from .store import RESULT_KEY, SOURCE_GENERATION_KEY, Store, generation_number, result_key
 
 log = logging.getLogger(__name__)
-
-
-def sidecar_name(results: Location, name: str) -> str:
-    """Where the record of the object ``name`` goes: beside its path, under the results prefix."""
-    return f"{results.prefix}{name}.json"
 
 
 async def write_sidecar(
@@ -40,7 +36,7 @@ async def write_sidecar(
         dumps_json(record.with_generation(generation).to_json()),
         content_type=JSON_TYPE,
         if_generation_match=if_generation_match,
-        metadata={SOURCE_GENERATION_KEY: generation, RESULT_KEY: key},
+        metadata={SOURCE_GENERATION_KEY: generation, RESULT_KEY: key, KIND_KEY: SIDECAR_KIND},
     )
 
 
@@ -51,7 +47,16 @@ async def describe_upload(runtime: Runtime, event: ObjectEvent, *, sniffed: bool
     store = runtime.store
     prompt, schema = settings.prompt_and_schema()
     sidecar = sidecar_name(results, name)
-    existing, existing_generation = await store.read_json(results.bucket, sidecar)
+    source = f"gs://{bucket}/{name}"
+    existing, existing_generation, metadata = await store.read_json_meta(results.bucket, sidecar)
+    if existing_generation is not None and not is_sidecar(metadata, existing, source):
+        # Something else has the sidecar's name (a batch file an upload name reached,
+        # or an object of the user's): it is never replaced, and the upload not described.
+        log.error(
+            "the sidecar's name is taken by an object that is not its sidecar; not described",
+            extra={"uri": f"gs://{results.bucket}/{sidecar}", "error_code": "name_taken"},
+        )
+        return "name_taken"
     if existing is not None:
         described = generation_number(existing.get("generation"))
         if described > generation_number(generation):
@@ -68,7 +73,6 @@ async def describe_upload(runtime: Runtime, event: ObjectEvent, *, sniffed: bool
         ):
             log.info("already described for this generation; skipped", extra={"uri": sidecar})
             return "already_done"
-    source = f"gs://{bucket}/{name}"
     allowed = settings.allowed_buckets | {bucket}
     async with open_pipeline(
         runtime,

@@ -133,7 +133,7 @@ def main() -> int:
         manifest.reload()
         print(f"3. Manifest event for gs://{UPLOADS}/{manifest.name} -> describe_gcs")
         _send_event(gcs_port, manifest)
-        jsonl = "descriptions/batches/demo.jsonl"
+        jsonl = "describer-batches/demo.jsonl"
         written = _read(client, jsonl)
         if written is None:
             failed += 1

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from describer.store import OUTPUT_MARKER, ObjectInfo
+from describer.store import OUTPUT_MARKER, ObjectInfo, is_own_output
 
 
 @dataclass
@@ -54,15 +54,21 @@ class MemoryStore:
             return sorted(n for b, n in self.objects if b == bucket and n.startswith(prefix))
 
     async def read_json(self, bucket: str, name: str) -> tuple[dict[str, Any] | None, int | None]:
+        data, generation, _ = await self.read_json_meta(bucket, name)
+        return data, generation
+
+    async def read_json_meta(
+        self, bucket: str, name: str
+    ) -> tuple[dict[str, Any] | None, int | None, dict[str, str]]:
         with self._lock:
             found = self.objects.get((bucket, name))
         if found is None:
-            return None, None
+            return None, None, {}
         try:
             data = json.loads(found.data)
         except ValueError:
             data = None
-        return (data if isinstance(data, dict) else None), found.generation
+        return (data if isinstance(data, dict) else None), found.generation, dict(found.metadata)
 
     async def stat(self, bucket: str, name: str) -> tuple[dict[str, str], int] | None:
         with self._lock:
@@ -117,7 +123,11 @@ class MemoryStore:
 
     async def delete_all(self, bucket: str, prefix: str) -> int:
         with self._lock:
-            doomed = [k for k in self.objects if k[0] == bucket and k[1].startswith(prefix)]
+            doomed = [
+                k
+                for k, o in self.objects.items()
+                if k[0] == bucket and k[1].startswith(prefix) and is_own_output(o.metadata)
+            ]
             for key in doomed:
                 del self.objects[key]
         return len(doomed)

@@ -22,26 +22,59 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+# Ports handed out by free_port() and still held for the server that will listen on them.
+_held: dict[int, socket.socket] = {}
+_held_lock = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port kept for a server of ours: held until wait_for_port() sees it served.
+
+    Closing the probe socket before the server binds would let the kernel hand the
+    port to another process in between (for a server, or as the local end of a
+    connection). On Linux a bound port is never chosen by bind() to port 0 nor by
+    connect(), while a socket with SO_REUSEADDR may still bind it as long as nothing
+    listens there (socket(7)); http.server, aiohttp and gunicorn all set it. Letting
+    each server bind port 0 itself would be simpler, but functions-framework and the
+    storage emulator cannot say which port they got.
+    """
+    probe = socket.socket()
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    probe.bind(("127.0.0.1", 0))
+    port = int(probe.getsockname()[1])
+    with _held_lock:
+        _held[port] = probe
+    return port
+
+
+def _release(port: int) -> None:
+    with _held_lock:
+        probe = _held.pop(port, None)
+    if probe is not None:
+        probe.close()
 
 
 def wait_for_port(
     port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30
 ) -> None:
-    """Poll until something accepts connections on the port (or the process dies)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listened on port {port} within {timeout} s")
+    """Poll until something accepts connections on the port (or the process dies).
+
+    A port from free_port() is held until then, so what listens there is the
+    server started for it; the port is released once it does (or cannot).
+    """
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before listening")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"nothing listened on port {port} within {timeout} s")
+    finally:
+        _release(port)
 
 
 def start_storage_emulator(port: int, log_path: Path | None = None) -> subprocess.Popen[bytes]:

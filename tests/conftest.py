@@ -10,8 +10,10 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import struct
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -264,3 +266,19 @@ def post_batch(runtime: Runtime, body: Any, **kwargs: Any) -> Any:
         read_body=lambda: raw,
         headers=kwargs.get("headers", {}),
     )
+
+
+def png_bytes(width: int, height: int, bit_depth: int, colour_type: int, idat: bytes) -> bytes:
+    """A PNG written by hand around compressed ``idat``, for what Pillow cannot save (16-bit
+    RGB, bombs, hostile headers)."""
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))

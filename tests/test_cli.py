@@ -24,6 +24,9 @@ from localdev.gemini_sim import RunningSimulator, describe_image
 
 from .conftest import API_KEY, make_image
 
+# Each test starts the command line as a process of its own: left out of the fast tier.
+pytestmark = pytest.mark.slow
+
 SAMPLE_NAMES = ["astronaut.png", "chelsea.png", "coffee.png", "grace_hopper.jpg", "rocket.jpg"]
 
 

@@ -25,6 +25,9 @@ from typing import Any
 import pytest
 import yaml
 
+# Each test runs a deploy script in bash (about half a second each): left out of the fast tier.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 FAKES = Path(__file__).resolve().parent / "fakes"
@@ -462,6 +465,7 @@ def test_shared_bucket_confines_writes_to_a_managed_folder(cloud: FakeCloud) -> 
     assert granted == {
         ("gs://photos", "roles/storage.objectViewer", RUN_SA),
         ("gs://photos/descriptions/", "roles/storage.objectUser", RUN_SA),
+        ("gs://photos/describer-batches/", "roles/storage.objectUser", RUN_SA),
         (f"gs://photos/{SHARDS}", "roles/storage.objectUser", RUN_SA),
     }
     env = result.deploy("describer-gcs-photos").env_vars
@@ -631,6 +635,7 @@ def test_teardown_takes_back_the_shards_folder_and_asks_before_deleting_it(
         (["--shards-prefix", "shards*"], {}, "--shards-prefix may hold only"),
         (["--env", "SHARD_SIZE=0"], {}, "SHARD_SIZE must be at least 1"),
         (["--runtime", "python39"], {}, "use one of: python311 python312 python313"),
+        (["--batches-prefix", "descriptions/batches"], {}, "must not contain one another"),
         (["--runtime", "nodejs20"], {}, "--runtime nodejs20 cannot run this code"),
     ],
 )
@@ -698,15 +703,19 @@ def test_max_instances_over_the_budget_are_refused(cloud: FakeCloud) -> None:
     ("args", "memory", "cpu"),
     [
         (["--gemini-max-in-flight", "256", "--http-concurrency", "4"], "8Gi", "2"),
-        (["--env", "MAX_IMAGE_BYTES=5242880", "--env", "MAX_IMAGE_PIXELS=25000000"], "1Gi", "1"),
+        # Decodes are paid from MAX_DECODE_BYTES, not sized from MAX_IMAGE_PIXELS: 512 MiB of
+        # runtime + 48 images of 5 MiB + a 256 MiB decode budget fit in 1 GiB.
+        (["--env", "MAX_IMAGE_BYTES=5242880", "--env", "MAX_DECODE_BYTES=268435456"], "1Gi", "1"),
+        (["--env", "MAX_DECODE_BYTES=2147483648"], "4Gi", "1"),
         (["--http-memory", "6Gi"], "6Gi", "2"),
     ],
 )
 def test_memory_follows_what_an_instance_may_hold(
     deployed: Deploy, args: list[str], memory: str, cpu: str
 ) -> None:
-    """More requests per instance, or larger images allowed, mean more bytes held at once: the
-    memory (and the vCPUs Cloud Run requires with it) follow the worst case, or an override."""
+    """More requests per instance, larger images or a larger decode budget mean more bytes held
+    at once: the memory (and the vCPUs Cloud Run requires with it) follow the worst case, or an
+    override."""
     result = deployed(*args)
 
     http = result.deploy("describer-http")

@@ -36,6 +36,7 @@ def _run_demo(**env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_the_demo_with_a_key_gemini_refuses_stops_cleanly(sim: RunningSimulator) -> None:
     """A key Gemini refuses ends the demo after its first step with the reason, no traceback."""
     # GIVEN a Gemini endpoint that accepts only another key

@@ -63,6 +63,7 @@ def relay(
 
 # Its own waits add up to more than the suite's 300 s per test.
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_a_backfill_of_5000_images_across_processes_survives_a_killed_process(
     gcs: storage.Client,
     fleet_buckets: tuple[storage.Bucket, storage.Bucket],
@@ -116,11 +117,11 @@ def test_a_backfill_of_5000_images_across_processes_survives_a_killed_process(
         assert reply.status_code == 202, reply.text
         body = reply.json()
         assert (body["images"], body["shards"]) == (IMAGES, IMAGES // SHARD_SIZE)
-        status_name = f"descriptions/batches/{body['batch']}.status.json"
+        status_name = f"describer-batches/{body['batch']}.status.json"
 
         def kept() -> int:
             """Answers kept so as not to be asked for again: checkpoints, and finished shards."""
-            prefix = f"descriptions/batches/{body['batch']}.shards/"
+            prefix = f"describer-batches/{body['batch']}.shards/"
             checkpoints = sum(
                 ".parts/" in b.name for b in gcs.list_blobs(results.name, prefix=prefix)
             )
@@ -180,7 +181,7 @@ def test_a_backfill_of_5000_images_across_processes_survives_a_killed_process(
     assert status["pending_shards"] == [] and status["shards"] == IMAGES // SHARD_SIZE
     assert status["images_per_s"] > 0
     # AND the merged JSONL has every image once, in listing order, with the status's tokens
-    merged = results.get_blob(f"descriptions/batches/{body['batch']}.jsonl")
+    merged = results.get_blob(f"describer-batches/{body['batch']}.jsonl")
     assert merged is not None
     records = [json.loads(line) for line in merged.download_as_text().splitlines()]
     assert [r["source"] for r in records] == [

@@ -157,8 +157,8 @@ def test_a_manifest_is_described_as_a_batch_named_after_it(
     )
     # WHEN the manifest's event arrives
     assert send_event(gcs_function, manifest).status_code == 200
-    # THEN the JSONL sits under batches/ named after the manifest, one record per line in order
-    blob = bucket.get_blob("descriptions/batches/jobs/june.jsonl")
+    # THEN the JSONL sits under BATCHES_PREFIX, named after the manifest, one record a line
+    blob = bucket.get_blob("describer-batches/jobs/june.jsonl")
     assert blob is not None
     records = [json.loads(line) for line in blob.download_as_text().splitlines()]
     assert [r["source"] for r in records] == images
@@ -179,7 +179,7 @@ def test_an_invalid_manifest_leaves_an_error_report(
     manifest = upload(bucket, "bad.batch.json", b'{"images": "nope"}', "application/json")
     # WHEN its event arrives THEN the function returns normally and writes why it was rejected
     assert send_event(gcs_function, manifest).status_code == 200
-    report = bucket.get_blob("descriptions/batches/bad.error.json")
+    report = bucket.get_blob("describer-batches/bad.error.json")
     assert report is not None
     body = json.loads(report.download_as_bytes())
     assert body["error"]["code"] == "invalid_request"

@@ -53,9 +53,9 @@ def test_batch_results_come_back_in_input_order_and_match_the_jsonl(
 
     # AND the JSONL in the results bucket holds exactly the same records
     assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{12}", body["batch_id"])
-    expected_uri = f"gs://{RESULTS_BUCKET}/descriptions/batches/{body['batch_id']}.jsonl"
+    expected_uri = f"gs://{RESULTS_BUCKET}/describer-batches/{body['batch_id']}.jsonl"
     assert body["results_uri"] == expected_uri
-    blob = gcs.bucket(RESULTS_BUCKET).get_blob(f"descriptions/batches/{body['batch_id']}.jsonl")
+    blob = gcs.bucket(RESULTS_BUCKET).get_blob(f"describer-batches/{body['batch_id']}.jsonl")
     assert blob is not None
     lines = blob.download_as_text().splitlines()
     assert [json.loads(line) for line in lines] == body["results"]
@@ -63,7 +63,7 @@ def test_batch_results_come_back_in_input_order_and_match_the_jsonl(
 
     # AND the gallery sits beside it, one card per source
     assert body["gallery_uri"] == expected_uri.removesuffix(".jsonl") + ".html"
-    page = gcs.bucket(RESULTS_BUCKET).get_blob(f"descriptions/batches/{body['batch_id']}.html")
+    page = gcs.bucket(RESULTS_BUCKET).get_blob(f"describer-batches/{body['batch_id']}.html")
     assert page is not None
     assert (page.content_type or "").startswith("text/html")
     assert page.metadata == {"describer-output": "true"}

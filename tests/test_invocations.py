@@ -248,6 +248,7 @@ def sim_process(tmp_path: Path) -> Iterator[str]:
     procs.stop(proc)
 
 
+@pytest.mark.slow
 def test_hundreds_of_invocations_leak_no_sockets_and_no_memory(
     make_runtime: Callable[..., Runtime], image_server: str, gcs: storage.Client, sim_process: str
 ) -> None:
@@ -288,4 +289,4 @@ def test_hundreds_of_invocations_leak_no_sockets_and_no_memory(
     assert memory[2] - memory[1] < memory[1] - memory[0] + 100 * 100, memory
     stats = requests.get(f"{sim_process}/_sim/stats", timeout=10).json()
     assert stats["calls"] == 305
-    assert len(list(gcs.bucket(RESULTS_BUCKET).list_blobs(prefix="descriptions/batches/"))) >= 305
+    assert len(list(gcs.bucket(RESULTS_BUCKET).list_blobs(prefix="describer-batches/"))) >= 305

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,7 +19,8 @@ from google.cloud import storage
 
 from describer import Runtime, handle_storage_event
 from describer.errors import TransientFailure
-from describer.store import COMPLETE_KEY, SOURCE_GENERATION_KEY
+from describer.layout import KIND_KEY, SIDECAR_KIND
+from describer.store import COMPLETE_KEY, OUTPUT_MARKER, SOURCE_GENERATION_KEY
 from localdev import procs
 from localdev.events import finalized_event
 from localdev.gemini_sim import RunningSimulator
@@ -37,7 +37,9 @@ from .conftest import (
     wait_for,
 )
 
-PARTS = "descriptions/batches/job.parts/"
+PARTS = "describer-batches/job.parts/"
+# What another delivery's sidecar carries: the function's marks.
+SIDECAR = {**OUTPUT_MARKER, KIND_KEY: SIDECAR_KIND}
 
 
 def _records(reply: Any) -> list[dict[str, Any]]:
@@ -79,7 +81,7 @@ def _manifest(bucket: storage.Bucket, images: list[str]) -> storage.Blob:
 
 
 def _jsonl(bucket: storage.Bucket) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    blob = bucket.get_blob("descriptions/batches/job.jsonl")
+    blob = bucket.get_blob("describer-batches/job.jsonl")
     assert blob is not None
     lines = [json.loads(line) for line in blob.download_as_text().splitlines()]
     return lines, dict(blob.metadata or {})
@@ -170,8 +172,12 @@ def test_a_missing_fallback_is_named_beside_the_missing_model(
 
 
 # --- the deadline ----------------------------------------------------------------------------
+# These wait for a real deadline (FUNCTION_TIMEOUT_S - DEADLINE_MARGIN_S, seconds each), so
+# they are marked slow. The deadline is an asyncio timeout on the event loop's clock: a clock
+# injected to skip the wait would have to drive the event loop itself.
 
 
+@pytest.mark.slow
 def test_the_deadline_keeps_finished_records_and_marks_the_rest(
     make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
 ) -> None:
@@ -183,11 +189,9 @@ def test_the_deadline_keeps_finished_records_and_marks_the_rest(
     )
     images = [f"{image_server}/chelsea.png"] * 8
     # WHEN a batch of 8 is described
-    started = time.monotonic()
-    records = _records(post_batch(runtime, {"images": images}))
-    elapsed = time.monotonic() - started
-    # THEN it returns within the function's timeout, with one record per source, in order
-    assert elapsed < 4.0
+    reply = post_batch(runtime, {"images": images})
+    records = _records(reply)
+    # THEN it returns with one record per source, in order
     assert [r["source"] for r in records] == images
     statuses = [r["status"] if r["error"] is None else r["error"]["code"] for r in records]
     assert statuses.count("ok") == 3
@@ -203,8 +207,13 @@ def test_the_deadline_keeps_finished_records_and_marks_the_rest(
     assert (held["width"], held["height"]) == (451, 300)
     assert held["latency_ms"] > 0
     assert sum(r["attempts"] for r in records) == sim.stats.calls == 4
+    # AND the results were written within the margin: the gallery, written last, is skipped
+    # once half the margin is gone, so its being there says the batch ended in time
+    assert reply.body["results_uri"] is not None
+    assert reply.body["gallery_uri"] is not None
 
 
+@pytest.mark.slow
 def test_a_deadline_during_a_retry_wait_counts_the_call_already_made(
     make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
 ) -> None:
@@ -219,6 +228,7 @@ def test_a_deadline_during_a_retry_wait_counts_the_call_already_made(
     assert (record["width"], record["height"]) == (451, 300)
 
 
+@pytest.mark.slow
 def test_an_upload_cut_off_by_the_deadline_asks_for_redelivery(
     event_runtime: Callable[..., Runtime],
     bucket: storage.Bucket,
@@ -237,6 +247,7 @@ def test_an_upload_cut_off_by_the_deadline_asks_for_redelivery(
 # --- manifests: checkpoints, redelivery, crashes ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_manifest_cut_off_by_the_deadline_resumes_on_redelivery_without_repeats(
     event_runtime: Callable[..., Runtime],
     bucket: storage.Bucket,
@@ -270,7 +281,7 @@ def test_a_manifest_cut_off_by_the_deadline_resumes_on_redelivery_without_repeat
     assert meta[COMPLETE_KEY] == "true"
     assert meta[SOURCE_GENERATION_KEY] == str(manifest.generation)
     # AND the gallery shows all 6, thumbnails of the first delivery's 2 kept by their checkpoints
-    gallery = bucket.get_blob("descriptions/batches/job.html")
+    gallery = bucket.get_blob("describer-batches/job.html")
     assert gallery is not None
     html = gallery.download_as_text()
     assert html.count('class="card') == 6
@@ -281,6 +292,7 @@ def test_a_manifest_cut_off_by_the_deadline_resumes_on_redelivery_without_repeat
     assert sim.stats.calls == 4
 
 
+@pytest.mark.slow
 def test_a_manifest_with_no_progress_at_all_does_not_loop(
     event_runtime: Callable[..., Runtime],
     bucket: storage.Bucket,
@@ -322,6 +334,7 @@ def killable_function(
             procs.kill_hard(proc)
 
 
+@pytest.mark.slow
 def test_a_process_killed_mid_manifest_loses_nothing_and_repeats_nothing(
     killable_function: Callable[[], tuple[Any, str]],
     bucket: storage.Bucket,
@@ -409,11 +422,11 @@ def test_a_sidecar_replaced_between_read_and_write_is_not_overwritten(
     blob = _one_picture(bucket, pictures)
     sidecar = f"descriptions/{blob.name}.json"
     # GIVEN a sidecar for an older generation of the object
-    store.put(bucket.name, sidecar, json.dumps({"generation": "1"}).encode())
+    store.put(bucket.name, sidecar, json.dumps({"generation": "1"}).encode(), SIDECAR)
 
     async def newer_delivery_replaces_it(bucket_name: str, name: str) -> None:
         if name == sidecar and not store.rejected:
-            store.put(bucket_name, name, json.dumps({"generation": "99"}).encode())
+            store.put(bucket_name, name, json.dumps({"generation": "99"}).encode(), SIDECAR)
 
     # WHEN a newer delivery replaces it while this one is describing
     store.before_write = newer_delivery_replaces_it
@@ -454,12 +467,13 @@ def test_manifest_checkpoints_are_create_only(
 
     async def racing_delivery(bucket_name: str, name: str) -> None:
         if name == racing and (bucket_name, name) not in store.objects:
-            store.put(bucket_name, name, json.dumps({"source": images[1], "racer": True}).encode())
+            racer = json.dumps({"source": images[1], "racer": True}).encode()
+            store.put(bucket_name, name, racer, OUTPUT_MARKER)
 
     store.before_write = racing_delivery
     assert handle_storage_event(runtime, event_data(manifest)) == "described_manifest"
     assert store.rejected == [(bucket.name, racing)]
-    lines = store.objects[(bucket.name, "descriptions/batches/job.jsonl")].data.splitlines()
+    lines = store.objects[(bucket.name, "describer-batches/job.jsonl")].data.splitlines()
     assert [json.loads(line)["source"] for line in lines] == images
     # The checkpoints were cleared once the JSONL was complete.
     assert store.names(bucket.name, PARTS) == []
@@ -476,13 +490,12 @@ def test_dropped_connections_are_retried_by_us_alone_and_counted(
     sim.configure(api_key=API_KEY, rate_drop=1.0)
     runtime = make_runtime(model_max_attempts=3)
     # WHEN an image is described
-    started = time.monotonic()
     (record,) = _records(post_batch(runtime, {"images": [f"{image_server}/chelsea.png"]}))
-    # THEN it fails after exactly 3 calls, all counted, with no hidden multi-second waits
+    # THEN it fails after exactly 3 calls, all counted: a resend of the SDK's own (and the
+    # backoff it would wait before one) would show as a fourth call the server saw
     assert record["error"]["code"] == "model_error"
     assert record["attempts"] == 3
     assert sim.stats.calls == sim.stats.dropped == 3
-    assert time.monotonic() - started < 5.0
 
 
 def test_a_late_event_for_an_older_manifest_generation_is_superseded(
@@ -590,7 +603,7 @@ def test_a_manifest_finished_first_by_a_concurrent_delivery_is_not_downgraded(
     store = MemoryStore()
     runtime = event_runtime(store=store)
     manifest = _manifest(bucket, pictures(2))
-    jsonl = "descriptions/batches/job.jsonl"
+    jsonl = "describer-batches/job.jsonl"
 
     async def other_delivery_completes_first(bucket_name: str, name: str) -> None:
         if name == jsonl and (bucket_name, name) not in store.objects:

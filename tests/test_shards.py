@@ -40,7 +40,7 @@ def _deliver_shards(runtime: Runtime, bucket: storage.Bucket) -> list[str]:
 
 
 def _status(bucket: storage.Bucket, batch: str) -> dict[str, Any]:
-    blob = bucket.get_blob(f"descriptions/batches/{batch}.status.json")
+    blob = bucket.get_blob(f"describer-batches/{batch}.status.json")
     assert blob is not None
     data: dict[str, Any] = json.loads(blob.download_as_bytes())
     return data
@@ -70,7 +70,7 @@ def test_a_large_manifest_is_sharded_and_the_last_shard_merges_in_input_order(
     # THEN each is described once, the last merges, and the status is complete
     assert outcomes == ["described_shard", "described_shard", "merged"]
     assert sim.stats.calls == 11
-    merged = bucket.get_blob("descriptions/batches/jobs/big.jsonl")
+    merged = bucket.get_blob("describer-batches/jobs/big.jsonl")
     assert merged is not None
     records = [json.loads(line) for line in merged.download_as_text().splitlines()]
     assert [r["source"] for r in records] == images
@@ -81,16 +81,16 @@ def test_a_large_manifest_is_sharded_and_the_last_shard_merges_in_input_order(
     assert status["usage"]["prompt_tokens"] == sum(
         r["usage"]["prompt_tokens"] for r in records if r.get("usage")
     )
-    assert status["results_uri"] == f"gs://{bucket.name}/descriptions/batches/jobs/big.jsonl"
+    assert status["results_uri"] == f"gs://{bucket.name}/describer-batches/jobs/big.jsonl"
     assert status["images_per_s"] is not None
     # AND each shard has its JSONL and gallery; the batch's page links them
     for i in range(3):
-        assert bucket.get_blob(f"descriptions/batches/jobs/big.shards/{i:05d}.jsonl")
-        assert bucket.get_blob(f"descriptions/batches/jobs/big.shards/{i:05d}.html")
-    index = bucket.get_blob("descriptions/batches/jobs/big.html")
+        assert bucket.get_blob(f"describer-batches/jobs/big.shards/{i:05d}.jsonl")
+        assert bucket.get_blob(f"describer-batches/jobs/big.shards/{i:05d}.html")
+    index = bucket.get_blob("describer-batches/jobs/big.html")
     assert index is not None
     page = index.download_as_text()
-    assert all(f'href="big.shards/{i:05d}.html"' in page for i in range(3))
+    assert all(f'href="./big.shards/{i:05d}.html"' in page for i in range(3))
     # AND the shard manifests are gone, so late redeliveries find nothing to do
     assert not list(bucket.list_blobs(prefix=SHARDS))
 
@@ -142,6 +142,7 @@ def test_a_manifest_delivered_again_after_its_merge_writes_no_shard(
     assert sim.stats.calls == 6
 
 
+@pytest.mark.slow  # a real deadline, twice
 def test_a_shard_that_cannot_finish_is_redelivered_then_recorded_as_stalled(
     make_runtime: Callable[..., Runtime], bucket: storage.Bucket, sim: RunningSimulator
 ) -> None:
@@ -190,7 +191,10 @@ def test_shards_in_a_bucket_of_their_own_still_read_the_manifests_bucket(
     assert not list(bucket.list_blobs(prefix=SHARDS))
     # The shards' events come from their own bucket; the results stay with the manifest's.
     assert _deliver_shards(runtime, shards_bucket)[-1] == "merged"
-    assert _status(bucket, "m")["ok"] == 6
+    # AND with no RESULTS_BUCKET the batch's state lives in the shards bucket, where the
+    # shards find it from the settings alone
+    assert _status(shards_bucket, "m")["ok"] == 6
+    assert bucket.get_blob("describer-batches/m.jsonl") is not None
 
 
 def test_backfill_dry_run_writes_nothing_and_estimates(
@@ -362,9 +366,10 @@ def test_a_backfill_whose_shards_cannot_be_written_releases_its_lock(
 ) -> None:
     _pictures(bucket, 3, folder="photos")
     where = {"backfill": f"gs://{bucket.name}/photos/"}
-    # GIVEN shards that would go to a bucket that does not exist
+    # GIVEN shards that would go to a bucket that does not exist (the lock, in RESULTS_BUCKET,
+    # can be written)
     broken = make_runtime(
-        results_bucket=None,
+        results_bucket=bucket.name,
         allowed_buckets=frozenset({bucket.name}),
         shards_bucket="no-such-bucket-for-shards",
     )
@@ -382,8 +387,8 @@ def test_a_backfill_whose_shards_cannot_be_written_releases_its_lock(
 
 def _backfill_batch(bucket: storage.Bucket) -> str:
     """The one backfill batch whose status object is in the bucket."""
-    (blob,) = bucket.list_blobs(prefix="descriptions/batches/backfill-")
-    return str(blob.name).removeprefix("descriptions/batches/").removesuffix(".status.json")
+    (blob,) = bucket.list_blobs(prefix="describer-batches/backfill-")
+    return str(blob.name).removeprefix("describer-batches/").removesuffix(".status.json")
 
 
 def test_a_backfill_above_max_manifest_images_or_out_of_time_claims_nothing(
@@ -397,12 +402,12 @@ def test_a_backfill_above_max_manifest_images_or_out_of_time_claims_nothing(
     # GIVEN more images than one run may take THEN 413, and max_images within the cap works
     reply = post_batch(capped, where)
     assert reply.status == 413 and reply.body["error"]["code"] == "batch_too_large"
-    assert not list(bucket.list_blobs(prefix="descriptions/batches/"))
+    assert not list(bucket.list_blobs(prefix="describer-batches/"))
     # GIVEN a listing that used up the invocation's time THEN nothing is claimed
     runtime = make_runtime(results_bucket=None, allowed_buckets=frozenset({bucket.name}))
     with pytest.raises(TransientFailure, match="time budget"):
         asyncio.run(start_backfill(runtime, where, stop_at=time.monotonic() - 1))
-    assert not list(bucket.list_blobs(prefix="descriptions/batches/"))
+    assert not list(bucket.list_blobs(prefix="describer-batches/"))
     assert not list(bucket.list_blobs(prefix=SHARDS))
     assert post_batch(capped, {**where, "max_images": 3}).status == 202
     assert sim.stats.calls == 0

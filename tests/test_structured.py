@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 from google.cloud import storage
 
@@ -112,6 +113,7 @@ def test_an_answer_that_misfits_twice_is_a_model_error_and_once_is_retried(
     assert record["data"]["alt_text"]
 
 
+@pytest.mark.slow  # a real deadline
 def test_a_misfit_whose_second_call_the_deadline_cuts_counts_both_calls_and_the_first_usage(
     make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
 ) -> None:
@@ -179,8 +181,8 @@ def test_a_manifest_asking_for_alt_text_gets_structured_records_and_a_gallery(
         "application/json",
     )
     assert send_event(gcs_function, manifest).status_code == 200
-    jsonl = bucket.get_blob("descriptions/batches/alt.jsonl")
-    gallery = bucket.get_blob("descriptions/batches/alt.html")
+    jsonl = bucket.get_blob("describer-batches/alt.jsonl")
+    gallery = bucket.get_blob("describer-batches/alt.html")
     assert jsonl is not None and gallery is not None
     records = [json.loads(line) for line in jsonl.download_as_text().splitlines()]
     assert records[0]["data"]["alt_text"] and records[1]["error"]["code"] == "not_found"

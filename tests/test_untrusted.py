@@ -3,6 +3,7 @@ reproduced, as a test that fails on the code it was found in."""
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import os
@@ -211,3 +212,198 @@ def test_non_ascii_names_are_described_as_uploads_manifests_and_backfills(
 
 def _name(blob: storage.Blob) -> str:
     return str(blob.name)
+
+
+def _forged_shard(
+    bucket: storage.Bucket, name: str, *, batch: str, run: str, images: list[str], output: str
+) -> tuple[storage.Blob, str]:
+    """A shard body an uploader can write, and its digest, as the function computes it."""
+    body = {
+        "images": images,
+        "prompt": "The uploader's own prompt.",
+        "schema": "text",
+        "output": output,
+        "shard": {
+            "batch": batch,
+            "index": 0,
+            "count": 1,
+            "offset": 0,
+            "total": len(images),
+            "run": run,
+            "kind": "manifest",
+            "source": images[0],
+        },
+    }
+    raw = json.dumps(body, sort_keys=True).encode()
+    return upload(bucket, name, raw, "application/json"), hashlib.sha256(raw).hexdigest()[:32]
+
+
+def _forged_status(
+    bucket: storage.Bucket, name: str, *, batch: str, run: str, digest: str, source: str
+) -> None:
+    """A status object as the function writes one, planted where a shard's body points."""
+    status = {
+        "batch": batch,
+        "kind": "manifest",
+        "source": source,
+        "run": run,
+        "total": 1,
+        "shards": 1,
+        "shard_size": 1,
+        "pending_shards": [],
+        "finished_shards": {},
+        "shard_digests": [digest],
+        "output": f"gs://{bucket.name}/forged/",
+        "files": f"gs://{bucket.name}/forged/batches/",
+        "created_at": "2026-12-01T00:00:00.000+00:00",
+        "updated_at": "2026-12-01T00:00:00.000+00:00",
+    }
+    upload(bucket, name, json.dumps(status).encode(), "application/json")
+
+
+def test_a_forged_shard_and_status_cannot_read_other_buckets_or_touch_a_real_batch(
+    make_runtime: Callable[..., Runtime],
+    gcs: storage.Client,
+    bucket: storage.Bucket,
+    sim: RunningSimulator,
+) -> None:
+    """An uploader who writes a shard and a status object into a watched bucket makes the
+    function read nothing outside ALLOWED_BUCKETS and delete nothing of a real batch: a
+    shard's status is looked up where the settings say (RESULTS_BUCKET), never where its
+    body points."""
+    runtime = make_runtime(shard_size=2, allowed_buckets=frozenset({bucket.name}))
+    shards = runtime.settings.shards_prefix
+    secret = gcs.create_bucket(f"secret-{bucket.name}")
+    upload(secret, "private.png", make_image(64, 48, "red", "PNG"), "image/png")
+    # GIVEN a forged shard naming an object outside ALLOWED_BUCKETS, with a status object
+    # carrying its digest where its body's output points
+    forged, digest = _forged_shard(
+        bucket,
+        f"{shards}evil/1/00000.batch.json",
+        batch="evil",
+        run="1",
+        images=[f"gs://{secret.name}/private.png"],
+        output=f"gs://{bucket.name}/forged/",
+    )
+    _forged_status(
+        bucket,
+        "forged/batches/evil.status.json",
+        batch="evil",
+        run="1",
+        digest=digest,
+        source=f"gs://{secret.name}/private.png",
+    )
+    # WHEN its event arrives THEN nothing is described and nothing written beside it
+    assert handle_storage_event(runtime, event_data(forged)) == "superseded"
+    assert sim.stats.calls == 0
+    assert [b.name for b in bucket.list_blobs(prefix="forged/")] == [
+        "forged/batches/evil.status.json"
+    ]
+    # GIVEN a real sharded batch, and an object of the uploader's among its shards
+    images = [f"gs://{bucket.name}/in/{i}.png" for i in range(4)]
+    for i in range(4):
+        upload(bucket, f"in/{i}.png", make_image(70 + i, 40, "blue", "PNG"), "image/png")
+    manifest = upload(bucket, "real.batch.json", json.dumps({"images": images}).encode(), None)
+    assert handle_storage_event(runtime, event_data(manifest)) == "sharded"
+    run = str(manifest.generation)
+    real_shards = sorted(b.name for b in bucket.list_blobs(prefix=f"{shards}real/"))
+    upload(bucket, f"{shards}real/{run}/notes.txt", b"the uploader's", "text/plain")
+    # WHEN a forged shard of that batch and run arrives, its status saying nothing is pending
+    intruder, digest = _forged_shard(
+        bucket,
+        f"{shards}real/{run}/00009.batch.json",
+        batch="real",
+        run=run,
+        images=[f"gs://{secret.name}/private.png"],
+        output=f"gs://{bucket.name}/forged/",
+    )
+    _forged_status(
+        bucket,
+        "forged/batches/real.status.json",
+        batch="real",
+        run=run,
+        digest=digest,
+        source=f"gs://{secret.name}/private.png",
+    )
+    # THEN it is refused: no call, and the real batch's shards are all still there
+    assert handle_storage_event(runtime, event_data(intruder)) == "shard_invalid"
+    assert sim.stats.calls == 0
+    left = {b.name for b in bucket.list_blobs(prefix=f"{shards}real/")}
+    assert set(real_shards) <= left
+    # AND the real batch completes; its merge deletes its own shards, not the uploader's
+    outcomes = [
+        handle_storage_event(runtime, event_data(bucket.get_blob(name))) for name in real_shards
+    ]
+    assert outcomes[-1] == "merged"
+    assert sim.stats.calls == 4
+    assert {b.name for b in bucket.list_blobs(prefix=f"{shards}real/")} == {
+        f"{shards}real/{run}/notes.txt",
+        f"{shards}real/{run}/00009.batch.json",
+    }
+
+
+def test_an_upload_named_like_a_batch_file_cannot_replace_it(
+    make_runtime: Callable[..., Runtime],
+    gcs: storage.Client,
+    bucket: storage.Bucket,
+    sim: RunningSimulator,
+) -> None:
+    """Uploads named after a batch's status object (in its old place and its new one) leave
+    the batch to merge; and a sidecar never replaces an object that is not a sidecar."""
+    runtime = make_runtime(results_bucket=None, shard_size=2, allowed_buckets=frozenset())
+    images = [f"gs://{bucket.name}/in/{i}.png" for i in range(4)]
+    for i in range(4):
+        upload(bucket, f"in/{i}.png", make_image(80 + i, 40, "green", "PNG"), "image/png")
+    manifest = upload(bucket, "big.batch.json", json.dumps({"images": images}).encode(), None)
+    assert handle_storage_event(runtime, event_data(manifest)) == "sharded"
+    status = "describer-batches/big.status.json"
+    before = bucket.get_blob(status)
+    assert before is not None
+    # WHEN images are uploaded under the names that reached the status object
+    png = make_image(30, 30, "red", "PNG")
+    old_place = upload(bucket, "batches/big.status", png, "image/png")
+    new_place = upload(bucket, "describer-batches/big.status", png, "image/png")
+    assert handle_storage_event(runtime, event_data(old_place)) == "described"
+    assert handle_storage_event(runtime, event_data(new_place)) == "ignored_batch_file"
+    # THEN the status object is the one the batch wrote, and the batch merges
+    after = bucket.get_blob(status)
+    assert after is not None and after.generation == before.generation
+    shards = sorted(bucket.list_blobs(prefix=runtime.settings.shards_prefix), key=_name)
+    assert [handle_storage_event(runtime, event_data(s)) for s in shards][-1] == "merged"
+    # GIVEN results with no RESULTS_PREFIX in a bucket of their own, where a user keeps a file
+    results = gcs.create_bucket(f"r-{bucket.name}")
+    upload(results, "notes/readme.json", b'{"mine": true}', "application/json")
+    flat = make_runtime(results_bucket=results.name, results_prefix="")
+    photo = upload(bucket, "notes/readme", png, "image/png")
+    # WHEN an upload's sidecar would take that file's name THEN the file is left alone
+    assert handle_storage_event(flat, event_data(photo)) == "name_taken"
+    kept = results.get_blob("notes/readme.json")
+    assert kept is not None and kept.download_as_bytes() == b'{"mine": true}'
+
+
+def test_a_backfill_with_its_own_prompt_never_replaces_the_deployments_sidecars(
+    make_runtime: Callable[..., Runtime], bucket: storage.Bucket, sim: RunningSimulator
+) -> None:
+    """Any describe_http caller may backfill, but a prompt or schema of their own only fills
+    images without a sidecar: one written with DESCRIBE_PROMPT stays."""
+    runtime = make_runtime(results_bucket=None, shard_size=5, allowed_buckets={bucket.name})
+    for i in range(2):
+        upload(bucket, f"photos/{i}.png", make_image(60 + i, 40, "blue", "PNG"), "image/png")
+    described = bucket.get_blob("photos/0.png")
+    assert described is not None
+    assert handle_storage_event(runtime, event_data(described)) == "described"
+    sidecar = bucket.get_blob("descriptions/photos/0.png.json")
+    assert sidecar is not None
+    # WHEN a caller backfills with a prompt of their own
+    reply = post_batch(
+        runtime, {"backfill": f"gs://{bucket.name}/photos/", "prompt": "Name every colour."}
+    )
+    # THEN only the image without a sidecar is taken, and the deployment's sidecar is kept
+    assert reply.status == 202, reply.body
+    assert (reply.body["images"], reply.body["kept_deployment_sidecars"]) == (1, 1)
+    for shard in bucket.list_blobs(prefix=runtime.settings.shards_prefix):
+        handle_storage_event(runtime, event_data(shard))
+    again = bucket.get_blob("descriptions/photos/0.png.json")
+    assert again is not None and again.generation == sidecar.generation
+    other = json.loads(bucket.blob("descriptions/photos/1.png.json").download_as_bytes())
+    assert other["prompt"] == "Name every colour."

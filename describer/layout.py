@@ -1,0 +1,88 @@
+"""Where every object the function writes lives, and how a sidecar is told from the rest.
+
+One module names them all, so that no two kinds can land on one name:
+
+- ``RESULTS_PREFIX<object>.json``: an upload's sidecar (the contract), in the results bucket;
+- ``BATCHES_PREFIX<batch>.jsonl``, ``.html``, ``.error.json``, ``.shards/<i>.jsonl``: a
+  batch's files, in the results bucket, or under ``<output>batches/`` when a request or
+  manifest names its own ``output``;
+- ``BATCHES_PREFIX<batch>.status.json`` and ``.parts/``: a batch's state (status object,
+  backfill lock, checkpoints), always where :meth:`Settings.state_bucket` says, never
+  where an object's body says;
+- ``SHARDS_PREFIX<batch>/<run>/<index>.batch.json``: shard manifests, in the shards bucket.
+
+BATCHES_PREFIX and SHARDS_PREFIX may not overlap RESULTS_PREFIX (settings refuse it), and
+events and backfills skip both, so an upload's name never reaches a batch's objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .batch import Location
+from .settings import Settings
+from .store import RESULT_KEY
+
+# Metadata naming what kind of object the function wrote.
+KIND_KEY = "describer-kind"
+SIDECAR_KIND = "sidecar"
+
+
+def sidecar_name(results: Location, name: str) -> str:
+    """Where the record of the object ``name`` goes: beside its path, under the results prefix."""
+    return f"{results.prefix}{name}.json"
+
+
+def batch_files(settings: Settings, bucket: str, output: Location | None) -> Location:
+    """Where a batch's JSONL and galleries go: its own ``output``, else BATCHES_PREFIX."""
+    if output is not None:
+        return Location(output.bucket, f"{output.prefix}batches/")
+    return Location(bucket, settings.batches_prefix)
+
+
+def state_location(settings: Settings, event_bucket: str) -> Location:
+    """Where a batch's status object, checkpoints and lock live (see Settings.state_bucket)."""
+    return Location(settings.state_bucket(event_bucket), settings.batches_prefix)
+
+
+def batch_object(files: Location, batch: str, suffix: str) -> str:
+    """``<files.prefix><batch><suffix>``: one file of a batch."""
+    return f"{files.prefix}{batch}{suffix}"
+
+
+def status_name(state: Location, batch: str) -> str:
+    return batch_object(state, batch, ".status.json")
+
+
+def gallery_name(jsonl_name: str) -> str:
+    """``x.jsonl`` -> ``x.html``: the gallery sits beside its JSONL."""
+    return jsonl_name.removesuffix(".jsonl") + ".html"
+
+
+def shard_object_name(shards_prefix: str, batch: str, run: str, index: int) -> str:
+    """``SHARDS_PREFIX<batch>/<run>/<index>.batch.json``: one folder per run of a batch."""
+    return f"{shards_prefix}{batch}/{run}/{index:05d}.batch.json"
+
+
+def shard_jsonl_name(files: Location, batch: str, index: int) -> str:
+    return batch_object(files, batch, f".shards/{index:05d}.jsonl")
+
+
+def is_sidecar(metadata: Mapping[str, str], record: Any, source_uri: str) -> bool:
+    """Whether an object at a sidecar's name is this function's sidecar of ``source_uri``.
+
+    Sidecars say so in their metadata; older ones are recognised by their body,
+    the record of that very source. Anything else there (a batch file whose name
+    an upload reached, a user's own object) must never be replaced by a sidecar.
+    """
+    kind = metadata.get(KIND_KEY)
+    if kind is not None:
+        return kind == SIDECAR_KIND
+    if RESULT_KEY in metadata:  # written by every sidecar since backfills came
+        return True
+    return (
+        isinstance(record, dict)
+        and record.get("source") == source_uri
+        and record.get("status") in ("ok", "error")
+    )
