@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 
 # Writes are small and fast; a few at once keep up with any model concurrency.
 DEFAULT_WRITE_CONCURRENCY = 8
+# Finished records waiting for a free writer. When the writers fall behind, the model
+# workers wait for room here instead of answering more: a process that dies then loses
+# at most its calls in flight plus this many and the writers' records (see HandOff).
+DEFAULT_HANDOFF_SIZE = 8
 RecordSink = Callable[[int, Record], Awaitable[None]]
 
 
@@ -67,6 +71,7 @@ class StageLimits:
     max_image_pixels: int
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
     write_concurrency: int = DEFAULT_WRITE_CONCURRENCY
+    handoff_size: int = DEFAULT_HANDOFF_SIZE
     # Side of the gallery thumbnails made during preparation; 0 makes none.
     thumbnail_side: int = 0
 
@@ -98,6 +103,8 @@ class Pipeline:
         self._limits = limits
         self._model = model
         self._prompt = prompt
+        # The last run's hand-off to the writers: how much it held at most.
+        self.handoff: HandOff | None = None
 
     async def run(
         self,
@@ -117,7 +124,13 @@ class Pipeline:
         """
         if not uris:
             return []
-        batch = _Batch(uris, on_record, writers=self._limits.write_concurrency if on_record else 0)
+        batch = _Batch(
+            uris,
+            on_record,
+            writers=self._limits.write_concurrency if on_record else 0,
+            handoff_size=self._limits.handoff_size,
+        )
+        self.handoff = batch.handoff
         queue: asyncio.Queue[_Ready | None] = asyncio.Queue(maxsize=self._limits.model_concurrency)
         pending = iter(range(len(uris)))
         async with asyncio.TaskGroup() as writers:
@@ -148,7 +161,7 @@ class Pipeline:
             # When the work stopped: a record cut short is timed to here, not to after
             # the writers have drained.
             stopped = time.monotonic()
-            batch.close()
+            await batch.close()
         interrupted = interrupt is not None and interrupt.is_set()
         return [
             record
@@ -205,11 +218,11 @@ class Pipeline:
             try:
                 ready = await self._download_one(index, uri)
             except SourceError as exc:
-                batch.finish(index, self._failed(uri, exc, started))
+                await batch.finish(index, self._failed(uri, exc, started))
                 continue
             except Exception as exc:
                 log.exception("unexpected failure preparing a source")
-                batch.finish(
+                await batch.finish(
                     index,
                     self._failed(
                         uri, SourceError(Code.DOWNLOAD_FAILED, f"Internal error: {exc!r}."), started
@@ -269,7 +282,7 @@ class Pipeline:
                 # The calls made and the answers billed, whatever the failure.
                 spent = {"attempts": flight.spent.attempts, "usage": flight.spent.usage}
                 record = self._failed(uri, error, flight.started, **known, **spent)
-                batch.finish(ready.index, record)
+                await batch.finish(ready.index, record)
             else:
                 record = Record(
                     source=uri,
@@ -285,7 +298,7 @@ class Pipeline:
                     latency_ms=_elapsed_ms(flight.started),
                     **known,
                 )
-                batch.finish(ready.index, record)
+                await batch.finish(ready.index, record)
                 log.info("described", extra={"status": OK, "attempts": answer.attempts})
             finally:
                 source_var.reset(token)
@@ -305,30 +318,69 @@ class Pipeline:
         )
 
 
-class _Batch:
-    """One run's shared state: its records, and the queue that feeds the writers."""
+@dataclass
+class HandOff:
+    """What the hand-off to the writers held: the bound a test (or a crash) can see.
 
-    def __init__(self, uris: Sequence[str], sink: RecordSink | None, *, writers: int) -> None:
+    ``unwritten_peak`` is the most records ever finished and not yet through the
+    sink: never more than the workers that finish records (each holds one while
+    it waits for room) plus :attr:`bound`, the channel and the writers. Answers
+    Gemini gave that a crash can lose are at most MODEL_CONCURRENCY plus that.
+    """
+
+    channel_size: int
+    writers: int
+    unwritten: int = 0
+    unwritten_peak: int = 0
+    waits: int = 0  # times a worker waited for room in the channel
+
+    @property
+    def bound(self) -> int:
+        return self.channel_size + self.writers
+
+
+class _Batch:
+    """One run's shared state: its records, and the bounded channel that feeds the writers."""
+
+    def __init__(
+        self, uris: Sequence[str], sink: RecordSink | None, *, writers: int, handoff_size: int
+    ) -> None:
         self.uris = uris
         self.records: list[Record | None] = [None] * len(uris)
         # The sources started and not yet finished.
         self.flights: dict[int, _Flight] = {}
         self.finished = 0
         self._sink = sink
-        self._written: asyncio.Queue[int | None] = asyncio.Queue()
+        self._written: asyncio.Queue[int | None] = asyncio.Queue(maxsize=max(1, handoff_size))
+        # Finished when the deadline cut their hand-off short: handed over at close.
+        self._unsent: list[int] = []
         self.writers = writers
+        self.handoff = HandOff(channel_size=max(1, handoff_size), writers=writers)
 
-    def finish(self, index: int, record: Record) -> None:
+    async def finish(self, index: int, record: Record) -> None:
+        """Keep the record, then hand it to the writers, waiting while their channel is full."""
         self.records[index] = record
         self.flights.pop(index, None)
         self.finished += 1
-        if self._sink is not None:
-            self._written.put_nowait(index)
+        if self._sink is None:
+            return
+        handoff = self.handoff
+        handoff.unwritten += 1
+        handoff.unwritten_peak = max(handoff.unwritten_peak, handoff.unwritten)
+        if self._written.full():
+            handoff.waits += 1
+        try:
+            await self._written.put(index)
+        except asyncio.CancelledError:
+            self._unsent.append(index)  # the deadline: still written, at close
+            raise
 
-    def close(self) -> None:
-        """Let every writer drain the queue and stop."""
+    async def close(self) -> None:
+        """Hand over what the deadline cut short, then let every writer drain and stop."""
+        for index in self._unsent:
+            await self._written.put(index)
         for _ in range(self.writers):
-            self._written.put_nowait(None)
+            await self._written.put(None)
 
     async def write_worker(self) -> None:
         assert self._sink is not None
@@ -343,6 +395,7 @@ class _Batch:
                 # checkpoint is lost, so a redelivery may describe it again.
                 log.exception("could not write a finished record")
             finally:
+                self.handoff.unwritten -= 1
                 source_var.reset(token)
 
 

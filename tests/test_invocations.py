@@ -7,6 +7,7 @@ resources that must not leak across hundreds of invocations.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import tracemalloc
@@ -20,6 +21,9 @@ from google.cloud import storage
 
 from describer import Runtime
 from describer.errors import StorageUnavailable
+from describer.pipeline import HandOff
+from describer.records import Record
+from describer.runtime import open_pipeline
 from describer.settings import GeminiAccess
 from localdev import procs
 from localdev.gemini_sim import RunningSimulator
@@ -47,6 +51,50 @@ def test_model_calls_in_flight_never_exceed_model_concurrency(
     assert all(r["status"] == "ok" for r in records)
     assert sim.stats.max_in_flight == 3
     assert sim.stats.calls == 20
+
+
+def test_writers_falling_behind_hold_back_the_model_stage(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    """While the sink (checkpoints, sidecars) is stuck, no more answers are taken than the
+    model workers, the hand-off channel and the writers can hold: what a crash could lose."""
+    runtime = make_runtime(model_concurrency=4, download_concurrency=4)
+    uris = [f"{image_server}/chelsea.png", f"{image_server}/coffee.png"] * 30
+    release = asyncio.Event()
+    written: list[int] = []
+
+    async def stuck_sink(index: int, record: Record) -> None:
+        await release.wait()
+        written.append(index)
+
+    async def scenario() -> HandOff:
+        async with open_pipeline(runtime, prompt="Describe.", allowed_buckets=()) as pipeline:
+            run = asyncio.create_task(pipeline.run(uris, on_record=stuck_sink))
+            # GIVEN writers that do not get through: wait until every one holds a record,
+            # the channel is full and each model worker waits for room with its answer
+            await _until(lambda: pipeline.handoff is not None and pipeline.handoff.unwritten == 20)
+            handoff = pipeline.handoff
+            assert handoff is not None
+            # THEN the model stage has taken no more than that
+            assert sim.stats.calls == 4 + handoff.bound == 20
+            assert sim.stats.in_flight == 0
+            # WHEN the writers get through THEN every record is written, once
+            release.set()
+            records = await run
+        assert [r.status for r in records] == ["ok"] * len(uris)
+        assert sorted(written) == list(range(len(uris)))
+        return handoff
+
+    handoff = asyncio.run(scenario())
+    assert handoff.unwritten_peak == 20 and handoff.unwritten == 0
+    assert handoff.waits >= 4
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 60) -> None:
+    """Yield to the loop until ``condition`` holds (what the pipeline's tasks make true)."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.005)
 
 
 def test_rate_limits_are_retried_and_counted(
