@@ -33,6 +33,9 @@ class Code(StrEnum):
     MODEL_ERROR = "model_error"
     TIMEOUT = "timeout"
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    # A manifest's or shard's source whose sidecar or checkpoint could not be written
+    # within the retry window.
+    WRITE_FAILED = "write_failed"
     # The command line only: Ctrl-C stopped the run before this source was finished.
     INTERRUPTED = "interrupted"
 

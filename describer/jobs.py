@@ -18,7 +18,7 @@ from google.api_core import exceptions as gexc
 from google.auth.exceptions import GoogleAuthError
 
 from .batch import BatchRequest, GcsSource, Location, parse_body, parse_source
-from .errors import Code, RequestError, StorageUnavailable, TransientFailure
+from .errors import Code, RequestError, SourceError, StorageUnavailable, TransientFailure
 from .layout import batch_files, batch_object
 from .records import JSON_TYPE, JSONL_TYPE, Record, dumps_json, dumps_jsonl, total_usage
 from .results import write_gallery
@@ -105,12 +105,23 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
     )
     sidecars = _Sidecars(store, job, result_key(settings.model, prompt, schema))
 
+    # Sources whose sidecar or checkpoint could not be written: not done, whatever
+    # their record says, so the job is not reported done without them.
+    unwritten: dict[int, StorageUnavailable] = {}
+
     async def keep(position: int, record: Record) -> None:
         index = todo[position]
         # The sidecar first: a checkpoint says "done", and a failed sidecar write
-        # (it raises) must leave the source to be described again, not lost.
-        await sidecars.save(index, record)
-        await checkpoints.save(index, record)
+        # must leave the source to be described again, not lost.
+        try:
+            await sidecars.save(index, record)
+            await checkpoints.save(index, record)
+        except StorageUnavailable as exc:
+            unwritten[index] = exc
+            log.error(
+                "could not keep a finished record; the source is not done",
+                extra={"uri": exc.uri, "reason": str(exc), "source": record.source},
+            )
 
     async with open_pipeline(
         runtime,
@@ -124,12 +135,15 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
             [request.images[i] for i in todo], stop_at=stop_at, on_record=keep
         )
     for index, record in zip(todo, fresh, strict=True):
+        if index in unwritten and give_up:
+            # Past the retry window: the source ends as an error that names the write.
+            record = _write_failed(record, unwritten[index])
         done[index] = record.to_json()
         thumbnails[index] = record.thumbnail
     remaining = sum(
         r.transient if job.retry_transient else r.error_code is Code.DEADLINE_EXCEEDED
         for r in fresh
-    )
+    ) + (0 if give_up else len(unwritten))
     ordered = [done[i] for i in range(len(request.images))]
     counted = tally(ordered)
     # Replace exactly the JSONL read above (or create it): a concurrent delivery
@@ -175,7 +189,7 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
             extra={"uri": uri, "count": len(done), "usage": total_usage(done.values())},
         )
         return JobOutcome("described", counted)
-    if (checkpoints.saved or job.retry_transient) and not give_up:
+    if (checkpoints.saved or job.retry_transient or unwritten) and not give_up:
         # Progress was made and kept (or a shard, which its batch waits for): fail
         # this delivery so the platform redelivers the event, and the next
         # invocation carries on from here.
@@ -353,6 +367,28 @@ class _Sidecars:
             key=self._key,
             if_generation_match=request.sidecar_generations[index],
         )
+
+
+def _write_failed(record: Record, exc: StorageUnavailable) -> Record:
+    """The record of a source whose sidecar or checkpoint could not be kept, for good."""
+    error = SourceError(
+        Code.WRITE_FAILED,
+        f"The source was processed ({record.status}) but its result could not be kept: {exc}.",
+    )
+    return Record.failed(
+        record.source,
+        error,
+        model=record.model,
+        prompt=record.prompt,
+        schema=record.schema,
+        mime_type=record.mime_type,
+        width=record.width,
+        height=record.height,
+        usage=record.usage,
+        attempts=record.attempts,
+        latency_ms=record.latency_ms,
+        thumbnail=record.thumbnail,
+    )
 
 
 def _with_thumbnail(record: Record) -> dict[str, Any]:

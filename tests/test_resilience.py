@@ -18,7 +18,7 @@ import requests
 from google.cloud import storage
 
 from describer import Runtime, handle_storage_event
-from describer.errors import TransientFailure
+from describer.errors import StorageUnavailable, TransientFailure
 from describer.layout import KIND_KEY, SIDECAR_KIND
 from describer.store import COMPLETE_KEY, OUTPUT_MARKER, SOURCE_GENERATION_KEY
 from localdev import procs
@@ -618,3 +618,51 @@ def test_a_manifest_finished_first_by_a_concurrent_delivery_is_not_downgraded(
     assert handle_storage_event(runtime, event_data(manifest)) == "already_done"
     assert store.rejected == [(bucket.name, jsonl)]
     assert store.objects[(bucket.name, jsonl)].data == b"{}\n"
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_the_manifest_unfinished(
+    event_runtime: Callable[..., Runtime],
+    bucket: storage.Bucket,
+    pictures: Callable[[int], list[str]],
+    sim: RunningSimulator,
+) -> None:
+    """A record whose checkpoint write fails is not done: the delivery asks to be redelivered
+    and the next one finishes it; past the retry window it ends as a named write_failed error,
+    never as a manifest reported complete with its results missing."""
+    store = MemoryStore()
+    runtime = event_runtime(store=store, event_retry_window_s=60.0)
+    images = pictures(3)
+    manifest = _manifest(bucket, images)
+    outage = True
+
+    async def checkpoints_refused(bucket_name: str, name: str) -> None:
+        if outage and ".parts/" in name and name.endswith("000001.json"):
+            raise StorageUnavailable(f"gs://{bucket_name}/{name}", ConnectionError("503"))
+
+    store.before_write = checkpoints_refused
+    # WHEN one checkpoint cannot be written THEN the delivery fails, to be redelivered
+    with pytest.raises(TransientFailure, match="1 of 3 sources remain unfinished"):
+        handle_storage_event(runtime, event_data(manifest), event_time=_ago(10))
+    jsonl = store.objects[(bucket.name, "describer-batches/job.jsonl")]
+    assert jsonl.metadata[COMPLETE_KEY] == "false"
+    # WHEN it is redelivered after the outage THEN only that source is described again
+    outage = False
+    assert handle_storage_event(runtime, event_data(manifest), event_time=_ago(20)) == (
+        "described_manifest"
+    )
+    assert sim.stats.calls == 4
+    done = store.objects[(bucket.name, "describer-batches/job.jsonl")]
+    assert done.metadata[COMPLETE_KEY] == "true"
+    assert [json.loads(line)["status"] for line in done.data.splitlines()] == ["ok"] * 3
+    # GIVEN a new upload of the manifest whose checkpoint fails past the retry window
+    outage = True
+    again = _manifest(bucket, images)
+    assert handle_storage_event(runtime, event_data(again), event_time=_ago(120)) == (
+        "described_manifest"
+    )
+    # THEN the source ends as an error naming the write, with the calls it cost
+    lines = store.objects[(bucket.name, "describer-batches/job.jsonl")].data.splitlines()
+    second = json.loads(lines[1])
+    assert second["error"]["code"] == "write_failed"
+    assert "000001.json" in second["error"]["message"]
+    assert second["attempts"] == 1 and second["usage"]["prompt_tokens"] > 0
