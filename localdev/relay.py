@@ -35,6 +35,8 @@ Run it alone:        python -m localdev.relay --emulator http://127.0.0.1:9023 -
                          --trigger-bucket inputs --target http://127.0.0.1:8081/
 Observe, control:    GET /_relay/stats, PUT /_relay/targets {"targets": [...]},
                      GET /_relay/idle?timeout=30 (200 once idle, 504 if not within the timeout)
+Faults (tests):      PUT /_relay/faults {"refuse_writes": true, "hang_writes_s": 0,
+                     "lose_write_replies": 0} (see Faults): what Cloud Storage does on a bad day
 """
 
 from __future__ import annotations
@@ -93,6 +95,25 @@ class RelayConfig:
 
 
 @dataclass
+class Faults:
+    """Storage misbehaving on purpose, for object writes (media, multipart and resumable
+    uploads, PATCH, DELETE, copy, rewrite and compose); reads and events are left alone.
+
+    ``refuse_writes``: answer every write 503 without forwarding it (an outage);
+    ``refuse_writes_s``: the same for this many seconds from when the faults are set.
+    ``hang_writes_s``: hold every write this long before forwarding it (a slow backend).
+    ``lose_write_replies``: do the next N writes, then close the connection instead of
+    answering (the write happened; the client cannot know): a client that retries a
+    create-only write then meets 412.
+    """
+
+    refuse_writes: bool = False
+    refuse_writes_s: float = 0.0
+    hang_writes_s: float = 0.0
+    lose_write_replies: int = 0
+
+
+@dataclass
 class Delivery:
     """One attempt to deliver an event: where, and what came of it."""
 
@@ -121,6 +142,8 @@ class RelayStats:
     requests: int = 0  # requests forwarded to the emulator for clients
     finalized: int = 0  # objects created or replaced through the relay (any bucket)
     precondition_failed: int = 0  # 412s answered
+    refused_writes: int = 0  # writes answered 503 by Faults.refuse_writes
+    lost_replies: int = 0  # writes done whose answer Faults.lose_write_replies dropped
     not_modified: int = 0  # 304s answered (reads whose not-match condition failed)
     queued: int = 0  # events raised
     delivered: int = 0  # events delivered (a 2xx answer)
@@ -272,6 +295,8 @@ class Relay:
     def __init__(self, config: RelayConfig, targets: Sequence[str] = ()) -> None:
         self.config = config
         self.stats = RelayStats()
+        self.faults = Faults()
+        self._refuse_until = 0.0  # loop time until which Faults.refuse_writes_s refuses
         self._emulator = config.emulator_url.rstrip("/")
         self._targets: list[str] = list(targets)
         self._targets_changed = asyncio.Event()
@@ -288,6 +313,7 @@ class Relay:
         self.app.router.add_get("/_relay/stats", self._get_stats)
         self.app.router.add_get("/_relay/idle", self._get_idle)
         self.app.router.add_put("/_relay/targets", self._put_targets)
+        self.app.router.add_put("/_relay/faults", self._put_faults)
         self.app.router.add_route("*", "/{tail:.*}", self._proxy)
         self.app.on_startup.append(self._on_startup)
         self.app.on_cleanup.append(self._on_cleanup)
@@ -364,6 +390,14 @@ class Relay:
             return web.json_response({"error": str(exc)}, status=504)
         return web.json_response(asdict(stats))
 
+    async def _put_faults(self, request: web.Request) -> web.Response:
+        self.set_faults(Faults(**await request.json()))
+        return web.json_response(asdict(self.faults))
+
+    def set_faults(self, faults: Faults) -> None:
+        self.faults = faults
+        self._refuse_until = asyncio.get_running_loop().time() + faults.refuse_writes_s
+
     async def _put_targets(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.set_targets(body["targets"])
@@ -374,6 +408,14 @@ class Relay:
     async def _proxy(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         path = request.raw_path.partition("?")[0]
+        faults = self.faults
+        writes = _is_write(request.method, path, request.query)
+        refusing = faults.refuse_writes or asyncio.get_running_loop().time() < self._refuse_until
+        if writes and refusing:
+            self.stats.refused_writes += 1
+            return _error(503, "backendError", "the relay refuses every write (Faults)")
+        if writes and faults.hang_writes_s > 0:
+            await asyncio.sleep(faults.hang_writes_s)
         try:
             conditions = _conditions(request)
             upstream = await self._route(request, path, body, conditions)
@@ -381,6 +423,13 @@ class Relay:
             return _error(400, "invalid", str(exc))
         except aiohttp.ClientError as exc:
             return _error(502, "backendError", f"the emulator did not answer: {exc}")
+        if writes and self.faults.lose_write_replies > 0 and upstream.status < 300:
+            # Done, and never told: drop the connection as a lost reply would.
+            self.faults.lose_write_replies -= 1
+            self.stats.lost_replies += 1
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=204)
         if upstream.status == 412:
             self.stats.precondition_failed += 1
         elif upstream.status == 304:
@@ -652,6 +701,15 @@ class Relay:
         return event.last_target
 
 
+def _is_write(method: str, path: str, query: Mapping[str, str]) -> bool:
+    """Whether the request writes an object (what Faults apply to)."""
+    if method in ("POST", "PUT") and _UPLOAD.fullmatch(path):
+        return True
+    if method == "POST" and (_COPY.fullmatch(path) or _COMPOSE.fullmatch(path)):
+        return True
+    return method in ("PATCH", "DELETE") and _OBJECT.fullmatch(path) is not None
+
+
 def _conditions(request: web.Request) -> _Conditions:
     query = request.query
 
@@ -793,8 +851,15 @@ class RunningRelay:
         """Wait until every event is delivered or dead-lettered: the stats then, or TimeoutError."""
         return self._served.run(self.relay.wait_idle(timeout), timeout + 5)
 
+    def set_faults(self, **faults: Any) -> None:
+        """Replace the faults in force (Faults' fields; none given: storage behaves)."""
+        self._served.run(self._set_faults(Faults(**faults)))
+
     def stop(self) -> None:
         self._served.stop()
+
+    async def _set_faults(self, faults: Faults) -> None:
+        self.relay.set_faults(faults)
 
     async def _snapshot(self) -> RelayStats:
         return self.relay.snapshot()

@@ -11,6 +11,7 @@ import io
 import json
 import shutil
 import struct
+import subprocess
 import time
 import uuid
 import zlib
@@ -31,6 +32,8 @@ from describer.settings import GeminiAccess
 from localdev import procs
 from localdev.events import finalized_event
 from localdev.gemini_sim import RunningSimulator, start_in_thread
+from localdev.relay import RelayConfig, RunningRelay
+from localdev.relay import start_in_thread as start_relay
 
 SAMPLES = procs.ROOT / "samples"
 API_KEY = "test-key"
@@ -282,3 +285,46 @@ def png_bytes(width: int, height: int, bit_depth: int, colour_type: int, idat: b
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+@pytest.fixture
+def fleet_buckets(gcs: storage.Client) -> tuple[storage.Bucket, storage.Bucket]:
+    """A photos bucket whose writes raise events, and a results bucket, both fresh."""
+    tag = uuid.uuid4().hex[:10]
+    return gcs.create_bucket(f"photos-{tag}"), gcs.create_bucket(f"results-{tag}")
+
+
+@pytest.fixture
+def relay(
+    emulator_url: str, fleet_buckets: tuple[storage.Bucket, storage.Bucket]
+) -> Iterator[RunningRelay]:
+    """The relay in front of the emulator, raising the photos bucket's finalize events."""
+    running = start_relay(
+        RelayConfig(
+            emulator_url=emulator_url,
+            trigger_buckets=frozenset({fleet_buckets[0].name}),
+            retry_initial_s=0.2,
+            retry_max_s=2.0,
+        )
+    )
+    yield running
+    running.stop()
+
+
+class Functions:
+    """functions-framework processes of one test, each with its log, all stopped at the end."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env = env
+        self.logs = logs
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, target: str, **kw: Any) -> str:
+        port = procs.free_port()
+        log = self.logs / f"{target}-{len(self.started)}.log"
+        self.started.append(procs.start_function(target, port, self.env, log_path=log, **kw))
+        return f"http://127.0.0.1:{port}/"
+
+    def stop_all(self) -> None:
+        while self.started:
+            procs.stop(self.started.pop())

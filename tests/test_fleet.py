@@ -11,11 +11,8 @@ process is killed with SIGKILL in the middle.
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
@@ -23,9 +20,9 @@ from google.cloud import storage
 
 from localdev import procs
 from localdev.gemini_sim import RunningSimulator
-from localdev.relay import RelayConfig, RunningRelay, start_in_thread
+from localdev.relay import RunningRelay
 
-from .conftest import API_KEY, function_env, make_image, wait_for
+from .conftest import API_KEY, Functions, function_env, make_image, wait_for
 
 IMAGES = 5000
 SHARD_SIZE = 500
@@ -36,29 +33,6 @@ SHARDS = "describer-shards/"
 def _image(i: int) -> bytes:
     """Image i: a small PNG whose size alone tells it apart from the 4999 others."""
     return make_image(20 + i % 100, 20 + i // 100, "green", "PNG")
-
-
-@pytest.fixture
-def fleet_buckets(gcs: storage.Client) -> tuple[storage.Bucket, storage.Bucket]:
-    tag = uuid.uuid4().hex[:10]
-    return gcs.create_bucket(f"photos-{tag}"), gcs.create_bucket(f"results-{tag}")
-
-
-@pytest.fixture
-def relay(
-    emulator_url: str, fleet_buckets: tuple[storage.Bucket, storage.Bucket]
-) -> Iterator[RunningRelay]:
-    photos, _ = fleet_buckets
-    running = start_in_thread(
-        RelayConfig(
-            emulator_url=emulator_url,
-            trigger_buckets=frozenset({photos.name}),
-            retry_initial_s=0.2,
-            retry_max_s=2.0,
-        )
-    )
-    yield running
-    running.stop()
 
 
 # Its own waits add up to more than the suite's 300 s per test.
@@ -94,17 +68,11 @@ def test_a_backfill_of_5000_images_across_processes_survives_a_killed_process(
         FUNCTION_TIMEOUT_S="300",
         GALLERY="false",
     )
-    started: list[Any] = []
-
-    def start(target: str, **kw: Any) -> str:
-        port = procs.free_port()
-        log = tmp_path / f"{target}-{len(started)}.log"
-        started.append(procs.start_function(target, port, env, log_path=log, **kw))
-        return f"http://127.0.0.1:{port}/"
-
+    functions = Functions(env, tmp_path)
+    started = functions.started
     try:
-        http = start("describe_http")
-        workers = [start("describe_gcs", cloudevent=True) for _ in range(GCS_PROCESSES)]
+        http = functions.start("describe_http")
+        workers = [functions.start("describe_gcs", cloudevent=True) for _ in range(GCS_PROCESSES)]
         relay.set_targets(workers)
         sim.configure(api_key=API_KEY, latency_ms=20)
 
@@ -156,8 +124,7 @@ def test_a_backfill_of_5000_images_across_processes_survives_a_killed_process(
         wait_for(complete, "the backfill's status to say complete", 420, poll_s=0.1)
         stats = relay.wait_idle(60)
     finally:
-        for proc in started:
-            procs.stop(proc)
+        functions.stop_all()
 
     # THEN each image was described exactly once: no answer twice for the same bytes
     answered = sim.stats.answered_digests()

@@ -146,6 +146,30 @@ def test_create_only_writes_lose_to_an_existing_object(
     assert relay.stats().precondition_failed == 1
 
 
+def test_faults_refuse_writes_and_lose_replies_of_writes_that_happened(
+    make_relay: Callable[..., RunningRelay],
+) -> None:
+    """An outage answers every write 503 and writes nothing; a lost reply writes and drops
+    the connection, so the client's retry of a create-only write meets 412; reads go on."""
+    relay = make_relay()
+    bucket = new_bucket(client_for(relay))
+    bucket.blob("kept.json").upload_from_string(b"kept")
+    # WHEN writes are refused THEN nothing is written, and reads still work
+    relay.set_faults(refuse_writes=True)
+    with pytest.raises(exceptions.ServiceUnavailable):
+        bucket.blob("refused.json").upload_from_string(b"x", retry=None)
+    assert bucket.get_blob("refused.json") is None
+    assert bucket.blob("kept.json").download_as_bytes() == b"kept"
+    # WHEN the next reply is lost THEN the write happened, and the client's retry of it,
+    # create-only, meets 412
+    relay.set_faults(lose_write_replies=1)
+    with pytest.raises(exceptions.PreconditionFailed):
+        bucket.blob("lost.json").upload_from_string(b"done", if_generation_match=0)
+    assert bucket.blob("lost.json").download_as_bytes() == b"done"
+    stats = relay.stats()
+    assert (stats.refused_writes, stats.lost_replies, stats.precondition_failed) == (1, 1, 1)
+
+
 def test_resumable_uploads_are_checked_when_they_finalise(
     make_relay: Callable[..., RunningRelay],
 ) -> None:
