@@ -23,7 +23,7 @@ from dataclasses import asdict
 from typing import Any
 
 from .batch import BatchRequest, Location, ShardInfo, parse_output
-from .errors import RequestError, TransientFailure
+from .errors import RequestError, StorageUnavailable, TransientFailure
 from .gallery import render_index
 from .jobs import MANIFEST_SUFFIX, Job, load_request, run_job, tally
 from .layout import (
@@ -288,22 +288,20 @@ async def _merge(
     """Concatenate the shards' JSONL, in shard order (each is in input order), into one."""
     store = runtime.store
     names = [shard_jsonl_name(files, info.batch, i) for i in range(info.count)]
-    parts = await bounded_map(
-        lambda n: store.read_bytes(files.bucket, n), names, limit=IO_CONCURRENCY
-    )
-    missing = [n for n, data in zip(names, parts, strict=True) if data is None]
-    if missing:
-        raise TransientFailure(
-            f"gs://{files.bucket}/{missing[0]}", "a finished shard's JSONL is missing"
-        )
     merged_name = batch_object(files, info.batch, ".jsonl")
-    await store.write(
-        files.bucket,
-        merged_name,
-        b"".join(p for p in parts if p is not None),
-        content_type=JSONL_TYPE,
-        metadata={SOURCE_GENERATION_KEY: info.run, COMPLETE_KEY: "true"},
-    )
+    # Cloud Storage concatenates the shards itself: the merge holds no record in
+    # memory, whatever the batch's size.
+    try:
+        await store.compose(
+            files.bucket,
+            merged_name,
+            names,
+            content_type=JSONL_TYPE,
+            metadata={SOURCE_GENERATION_KEY: info.run, COMPLETE_KEY: "true"},
+        )
+    except StorageUnavailable as exc:
+        # A finished shard's JSONL missing (404), or an outage: a redelivery merges again.
+        raise TransientFailure(exc.uri, f"the shards' JSONL could not be merged: {exc}") from exc
     results_uri = f"gs://{files.bucket}/{merged_name}"
     gallery_uri = None
     if runtime.settings.gallery:

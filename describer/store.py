@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -43,6 +43,8 @@ RESULT_KEY = "describer-result-key"
 READ_CONCURRENCY = 8
 # Cloud Storage's largest page: fewest round trips when a backfill lists a bucket.
 LIST_PAGE_SIZE = 1000
+# Cloud Storage composes at most this many source objects in one call.
+MAX_COMPOSE_SOURCES = 32
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
@@ -92,6 +94,16 @@ class Store(Protocol):
     ) -> bool: ...
 
     async def delete_all(self, bucket: str, prefix: str) -> int: ...
+
+    async def compose(
+        self,
+        bucket: str,
+        name: str,
+        sources: Sequence[str],
+        *,
+        content_type: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None: ...
 
 
 class ResultStore:
@@ -244,6 +256,51 @@ class ResultStore:
             return len(blobs)
 
         return await self._run(delete, f"gs://{bucket}/{prefix}")
+
+    async def compose(
+        self,
+        bucket: str,
+        name: str,
+        sources: Sequence[str],
+        *,
+        content_type: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        """``name`` as the concatenation of ``sources`` (in order), by Cloud Storage itself.
+
+        No byte passes through this process, so a merge of any size takes constant memory.
+        One call takes at most 32 sources: the first writes the destination, each later
+        one appends up to 31 more to it under its generation (a retried append that met
+        412 fails the whole, which a redelivery composes again from the start).
+        Raises LookupError (wrapped in StorageUnavailable) when a source is missing.
+        """
+
+        def compose() -> None:
+            where = self._client.bucket(bucket)
+
+            def destination() -> storage.Blob:
+                # A fresh resource each call: one carrying the last answer's checksums
+                # would be refused as not matching the longer result.
+                blob = where.blob(name)
+                blob.content_type = content_type
+                blob.metadata = {**(metadata or {}), **OUTPUT_MARKER}
+                return blob
+
+            first, rest = list(sources[:MAX_COMPOSE_SOURCES]), list(sources[MAX_COMPOSE_SOURCES:])
+            composed = destination()
+            composed.compose([where.blob(s) for s in first], timeout=self._timeout)
+            while rest:
+                step, rest = rest[: MAX_COMPOSE_SOURCES - 1], rest[MAX_COMPOSE_SOURCES - 1 :]
+                generation = composed.generation
+                composed = destination()
+                composed.compose(
+                    [where.blob(name), *(where.blob(s) for s in step)],
+                    timeout=self._timeout,
+                    if_generation_match=generation,
+                    retry=self._retry,
+                )
+
+        await self._run(compose, f"gs://{bucket}/{name}")
 
     async def write(
         self,

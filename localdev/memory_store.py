@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from describer.errors import StorageUnavailable
 from describer.store import OUTPUT_MARKER, ObjectInfo, is_own_output
 
 
@@ -120,6 +121,22 @@ class MemoryStore:
                 for (b, n), o in sorted(self.objects.items())
                 if b == bucket and n.startswith(prefix)
             ]
+
+    async def compose(
+        self,
+        bucket: str,
+        name: str,
+        sources: Sequence[str],
+        *,
+        content_type: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        with self._lock:
+            parts = [self.objects.get((bucket, source)) for source in sources]
+        if any(part is None for part in parts):
+            raise StorageUnavailable(f"gs://{bucket}/{name}", LookupError("a source is missing"))
+        data = b"".join(part.data for part in parts if part is not None)
+        await self.write(bucket, name, data, content_type=content_type, metadata=metadata)
 
     async def delete_all(self, bucket: str, prefix: str) -> int:
         with self._lock:

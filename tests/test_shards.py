@@ -411,3 +411,23 @@ def test_a_backfill_above_max_manifest_images_or_out_of_time_claims_nothing(
     assert not list(bucket.list_blobs(prefix=SHARDS))
     assert post_batch(capped, {**where, "max_images": 3}).status == 202
     assert sim.stats.calls == 0
+
+
+def test_a_batch_of_more_shards_than_one_compose_takes_merges_in_order(
+    make_runtime: Callable[..., Runtime], bucket: storage.Bucket, sim: RunningSimulator
+) -> None:
+    """The merged JSONL is composed by storage from the shards' JSONL, 32 at a time, so its
+    size costs the merging process nothing: 35 shards come out as one file, in input order."""
+    runtime = make_runtime(
+        results_bucket=None, shard_size=2, allowed_buckets=frozenset(), gallery=False
+    )
+    images = upload_pictures(bucket, 70, folder="many", height=20, colour="red")
+    manifest = upload(bucket, "many.batch.json", json.dumps({"images": images}).encode(), None)
+    assert handle_storage_event(runtime, event_data(manifest)) == "sharded"
+    assert _deliver_shards(runtime, bucket)[-1] == "merged"
+    merged = bucket.get_blob("describer-batches/many.jsonl")
+    assert merged is not None
+    assert (merged.metadata or {}).get("describer-complete") == "true"
+    lines = [json.loads(line) for line in merged.download_as_text().splitlines()]
+    assert [r["source"] for r in lines] == images
+    assert _status(bucket, "many")["done"] == 70
