@@ -10,7 +10,13 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# The code needs Python 3.11+: say so before pip fails on it, and rebuild a .venv an older
+# Python left behind instead of reusing it.
 $(STAMP): requirements.txt requirements-dev.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	  echo "$(PYTHON) is Python $$($(PYTHON) -c 'import platform; print(platform.python_version())' 2>/dev/null || echo '(not runnable)'); this project needs 3.11 or newer: run make PYTHON=python3.11 (or 3.12, 3.13)"; exit 1; }
+	@if [ -x $(PY) ] && ! $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then \
+	  echo "$(VENV) was made with an older Python: making it again"; rm -rf $(VENV); fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt

@@ -40,7 +40,7 @@ def describe_http(request: flask.Request) -> flask.Response:
         method=request.method,
         content_type=request.content_type,
         content_length=request.content_length,
-        read_body=lambda: describer.read_capped(request.stream),
+        read_body=lambda: describer.read_capped(request.stream, declared=request.content_length),
         headers=dict(request.headers),
     )
     return _json(reply)

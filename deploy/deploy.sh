@@ -101,7 +101,8 @@ validate_deploy() {
   [[ -z $HTTP_MAX_INSTANCES ]] || require_uint --http-max-instances "$HTTP_MAX_INSTANCES" 1
   [[ -z $GCS_MAX_INSTANCES ]] || require_uint --gcs-max-instances "$GCS_MAX_INSTANCES" 1
   [[ " ${SUPPORTED_RUNTIMES[*]} " == *" $RUNTIME "* ]] ||
-    die "--runtime $RUNTIME cannot run this code (it needs Python 3.11+); use one of: ${SUPPORTED_RUNTIMES[*]}"
+    die "--runtime $RUNTIME is not one this code is built and tested for (Python 3.11 to 3.13);" \
+      "use one of: ${SUPPORTED_RUNTIMES[*]}"
   [[ -n $GEMINI_MODEL ]] || die "--model must not be empty"
   [[ $VERTEX_LOCATION =~ ^[a-z0-9-]+$ ]] || die "not a valid --vertex-location: '$VERTEX_LOCATION'"
   local media=${EXTRA_ENV[MEDIA_RESOLUTION]:-medium}

@@ -300,7 +300,8 @@ validate_common() {
   [[ -n $PROJECT ]] || die "the project is not set: --project PROJECT_ID (or PROJECT= in the" \
     "config file)"
   [[ $PROJECT =~ ^[a-z][a-z0-9-]{4,28}[a-z0-9]$ ]] ||
-    die "not a valid project id: '$PROJECT'"
+    die "not a valid project id: '$PROJECT' (6 to 30 lowercase letters, digits and hyphens," \
+      "starting with a letter: the ID gcloud projects list shows, not the project's name)"
   [[ $REGION =~ ^[a-z]+-[a-z]+[0-9]+$ ]] || die "not a valid region: '$REGION'"
   [[ $NAME =~ ^[a-z][a-z0-9-]{0,20}[a-z0-9]$ ]] ||
     die "--name must be 2-22 lowercase letters, digits or hyphens, starting with a letter"

@@ -149,12 +149,8 @@ async def start_backfill(
         sidecar = described.get(name)
         if sidecar is not None and _describes(sidecar, image, key):
             continue
-        if (
-            sidecar is not None
-            and key != deployment_key
-            and sidecar.metadata.get(RESULT_KEY) == deployment_key
-        ):
-            kept += 1
+        if sidecar is not None and key != deployment_key:
+            kept += 1  # a prompt or schema of the caller's own never replaces a sidecar
             continue
         todo.append((image, sidecar.generation if sidecar else 0))
     already = len(images) - len(todo) - taken - kept
@@ -166,7 +162,7 @@ async def start_backfill(
         "images": len(capped),
         "listed": len(sources),
         "already_described": already,
-        "kept_deployment_sidecars": kept,
+        "kept_sidecars": kept,
         "names_taken": taken,
         "shards": math.ceil(len(capped) / settings.shard_size),
         "estimate": estimate(settings, len(capped), prompt, schema),

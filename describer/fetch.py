@@ -101,7 +101,7 @@ class Fetcher:
                 # One byte past the cap tells "too large" without reading a huge file whole.
                 data = file.read(cap + 1)
         except FileNotFoundError:
-            raise SourceError(Code.NOT_FOUND, f"No such file: {source.path}.") from None
+            raise SourceError(Code.NOT_FOUND, f"No such file or folder: {source.uri}.") from None
         except IsADirectoryError:
             raise SourceError(Code.INVALID_SOURCE, f"{source.path} is a folder.") from None
         except OSError as exc:

@@ -40,15 +40,20 @@ def error_reply(status: int, code: str, message: str, **headers: str) -> HttpRep
     return HttpReply(status, {"error": {"code": code, "message": message}}, headers)
 
 
-def read_capped(stream: IO[bytes], limit: int = MAX_REQUEST_BYTES) -> bytes:
+def read_capped(
+    stream: IO[bytes], limit: int = MAX_REQUEST_BYTES, *, declared: int | None = None
+) -> bytes:
     """At most ``limit + 1`` bytes of a request body, in constant memory whatever its size.
 
     Past the limit the rest is read and dropped: functions-framework reads whatever
     is left of a body after every call, into memory, so leaving it unread would not
-    spare the memory. Errors of a broken framing propagate from the first reads.
+    spare the memory. A body ``declared`` (Content-Length) over the limit is dropped
+    whole, unread. Errors of a broken framing propagate from the first reads.
     """
     parts: list[bytes] = []
     size = 0
+    if declared is not None and declared > limit:
+        size = limit + 1  # refused by its Content-Length: nothing of it is kept
     while size <= limit:
         chunk = stream.read(min(_READ_CHUNK, limit + 1 - size))
         if not chunk:

@@ -379,9 +379,7 @@ def _icon_entry_size(data: bytes, offset: int) -> tuple[int, int] | None:
     """The size an ICO entry decodes to, read as Pillow reads it, or None when unreadable."""
     head = data[offset : offset + 24]
     if head.startswith(_PNG_MAGIC):
-        if len(head) < 24 or head[12:16] != b"IHDR":
-            return None
-        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        return _png_size(data, offset + len(_PNG_MAGIC))
     if len(head) < 12:
         return None
     header_size = int.from_bytes(head[0:4], "little")
@@ -395,6 +393,28 @@ def _icon_entry_size(data: bytes, offset: int) -> tuple[int, int] | None:
         return None
     # The bitmap's height counts its colour rows and its transparency mask's.
     return width, height // 2
+
+
+def _png_size(data: bytes, position: int) -> tuple[int, int] | None:
+    """The size of the PNG whose chunks start at ``position``, or None when unreadable.
+
+    Pillow reads every chunk before the first IDAT and keeps the last IHDR it
+    saw, so a first IHDR of 16x16 could hide a second of 14000x14000: a PNG
+    with more than one, or none, is refused as unreadable.
+    """
+    size: tuple[int, int] | None = None
+    while position + 8 <= len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        kind = data[position + 4 : position + 8]
+        if kind in (b"IDAT", b"IEND"):
+            return size
+        if kind == b"IHDR":
+            if size is not None or length < 8 or position + 16 > len(data):
+                return None
+            body = data[position + 8 : position + 16]
+            size = int.from_bytes(body[0:4], "big"), int.from_bytes(body[4:8], "big")
+        position += 12 + length
+    return None
 
 
 def _amount(nbytes: int) -> str:

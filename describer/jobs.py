@@ -103,7 +103,12 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
     pins = (
         dict(zip(request.images, request.generations, strict=True)) if request.generations else None
     )
-    sidecars = _Sidecars(store, job, result_key(settings.model, prompt, schema))
+    sidecars = _Sidecars(
+        store,
+        job,
+        result_key(settings.model, prompt, schema),
+        deployment_key=result_key(settings.model, *settings.prompt_and_schema()),
+    )
 
     # Sources whose sidecar or checkpoint could not be written: not done, whatever
     # their record says, so the job is not reported done without them.
@@ -342,10 +347,13 @@ class _Sidecars:
     since, that one stays.
     """
 
-    def __init__(self, store: Store, job: Job, key: str) -> None:
+    def __init__(self, store: Store, job: Job, key: str, *, deployment_key: str) -> None:
         self._store = store
         self._job = job
         self._key = key
+        # A backfill with a prompt or schema of its own only creates sidecars: the
+        # ones uploads got stay, whatever generation the shard's body names.
+        self._create_only = key != deployment_key
 
     async def save(self, index: int, record: Record) -> None:
         job, results = self._job, self._job.sidecars
@@ -365,7 +373,7 @@ class _Sidecars:
             record,
             generation=request.generations[index],
             key=self._key,
-            if_generation_match=request.sidecar_generations[index],
+            if_generation_match=0 if self._create_only else request.sidecar_generations[index],
         )
 
 

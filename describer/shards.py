@@ -216,8 +216,15 @@ async def describe_shard(runtime: Runtime, event: ObjectEvent) -> str:
     if info.index >= len(digests) or digests[info.index] != _digest(body):
         log.error("shard is not the one its batch planned; refused", extra=fields)
         return "shard_invalid"
-    # From here the body is the one the batch planned: its fields can be trusted.
+    # From here the body is the one the batch planned: its fields can be trusted as far
+    # as the status can. Sidecars go only where the settings put sidecars.
     output = request.output or results
+    if info.kind == "backfill" and (
+        output.prefix != settings.results_prefix
+        or output.bucket not in settings.readable_buckets(bucket)
+    ):
+        log.error("a backfill shard's sidecars would go elsewhere; refused", extra=fields)
+        return "shard_invalid"
     files = _files_of(status)
     if files is None:
         log.error("the batch's status names no files location; ignored", extra=fields)
@@ -232,7 +239,10 @@ async def describe_shard(runtime: Runtime, event: ObjectEvent) -> str:
             state=state,
             parts_prefix=batch_object(state, info.batch, f".shards/{info.index:05d}.parts/"),
             title=f"Shard {info.index + 1} of {info.count} of {info.source}",
-            allowed_buckets=settings.readable_buckets(_sources_bucket(status)),
+            # From the settings, never from the status: where uploaders may write the
+            # state bucket too (RESULTS_BUCKET unset, or also a source bucket), a forged
+            # status must not widen what the function reads.
+            allowed_buckets=settings.readable_buckets(bucket),
             sidecars=output if info.kind == "backfill" else None,
             # A shard waits out passing failures with redeliveries (inside the retry
             # window) rather than record them for good: its batch waits for it anyway.
@@ -269,11 +279,6 @@ def _files_of(status: dict[str, Any]) -> Location | None:
         return parse_output(str(status.get("files") or ""), what="the status's files")
     except RequestError:
         return None
-
-
-def _sources_bucket(status: dict[str, Any]) -> str:
-    """The bucket a sharded manifest was uploaded to (or the backfilled one): readable."""
-    return str(status.get("source", "")).removeprefix("gs://").split("/", 1)[0]
 
 
 async def _merge(

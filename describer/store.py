@@ -348,7 +348,11 @@ def bucket_missing(
     the direct question, is in none of them); a missing object lists as nothing.
     """
     try:
-        next(iter(client.list_blobs(bucket, prefix=prefix, max_results=1, timeout=timeout_s)), None)
+        # One attempt: the client's own retries would go on for two minutes.
+        listing = client.list_blobs(
+            bucket, prefix=prefix, max_results=1, timeout=timeout_s, retry=None
+        )
+        next(iter(listing), None)
     except gexc.NotFound:
         return True
     except (gexc.GoogleAPIError, GoogleAuthError, OSError, ValueError):

@@ -158,6 +158,8 @@ def main() -> int:
         print(textwrap.indent(cli.stdout.rstrip(), "   "))
         print(textwrap.indent(cli.stderr.rstrip(), "   "))
         failed += cli.returncode != 0
+        if not real:
+            print("\nEvery description above came from the local simulator, not from Gemini.")
         if failed:
             print(
                 f"\nThe demo ran, but {failed} of its 4 steps did not end as expected: see above."

@@ -259,6 +259,18 @@ def test_an_icon_hiding_a_large_png_is_refused_before_it_is_opened(tmp_path: Pat
     assert result["grown"] < NOTHING_DECODED, result
 
 
+def test_an_icon_whose_png_names_two_sizes_is_refused_before_it_is_opened() -> None:
+    """Pillow keeps a PNG's last IHDR: an entry whose first IHDR says 16x16 and whose second
+    says 14000x14000 is refused as unreadable, not measured by the first and decoded."""
+    big = _png(14_000, 14_000, 1, 0, bytes(14_000 // 8))
+    small_header = _png(16, 16, 1, 0, bytes(2))[8:33]  # its IHDR chunk: length, type, body, CRC
+    two_headers = big[:8] + small_header + big[8:]
+    with pytest.raises(SourceError) as caught:
+        prepare(_icon(two_headers), max_side=1024, max_pixels=100_000_000)
+    assert caught.value.code is Code.UNSUPPORTED_IMAGE
+    assert "it was not decoded" in caught.value.message
+
+
 def test_an_icon_hiding_a_large_bitmap_is_refused_and_a_damaged_one_unsupported() -> None:
     """A BMP entry is measured by its own header too (its height counts the mask rows), and an
     entry that points past the file is refused rather than guessed at."""

@@ -179,10 +179,11 @@ def test_shards_in_a_bucket_of_their_own_still_read_the_manifests_bucket(
     sim: RunningSimulator,
 ) -> None:
     shards_bucket = gcs.create_bucket(f"s-{bucket.name}")
+    # (the manifest's bucket must be allowed: a shard reads only what the settings allow)
     runtime = make_runtime(
         results_bucket=None,
         shard_size=5,
-        allowed_buckets=frozenset(),
+        allowed_buckets=frozenset({bucket.name}),
         shards_bucket=shards_bucket.name,
     )
     images = _pictures(bucket, 6)

@@ -342,6 +342,44 @@ def test_a_forged_shard_and_status_cannot_read_other_buckets_or_touch_a_real_bat
     }
 
 
+def test_a_forged_status_in_a_bucket_uploaders_write_cannot_widen_reads_or_move_sidecars(
+    make_runtime: Callable[..., Runtime],
+    gcs: storage.Client,
+    bucket: storage.Bucket,
+    sim: RunningSimulator,
+) -> None:
+    """Where the state bucket is one uploaders write to (RESULTS_BUCKET is also the watched
+    bucket), a forged status is found, but what a shard reads still comes from the settings,
+    and a backfill shard's sidecars only go where sidecars go."""
+    runtime = make_runtime(results_bucket=bucket.name, allowed_buckets=frozenset())
+    shards = runtime.settings.shards_prefix
+    secret = gcs.create_bucket(f"hidden-{bucket.name}")
+    upload(secret, "private.png", make_image(64, 48, "red", "PNG"), "image/png")
+    forged, digest = _forged_shard(
+        bucket,
+        f"{shards}evil/1/00000.batch.json",
+        batch="evil",
+        run="1",
+        images=[f"gs://{secret.name}/private.png"],
+        output=f"gs://{bucket.name}/forged/",
+    )
+    _forged_status(
+        bucket,
+        "describer-batches/evil.status.json",
+        batch="evil",
+        run="1",
+        digest=digest,
+        source=f"gs://{secret.name}/private.png",
+    )
+    # WHEN the shard runs THEN the other bucket is not read: its source is forbidden
+    handle_storage_event(runtime, event_data(forged))
+    assert sim.stats.calls == 0
+    jsonl = bucket.get_blob("forged/batches/evil.shards/00000.jsonl")
+    assert jsonl is not None
+    (record,) = (json.loads(line) for line in jsonl.download_as_text().splitlines())
+    assert record["error"]["code"] == "forbidden_source"
+
+
 def test_an_upload_named_like_a_batch_file_cannot_replace_it(
     make_runtime: Callable[..., Runtime],
     gcs: storage.Client,
@@ -400,10 +438,25 @@ def test_a_backfill_with_its_own_prompt_never_replaces_the_deployments_sidecars(
     )
     # THEN only the image without a sidecar is taken, and the deployment's sidecar is kept
     assert reply.status == 202, reply.body
-    assert (reply.body["images"], reply.body["kept_deployment_sidecars"]) == (1, 1)
+    assert (reply.body["images"], reply.body["kept_sidecars"]) == (1, 1)
     for shard in bucket.list_blobs(prefix=runtime.settings.shards_prefix):
         handle_storage_event(runtime, event_data(shard))
     again = bucket.get_blob("descriptions/photos/0.png.json")
     assert again is not None and again.generation == sidecar.generation
     other = json.loads(bucket.blob("descriptions/photos/1.png.json").download_as_bytes())
     assert other["prompt"] == "Name every colour."
+    # GIVEN the deployment's prompt changed since the first sidecar was written
+    redeployed = make_runtime(
+        results_bucket=None,
+        shard_size=5,
+        allowed_buckets={bucket.name},
+        prompt="A prompt of the new deployment.",
+    )
+    # WHEN a caller backfills with yet another prompt THEN no sidecar is replaced
+    third = post_batch(
+        redeployed, {"backfill": f"gs://{bucket.name}/photos/", "prompt": "Count the shapes."}
+    )
+    assert third.status == 200 and third.body["images"] == 0, third.body
+    assert third.body["kept_sidecars"] == 2
+    kept = bucket.get_blob("descriptions/photos/0.png.json")
+    assert kept is not None and kept.generation == sidecar.generation
