@@ -11,6 +11,7 @@ import re
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin
 
 import pathspec
@@ -215,10 +216,17 @@ def _name(blob: storage.Blob) -> str:
 
 
 def _forged_shard(
-    bucket: storage.Bucket, name: str, *, batch: str, run: str, images: list[str], output: str
+    bucket: storage.Bucket,
+    name: str,
+    *,
+    batch: str,
+    run: str,
+    images: list[str],
+    output: str,
+    kind: str = "manifest",
 ) -> tuple[storage.Blob, str]:
     """A shard body an uploader can write, and its digest, as the function computes it."""
-    body = {
+    body: dict[str, Any] = {
         "images": images,
         "prompt": "The uploader's own prompt.",
         "schema": "text",
@@ -230,10 +238,13 @@ def _forged_shard(
             "offset": 0,
             "total": len(images),
             "run": run,
-            "kind": "manifest",
+            "kind": kind,
             "source": images[0],
         },
     }
+    if kind == "backfill":
+        body["generations"] = ["1"] * len(images)
+        body["sidecar_generations"] = [0] * len(images)
     raw = json.dumps(body, sort_keys=True).encode()
     return upload(bucket, name, raw, "application/json"), hashlib.sha256(raw).hexdigest()[:32]
 
@@ -261,6 +272,38 @@ def _forged_status(
     upload(bucket, name, json.dumps(status).encode(), "application/json")
 
 
+def _forge(
+    bucket: storage.Bucket,
+    secret: storage.Bucket,
+    shards_prefix: str,
+    *,
+    status_at: str,
+    batch: str = "evil",
+    kind: str = "manifest",
+    output: str = "forged/",
+) -> storage.Blob:
+    """A shard naming the secret bucket's picture, and a status object vouching for it."""
+    upload(secret, "private.png", make_image(64, 48, "red", "PNG"), "image/png")
+    forged, digest = _forged_shard(
+        bucket,
+        f"{shards_prefix}{batch}/1/00000.batch.json",
+        batch=batch,
+        run="1",
+        images=[f"gs://{secret.name}/private.png"],
+        output=f"gs://{bucket.name}/{output}",
+        kind=kind,
+    )
+    _forged_status(
+        bucket,
+        status_at,
+        batch=batch,
+        run="1",
+        digest=digest,
+        source=f"gs://{secret.name}/private.png",
+    )
+    return forged
+
+
 def test_a_forged_shard_and_status_cannot_read_other_buckets_or_touch_a_real_batch(
     make_runtime: Callable[..., Runtime],
     gcs: storage.Client,
@@ -274,25 +317,9 @@ def test_a_forged_shard_and_status_cannot_read_other_buckets_or_touch_a_real_bat
     runtime = make_runtime(shard_size=2, allowed_buckets=frozenset({bucket.name}))
     shards = runtime.settings.shards_prefix
     secret = gcs.create_bucket(f"secret-{bucket.name}")
-    upload(secret, "private.png", make_image(64, 48, "red", "PNG"), "image/png")
     # GIVEN a forged shard naming an object outside ALLOWED_BUCKETS, with a status object
     # carrying its digest where its body's output points
-    forged, digest = _forged_shard(
-        bucket,
-        f"{shards}evil/1/00000.batch.json",
-        batch="evil",
-        run="1",
-        images=[f"gs://{secret.name}/private.png"],
-        output=f"gs://{bucket.name}/forged/",
-    )
-    _forged_status(
-        bucket,
-        "forged/batches/evil.status.json",
-        batch="evil",
-        run="1",
-        digest=digest,
-        source=f"gs://{secret.name}/private.png",
-    )
+    forged = _forge(bucket, secret, shards, status_at="forged/batches/evil.status.json")
     # WHEN its event arrives THEN nothing is described and nothing written beside it
     assert handle_storage_event(runtime, event_data(forged)) == "superseded"
     assert sim.stats.calls == 0
@@ -354,23 +381,7 @@ def test_a_forged_status_in_a_bucket_uploaders_write_cannot_widen_reads_or_move_
     runtime = make_runtime(results_bucket=bucket.name, allowed_buckets=frozenset())
     shards = runtime.settings.shards_prefix
     secret = gcs.create_bucket(f"hidden-{bucket.name}")
-    upload(secret, "private.png", make_image(64, 48, "red", "PNG"), "image/png")
-    forged, digest = _forged_shard(
-        bucket,
-        f"{shards}evil/1/00000.batch.json",
-        batch="evil",
-        run="1",
-        images=[f"gs://{secret.name}/private.png"],
-        output=f"gs://{bucket.name}/forged/",
-    )
-    _forged_status(
-        bucket,
-        "describer-batches/evil.status.json",
-        batch="evil",
-        run="1",
-        digest=digest,
-        source=f"gs://{secret.name}/private.png",
-    )
+    forged = _forge(bucket, secret, shards, status_at="describer-batches/evil.status.json")
     # WHEN the shard runs THEN the other bucket is not read: its source is forbidden
     handle_storage_event(runtime, event_data(forged))
     assert sim.stats.calls == 0
@@ -378,6 +389,20 @@ def test_a_forged_status_in_a_bucket_uploaders_write_cannot_widen_reads_or_move_
     assert jsonl is not None
     (record,) = (json.loads(line) for line in jsonl.download_as_text().splitlines())
     assert record["error"]["code"] == "forbidden_source"
+    # WHEN a forged backfill shard would write its sidecars outside RESULTS_PREFIX THEN it
+    # is refused
+    elsewhere = _forge(
+        bucket,
+        secret,
+        shards,
+        status_at="describer-batches/planted.status.json",
+        batch="planted",
+        kind="backfill",
+        output="planted/",
+    )
+    assert handle_storage_event(runtime, event_data(elsewhere)) == "shard_invalid"
+    assert not list(bucket.list_blobs(prefix="planted/"))
+    assert sim.stats.calls == 0
 
 
 def test_an_upload_named_like_a_batch_file_cannot_replace_it(
