@@ -72,6 +72,8 @@ class StageLimits:
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
     write_concurrency: int = DEFAULT_WRITE_CONCURRENCY
     handoff_size: int = DEFAULT_HANDOFF_SIZE
+    # Model calls in flight plus answers not yet kept; 0: MODEL_CONCURRENCY.
+    answer_room: int = 0
     # Side of the gallery thumbnails made during preparation; 0 makes none.
     thumbnail_side: int = 0
 
@@ -129,6 +131,7 @@ class Pipeline:
             on_record,
             writers=self._limits.write_concurrency if on_record else 0,
             handoff_size=self._limits.handoff_size,
+            room=self._limits.answer_room or self._limits.model_concurrency,
         )
         self.handoff = batch.handoff
         queue: asyncio.Queue[_Ready | None] = asyncio.Queue(maxsize=self._limits.model_concurrency)
@@ -269,6 +272,9 @@ class Pipeline:
             token = source_var.set(uri)
             flight = batch.flights[ready.index]
             known = flight.known
+            # Room for the answer before asking for it: calls in flight plus answers
+            # not yet kept never pass the bound, so a crash loses no more than that.
+            await batch.reserve(ready.index)
             try:
                 answer = await self._describer.describe(
                     ready.image, self._prompt, schema=self._schema, spent=flight.spent
@@ -301,6 +307,8 @@ class Pipeline:
                 await batch.finish(ready.index, record)
                 log.info("described", extra={"status": OK, "attempts": answer.attempts})
             finally:
+                if batch.records[ready.index] is None:
+                    batch.release(ready.index)  # cut short: no answer to keep
                 source_var.reset(token)
 
     def _failed(self, uri: str, exc: SourceError, started: float, **known: object) -> Record:
@@ -324,15 +332,21 @@ class HandOff:
 
     ``unwritten_peak`` is the most records ever finished and not yet through the
     sink: never more than the workers that finish records (each holds one while
-    it waits for room) plus :attr:`bound`, the channel and the writers. Answers
-    Gemini gave that a crash can lose are at most MODEL_CONCURRENCY plus that.
+    it waits for room) plus :attr:`bound`, the channel and the writers.
+    ``answers_peak`` is the most model calls in flight plus answers not yet kept:
+    a model worker takes room for its answer before it calls, so never more than
+    ``room`` (MODEL_CONCURRENCY by default), which is all a crash can lose.
     """
 
     channel_size: int
     writers: int
+    room: int  # model calls in flight plus answers not yet through the sink, at most
     unwritten: int = 0
     unwritten_peak: int = 0
     waits: int = 0  # times a worker waited for room in the channel
+    answers: int = 0  # model calls in flight and answers not yet through the sink, now
+    answers_peak: int = 0
+    room_waits: int = 0  # times a model worker waited for room before calling
 
     @property
     def bound(self) -> int:
@@ -343,7 +357,13 @@ class _Batch:
     """One run's shared state: its records, and the bounded channel that feeds the writers."""
 
     def __init__(
-        self, uris: Sequence[str], sink: RecordSink | None, *, writers: int, handoff_size: int
+        self,
+        uris: Sequence[str],
+        sink: RecordSink | None,
+        *,
+        writers: int,
+        handoff_size: int,
+        room: int,
     ) -> None:
         self.uris = uris
         self.records: list[Record | None] = [None] * len(uris)
@@ -355,7 +375,29 @@ class _Batch:
         # Finished when the deadline cut their hand-off short: handed over at close.
         self._unsent: list[int] = []
         self.writers = writers
-        self.handoff = HandOff(channel_size=max(1, handoff_size), writers=writers)
+        self.handoff = HandOff(channel_size=max(1, handoff_size), writers=writers, room=room)
+        # Room for answers, taken before a model call and given back once the answer
+        # is through the sink; none is needed where nothing is kept.
+        self._room = asyncio.Semaphore(room) if sink is not None else None
+        self._holding: set[int] = set()
+
+    async def reserve(self, index: int) -> None:
+        """Wait for room for one more answer (a model call and its keeping)."""
+        if self._room is None:
+            return
+        if self._room.locked():
+            self.handoff.room_waits += 1
+        await self._room.acquire()
+        self._holding.add(index)
+        self.handoff.answers += 1
+        self.handoff.answers_peak = max(self.handoff.answers_peak, self.handoff.answers)
+
+    def release(self, index: int) -> None:
+        """Give back the room an answer held (kept, or never to come)."""
+        if self._room is not None and index in self._holding:
+            self._holding.discard(index)
+            self.handoff.answers -= 1
+            self._room.release()
 
     async def finish(self, index: int, record: Record) -> None:
         """Keep the record, then hand it to the writers, waiting while their channel is full."""
@@ -396,6 +438,7 @@ class _Batch:
                 log.exception("could not write a finished record")
             finally:
                 self.handoff.unwritten -= 1
+                self.release(index)
                 source_var.reset(token)
 
 

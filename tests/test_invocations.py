@@ -56,8 +56,9 @@ def test_model_calls_in_flight_never_exceed_model_concurrency(
 def test_writers_falling_behind_hold_back_the_model_stage(
     make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
 ) -> None:
-    """While the sink (checkpoints, sidecars) is stuck, no more answers are taken than the
-    model workers, the hand-off channel and the writers can hold: what a crash could lose."""
+    """While the sink (checkpoints, sidecars) is stuck, calls in flight plus answers not yet
+    kept stay within MODEL_CONCURRENCY: a model worker takes room for its answer before it
+    calls, so that is all a crash could lose."""
     runtime = make_runtime(model_concurrency=4, download_concurrency=4)
     uris = [f"{image_server}/chelsea.png", f"{image_server}/coffee.png"] * 30
     release = asyncio.Event()
@@ -70,13 +71,19 @@ def test_writers_falling_behind_hold_back_the_model_stage(
     async def scenario() -> HandOff:
         async with open_pipeline(runtime, prompt="Describe.", allowed_buckets=()) as pipeline:
             run = asyncio.create_task(pipeline.run(uris, on_record=stuck_sink))
-            # GIVEN writers that do not get through: wait until every one holds a record,
-            # the channel is full and each model worker waits for room with its answer
-            await _until(lambda: pipeline.handoff is not None and pipeline.handoff.unwritten == 20)
+            # GIVEN writers that do not get through: wait until the four answers there is
+            # room for are with them, and the model workers wait for room
+            await _until(
+                lambda: (
+                    pipeline.handoff is not None
+                    and pipeline.handoff.unwritten == 4
+                    and pipeline.handoff.room_waits >= 1
+                )
+            )
             handoff = pipeline.handoff
             assert handoff is not None
-            # THEN the model stage has taken no more than that
-            assert sim.stats.calls == 4 + handoff.bound == 20
+            # THEN the model stage has asked for no more than that
+            assert sim.stats.calls == handoff.room == 4
             assert sim.stats.in_flight == 0
             # WHEN the writers get through THEN every record is written, once
             release.set()
@@ -86,8 +93,8 @@ def test_writers_falling_behind_hold_back_the_model_stage(
         return handoff
 
     handoff = asyncio.run(scenario())
-    assert handoff.unwritten_peak == 20 and handoff.unwritten == 0
-    assert handoff.waits >= 4
+    assert handoff.answers_peak == 4 and handoff.answers == 0
+    assert handoff.unwritten_peak == 4 and handoff.unwritten == 0
 
 
 async def _until(condition: Callable[[], bool], timeout_s: float = 60) -> None:
