@@ -102,6 +102,8 @@ class Faults:
     ``refuse_writes``: answer every write 503 without forwarding it (an outage);
     ``refuse_writes_s``: the same for this many seconds from when the faults are set.
     ``hang_writes_s``: hold every write this long before forwarding it (a slow backend).
+    ``hold_composes``: hold every compose (a batch's merge) until the faults change;
+    ``RelayStats.composes_held`` counts those waiting, so a test can kill a process mid-merge.
     ``lose_write_replies``: do the next N writes, then close the connection instead of
     answering (the write happened; the client cannot know): a client that retries a
     create-only write then meets 412.
@@ -110,6 +112,7 @@ class Faults:
     refuse_writes: bool = False
     refuse_writes_s: float = 0.0
     hang_writes_s: float = 0.0
+    hold_composes: bool = False
     lose_write_replies: int = 0
 
 
@@ -144,6 +147,7 @@ class RelayStats:
     precondition_failed: int = 0  # 412s answered
     refused_writes: int = 0  # writes answered 503 by Faults.refuse_writes
     lost_replies: int = 0  # writes done whose answer Faults.lose_write_replies dropped
+    composes_held: int = 0  # composes waiting now under Faults.hold_composes
     not_modified: int = 0  # 304s answered (reads whose not-match condition failed)
     queued: int = 0  # events raised
     delivered: int = 0  # events delivered (a 2xx answer)
@@ -297,6 +301,7 @@ class Relay:
         self.stats = RelayStats()
         self.faults = Faults()
         self._refuse_until = 0.0  # loop time until which Faults.refuse_writes_s refuses
+        self._faults_changed = asyncio.Event()
         self._emulator = config.emulator_url.rstrip("/")
         self._targets: list[str] = list(targets)
         self._targets_changed = asyncio.Event()
@@ -397,6 +402,8 @@ class Relay:
     def set_faults(self, faults: Faults) -> None:
         self.faults = faults
         self._refuse_until = asyncio.get_running_loop().time() + faults.refuse_writes_s
+        self._faults_changed.set()
+        self._faults_changed = asyncio.Event()
 
     async def _put_targets(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -416,6 +423,12 @@ class Relay:
             return _error(503, "backendError", "the relay refuses every write (Faults)")
         if writes and faults.hang_writes_s > 0:
             await asyncio.sleep(faults.hang_writes_s)
+        while request.method == "POST" and _COMPOSE.fullmatch(path) and self.faults.hold_composes:
+            self.stats.composes_held += 1
+            try:
+                await self._faults_changed.wait()
+            finally:
+                self.stats.composes_held -= 1
         try:
             conditions = _conditions(request)
             upstream = await self._route(request, path, body, conditions)

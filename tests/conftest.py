@@ -299,16 +299,20 @@ def relay(
     emulator_url: str, fleet_buckets: tuple[storage.Bucket, storage.Bucket]
 ) -> Iterator[RunningRelay]:
     """The relay in front of the emulator, raising the photos bucket's finalize events."""
-    running = start_relay(
-        RelayConfig(
-            emulator_url=emulator_url,
-            trigger_buckets=frozenset({fleet_buckets[0].name}),
-            retry_initial_s=0.2,
-            retry_max_s=2.0,
-        )
-    )
+    running = fleet_relay(emulator_url, fleet_buckets[0])
     yield running
     running.stop()
+
+
+def fleet_relay(emulator_url: str, photos: storage.Bucket, **config: Any) -> RunningRelay:
+    """A relay raising ``photos``' events, redelivering quickly (and ``config``'s options)."""
+    return start_relay(
+        RelayConfig(
+            emulator_url=emulator_url,
+            trigger_buckets=frozenset({photos.name}),
+            **{"retry_initial_s": 0.2, "retry_max_s": 2.0, **config},
+        )
+    )
 
 
 class Functions:
