@@ -194,6 +194,8 @@ def run(options: Options) -> dict[str, Any]:
         "answered_images": len(answered),
         "answered_twice": sum(1 for n in answered.values() if n > 1),
         "http_429": int(sim_stats["by_status"].get("429", 0)),
+        # Every request the functions made to storage went through the relay.
+        "storage_requests_per_image": round(relay_stats["requests"] / options.images, 2),
         "events": relay_stats["queued"],
         "redelivered": relay_stats["redelivered"],
         "status": {k: status[k] for k in ("total", "done", "ok", "errors", "pending_shards")},
@@ -224,6 +226,7 @@ def render(result: dict[str, Any]) -> str:
         ),
         ("429s", str(result["http_429"])),
         ("answered twice", str(result["answered_twice"])),
+        ("storage requests per image", str(result["storage_requests_per_image"])),
         ("events (redelivered)", f"{result['events']} ({result['redelivered']})"),
         ("status", json.dumps(result["status"])),
         ("merged JSONL lines", str(result["merged_lines"])),
