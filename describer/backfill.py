@@ -339,9 +339,9 @@ async def _sidecars_of(
     for info in listed:
         if info.name not in wanted:
             continue
-        if info.metadata.get(KIND_KEY) is not None or RESULT_KEY in info.metadata:
-            found[info.name] = info if is_sidecar(info.metadata, None, "") else None
-        elif is_own_output(info.metadata):
+        if is_sidecar(info.metadata, None, ""):
+            found[info.name] = info  # marked as one
+        elif KIND_KEY not in info.metadata and is_own_output(info.metadata):
             unmarked.append(info)  # a sidecar from before the markers, or not: read it
         else:
             found[info.name] = None

@@ -11,16 +11,16 @@ import asyncio
 import base64
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.auth.exceptions import GoogleAuthError
 
 from .batch import BatchRequest, GcsSource, Location, parse_body, parse_source
-from .errors import Code, RequestError, SourceError, StorageUnavailable, TransientFailure
+from .errors import Code, RequestError, StorageUnavailable, TransientFailure
 from .layout import batch_files, batch_object
-from .records import JSON_TYPE, JSONL_TYPE, Record, dumps_json, dumps_jsonl, total_usage
+from .records import ERROR, JSON_TYPE, JSONL_TYPE, Record, dumps_json, dumps_jsonl, total_usage
 from .results import write_gallery
 from .runtime import ObjectEvent, Runtime, open_pipeline
 from .store import (
@@ -378,24 +378,18 @@ class _Sidecars:
 
 
 def _write_failed(record: Record, exc: StorageUnavailable) -> Record:
-    """The record of a source whose sidecar or checkpoint could not be kept, for good."""
-    error = SourceError(
-        Code.WRITE_FAILED,
-        f"The source was processed ({record.status}) but its result could not be kept: {exc}.",
-    )
-    return Record.failed(
-        record.source,
-        error,
-        model=record.model,
-        prompt=record.prompt,
-        schema=record.schema,
-        mime_type=record.mime_type,
-        width=record.width,
-        height=record.height,
-        usage=record.usage,
-        attempts=record.attempts,
-        latency_ms=record.latency_ms,
-        thumbnail=record.thumbnail,
+    """The record of a source whose sidecar or checkpoint could not be kept, for good:
+    an error, with everything else the record knew (calls, tokens, size) kept."""
+    return replace(
+        record,
+        status=ERROR,
+        description=None,
+        data=None,
+        error_code=Code.WRITE_FAILED,
+        error_message=(
+            f"The source was processed ({record.status}) but its result could not be kept: {exc}."
+        ),
+        transient=False,
     )
 
 

@@ -332,25 +332,18 @@ class HandOff:
 
     ``unwritten_peak`` is the most records ever finished and not yet through the
     sink: never more than the workers that finish records (each holds one while
-    it waits for room) plus :attr:`bound`, the channel and the writers.
+    it waits for room) plus the channel and the writers.
     ``answers_peak`` is the most model calls in flight plus answers not yet kept:
     a model worker takes room for its answer before it calls, so never more than
     ``room`` (MODEL_CONCURRENCY by default), which is all a crash can lose.
     """
 
-    channel_size: int
-    writers: int
     room: int  # model calls in flight plus answers not yet through the sink, at most
     unwritten: int = 0
     unwritten_peak: int = 0
-    waits: int = 0  # times a worker waited for room in the channel
     answers: int = 0  # model calls in flight and answers not yet through the sink, now
     answers_peak: int = 0
     room_waits: int = 0  # times a model worker waited for room before calling
-
-    @property
-    def bound(self) -> int:
-        return self.channel_size + self.writers
 
 
 class _Batch:
@@ -375,7 +368,7 @@ class _Batch:
         # Finished when the deadline cut their hand-off short: handed over at close.
         self._unsent: list[int] = []
         self.writers = writers
-        self.handoff = HandOff(channel_size=max(1, handoff_size), writers=writers, room=room)
+        self.handoff = HandOff(room=room)
         # Room for answers, taken before a model call and given back once the answer
         # is through the sink; none is needed where nothing is kept.
         self._room = asyncio.Semaphore(room) if sink is not None else None
@@ -409,8 +402,6 @@ class _Batch:
         handoff = self.handoff
         handoff.unwritten += 1
         handoff.unwritten_peak = max(handoff.unwritten_peak, handoff.unwritten)
-        if self._written.full():
-            handoff.waits += 1
         try:
             await self._written.put(index)
         except asyncio.CancelledError:

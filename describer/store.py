@@ -272,7 +272,7 @@ class ResultStore:
         One call takes at most 32 sources: the first writes the destination, each later
         one appends up to 31 more to it under its generation (a retried append that met
         412 fails the whole, which a redelivery composes again from the start).
-        Raises LookupError (wrapped in StorageUnavailable) when a source is missing.
+        Raises StorageUnavailable, saying so, when a source (or the bucket) is missing.
         """
 
         def compose() -> None:
@@ -288,17 +288,23 @@ class ResultStore:
 
             first, rest = list(sources[:MAX_COMPOSE_SOURCES]), list(sources[MAX_COMPOSE_SOURCES:])
             composed = destination()
-            composed.compose([where.blob(s) for s in first], timeout=self._timeout)
-            while rest:
-                step, rest = rest[: MAX_COMPOSE_SOURCES - 1], rest[MAX_COMPOSE_SOURCES - 1 :]
-                generation = composed.generation
-                composed = destination()
-                composed.compose(
-                    [where.blob(name), *(where.blob(s) for s in step)],
-                    timeout=self._timeout,
-                    if_generation_match=generation,
-                    retry=self._retry,
-                )
+            try:
+                composed.compose([where.blob(s) for s in first], timeout=self._timeout)
+                while rest:
+                    step, rest = rest[: MAX_COMPOSE_SOURCES - 1], rest[MAX_COMPOSE_SOURCES - 1 :]
+                    generation = composed.generation
+                    composed = destination()
+                    composed.compose(
+                        [where.blob(name), *(where.blob(s) for s in step)],
+                        timeout=self._timeout,
+                        if_generation_match=generation,
+                        retry=self._retry,
+                    )
+            except gexc.NotFound as exc:
+                # Not "no such bucket", as a 404 on a write means: a source is missing.
+                raise StorageUnavailable(
+                    f"gs://{bucket}/{name}", LookupError(f"a source object is missing ({exc})")
+                ) from exc
 
         await self._run(compose, f"gs://{bucket}/{name}")
 

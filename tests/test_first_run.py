@@ -90,6 +90,15 @@ def test_stray_requests_to_the_event_function_get_json_that_echoes_nothing(
     assert "canary-3f9a" not in stray.text
 
 
+def test_what_the_framework_itself_serves_is_json_too(http_function: str) -> None:
+    """The framework's own 404s (robots.txt, favicon.ico) answer JSON, not an HTML page."""
+    for path in ("robots.txt", "favicon.ico"):
+        got = requests.get(http_function + path, timeout=30)
+        assert got.status_code == 404
+        assert got.headers["Content-Type"] == "application/json"
+        assert got.json()["error"]["code"] == "not_found"
+
+
 def test_a_missing_bucket_is_told_from_a_missing_object(
     make_runtime: Callable[..., Runtime], gcs: storage.Client
 ) -> None:
