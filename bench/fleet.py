@@ -13,8 +13,12 @@ It measures wall time from the request to the merged JSONL against the ideal
 (N x latency / calls that may be in flight), images per second, the function
 processes' CPU milliseconds per image and peak RSS, the 429s the quota caused,
 how many images were answered more than once, and whether the status object
-and the merged JSONL agree. It prints a table and writes
-bench-results/fleet.json and fleet.md.
+and the merged JSONL agree. It measures the merge on its own too: the relay
+holds the batch's first compose, the harness restarts every function process's
+peak RSS count from its resident memory then (``clear_refs``), lets the merge
+go, and reads the merging process's peak afterwards. ``--images 1000,5000``
+runs each size in turn, to show whether that peak grows with the batch. It
+prints a table and writes bench-results/fleet.json and fleet.md.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ DELIVERIES_AT_ONCE = 8
 
 @dataclass(frozen=True)
 class Options:
-    images: int
+    images: int  # of one run; main() takes several sizes and runs each
     processes: int
     shard_size: int
     model_concurrency: int
@@ -58,7 +62,11 @@ class Options:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=5000)
+    parser.add_argument(
+        "--images",
+        default="1000,5000",
+        help="images per run; several, comma-separated, run one after the other",
+    )
     parser.add_argument("--processes", type=int, default=3, help="describe_gcs processes")
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--model-concurrency", type=int, default=16)
@@ -66,22 +74,27 @@ def main() -> int:
     parser.add_argument("--quota", type=int, default=64, help="model calls in flight before 429")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args()
-    options = Options(
-        images=args.images,
-        processes=args.processes,
-        shard_size=args.shard_size,
-        model_concurrency=args.model_concurrency,
-        latency_ms=args.latency_ms,
-        quota=args.quota,
-        out=args.out.resolve(),
-    )
-    result = run(options)
-    text = render(result)
+    results = []
+    for size in (int(n) for n in args.images.split(",")):
+        options = Options(
+            images=size,
+            processes=args.processes,
+            shard_size=args.shard_size,
+            model_concurrency=args.model_concurrency,
+            latency_ms=args.latency_ms,
+            quota=args.quota,
+            out=args.out.resolve(),
+        )
+        results.append(run(options))
+    text = "\n\n".join(render(result) for result in results)
+    if len(results) > 1:
+        text += "\n\n" + render_merges(results)
     print(text)
-    options.out.mkdir(parents=True, exist_ok=True)
-    (options.out / "fleet.json").write_text(json.dumps(result, indent=2) + "\n")
-    (options.out / "fleet.md").write_text(text + "\n")
-    return 0 if result["correct"] else 1
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fleet.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "fleet.md").write_text(text + "\n")
+    return 0 if all(result["correct"] for result in results) else 1
 
 
 def run(options: Options) -> dict[str, Any]:
@@ -146,15 +159,31 @@ def run(options: Options) -> dict[str, Any]:
             log_path=logs / "relay.log",
         )
         started.append(relay)
-        _progress(f"backfill across {options.processes} describe_gcs processes")
+        _progress(f"backfill of {options.images} across {options.processes} processes")
+        _put(f"{relay_url}/_relay/faults", {"hold_composes": True})
         begin = time.monotonic()
         reply = _post(
             f"http://127.0.0.1:{http_port}/",
             {"backfill": f"gs://{photos.name}/cam/", "max_images": options.images},
         )
         status_name = f"describer-batches/{reply['batch']}.status.json"
+        # The merge starts: every process's peak RSS count restarts from now, and it goes on.
+        _wait_for_compose(relay_url)
+        before = {w.pid: _group_rss_mb(w.pid) for w in workers}
+        for worker in workers:
+            for pid in procstat.group_pids(worker.pid):
+                procstat.reset_peak_rss(pid)
+        _put(f"{relay_url}/_relay/faults", {})
         status = _wait_complete(results, status_name)
         wall = time.monotonic() - begin
+        merger = next(
+            (w for i, w in enumerate(workers) if "batch merged" in _log(logs / f"gcs-{i}.log")),
+            workers[0],
+        )
+        merge_rss = {
+            "rss_before_mb": round(before[merger.pid], 1),
+            "peak_mb": round(procstat.group_peak_rss_mb(merger.pid), 1),
+        }
         cpu = sum(procstat.group_cpu_seconds(w.pid) for w in workers)
         # The stand-ins share the machine: their CPU bounds what the functions can reach.
         stand_ins = {
@@ -190,6 +219,7 @@ def run(options: Options) -> dict[str, Any]:
         "status_images_per_s": status.get("images_per_s"),
         "cpu_ms_per_image": round(cpu * 1000 / options.images, 1),
         "peak_rss_mb_per_process": round(rss, 1),
+        "merging_process": merge_rss,
         "stand_ins_cpu": stand_ins,
         "answered_images": len(answered),
         "answered_twice": sum(1 for n in answered.values() if n > 1),
@@ -221,6 +251,10 @@ def render(result: dict[str, Any]) -> str:
         ("CPU ms per image (functions)", str(result["cpu_ms_per_image"])),
         ("peak RSS per process", f"{result['peak_rss_mb_per_process']} MB"),
         (
+            "merging process: RSS at the merge, peak during it",
+            "{rss_before_mb} MB, {peak_mb} MB".format(**result["merging_process"]),
+        ),
+        (
             "CPU s: emulator / simulator / relay",
             "{emulator_s} / {simulator_s} / {relay_s}".format(**result["stand_ins_cpu"]),
         ),
@@ -242,6 +276,51 @@ def render(result: dict[str, Any]) -> str:
         f"{machine['ram_gb']} GB, Python {machine['python']}, {machine['date']}."
     )
     return "\n".join(lines)
+
+
+def render_merges(results: list[dict[str, Any]]) -> str:
+    """The merging process's memory at each size, side by side."""
+    lines = [
+        "| images | shards | RSS at the merge MB | peak during the merge MB |",
+        "|---:|---:|---:|---:|",
+    ]
+    for result in results:
+        merge = result["merging_process"]
+        lines.append(
+            f"| {result['options']['images']} | {result['shards']} | {merge['rss_before_mb']} "
+            f"| {merge['peak_mb']} |"
+        )
+    return "\n".join(lines)
+
+
+def _group_rss_mb(pgid: int) -> float:
+    return max([0.0, *(procstat.rss_mb(pid) for pid in procstat.group_pids(pgid))])
+
+
+def _wait_for_compose(relay_url: str, timeout_s: float = 3600) -> None:
+    """Until the relay holds a compose: the batch's merge has begun."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{relay_url}/_relay/stats", timeout=60) as response:
+            if json.load(response)["composes_held"] >= 1:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"no merge began within {timeout_s} s")
+
+
+def _log(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _put(url: str, body: dict[str, Any]) -> None:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="PUT",
+    )
+    with urllib.request.urlopen(request, timeout=60):
+        pass
 
 
 def _upload(bucket: storage.Bucket, n: int) -> None:

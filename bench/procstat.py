@@ -64,6 +64,20 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+def rss_mb(pid: int) -> float:
+    """VmRSS: the resident memory now, in MiB."""
+    for line in (_PROC / str(pid) / "status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Start VmHWM afresh from the resident memory now (Linux 4.0+, ``clear_refs`` 5), so
+    that a later :func:`peak_rss_mb` is the peak of what came after."""
+    (_PROC / str(pid) / "clear_refs").write_text("5")
+
+
 def group_peak_rss_mb(pgid: int) -> float:
     """The largest VmHWM in the group: the worker, which does the work, not the master."""
     peaks = [0.0]

@@ -1,8 +1,10 @@
 """Backfill: describe the images already in a bucket, as if each had just been uploaded.
 
-``{"backfill": "gs://bucket/prefix/"}`` over HTTP lists the prefix (every page),
-leaves out what is not an image or already has a sidecar for the current model,
-prompt and schema, and shards the rest (:mod:`describer.shards`). Each record
+``{"backfill": "gs://bucket/prefix/"}`` over HTTP lists the prefix a step at a time
+(:mod:`describer.listing`: the request lists for seconds, each later step in an
+event of its own), leaves out what is not an image or already has a sidecar for the
+current model, prompt and schema, and shards the rest (:mod:`describer.shards`) as
+it goes, so shards run while the listing continues. Each record
 becomes the sidecar an upload would have got, so a second backfill of the same
 prefix finds them and resumes where the first stopped, and never repeats.
 
@@ -15,44 +17,32 @@ object is the lock).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import PurePosixPath
 from typing import Any
 
-from .batch import BatchRequest, Location, parse_output, parse_prompt, parse_schema
+from .batch import Location, parse_output, parse_prompt, parse_schema
 from .errors import RequestError, StorageUnavailable, TransientFailure
-from .images import IMAGE_SUFFIXES, UNTYPED_CONTENT_TYPES, media_type
-from .jobs import MANIFEST_SUFFIX
-from .layout import (
-    KIND_KEY,
-    batch_files,
-    batch_object,
-    is_sidecar,
-    sidecar_name,
-    state_location,
-    status_name,
+from .layout import batch_files, batch_object, state_location, status_name
+from .listing import (
+    REQUEST_LIST_S,
+    Scope,
+    list_step,
+    make_plan,
+    new_listing,
+    start_step,
+    write_plan,
 )
 from .records import JSON_TYPE, dumps_json
 from .runtime import Runtime, new_batch_id
 from .schemas import SCHEMAS
 from .settings import Settings
-from .shards import plan_shards, write_shards
 from .status import new_status, now_iso, update_status
-from .store import (
-    READ_CONCURRENCY,
-    RESULT_KEY,
-    SOURCE_GENERATION_KEY,
-    ObjectInfo,
-    bounded_map,
-    is_own_output,
-    result_key,
-)
+from .store import result_key
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +97,10 @@ async def start_backfill(
 ) -> tuple[int, dict[str, Any]]:
     """Answer one backfill request: (HTTP status, body).
 
-    ``stop_at`` (``time.monotonic()``) is the invocation's deadline: a listing
-    that used it up leaves no time to write the shards, so nothing is claimed.
+    The request lists for a few seconds at most (:data:`REQUEST_LIST_S`) and plans
+    the first step from that; the listing goes on step by step in events of its
+    own (:mod:`describer.listing`), so the answer comes within seconds whatever
+    the prefix holds. ``stop_at`` (``time.monotonic()``) is the invocation's deadline.
     """
     settings = runtime.settings
     request = parse_backfill(data)
@@ -126,69 +118,86 @@ async def start_backfill(
             "invalid_request",
             "Results would land among the sources with no RESULTS_PREFIX: refused.",
         )
+    if request.max_images and request.max_images > settings.max_backfill_images:
+        raise RequestError(
+            413,
+            "batch_too_large",
+            f"max_images {request.max_images} is more than MAX_BACKFILL_IMAGES "
+            f"({settings.max_backfill_images}) in one backfill: send at most "
+            f"{settings.max_backfill_images} and run it again for the rest (a second run "
+            "skips what the first described), or backfill narrower prefixes.",
+        )
     files = batch_files(settings, results.bucket, None)
     state = state_location(settings, where.bucket)
     prompt, schema = settings.prompt_and_schema(request.prompt, request.schema)
-    key = result_key(settings.model, prompt, schema)
     # Sidecars written with the deployment's own prompt and schema are what uploads get:
     # a caller's backfill with a prompt or schema of its own never replaces one.
-    deployment_key = result_key(settings.model, *settings.prompt_and_schema())
-    sources, sidecars = await asyncio.gather(
-        runtime.store.list(where.bucket, where.prefix),
-        runtime.store.list(results.bucket, f"{results.prefix}{where.prefix}"),
+    scope = Scope(
+        where,
+        results,
+        key=result_key(settings.model, prompt, schema),
+        deployment_key=result_key(settings.model, *settings.prompt_and_schema()),
     )
-    images = [o for o in sources if _is_source(o, where.bucket, results, settings)]
-    described = await _sidecars_of(runtime, results, where.bucket, images, sidecars)
-    todo: list[tuple[ObjectInfo, int]] = []
-    taken = kept = 0
-    for image in images:
-        name = sidecar_name(results, image.name)
-        if name in described and described[name] is None:
-            taken += 1  # something that is not its sidecar has the name: never replaced
-            continue
-        sidecar = described.get(name)
-        if sidecar is not None and _describes(sidecar, image, key):
-            continue
-        if sidecar is not None and key != deployment_key:
-            kept += 1  # a prompt or schema of the caller's own never replaces a sidecar
-            continue
-        todo.append((image, sidecar.generation if sidecar else 0))
-    already = len(images) - len(todo) - taken - kept
-    capped = todo[: request.max_images] if request.max_images else todo
+    limit = request.max_images or settings.max_backfill_images
+    now = time.monotonic()
+    step = await list_step(
+        runtime,
+        scope,
+        cursor=None,
+        until=now + min(REQUEST_LIST_S, (stop_at - now) / 2),
+        room=limit,
+    )
+    found = len(step.todo)
     batch = _batch_name(where.bucket, results)
     body: dict[str, Any] = {
         "backfill": f"gs://{where.bucket}/{where.prefix}",
         "batch": batch,
-        "images": len(capped),
-        "listed": len(sources),
-        "already_described": already,
-        "kept_sidecars": kept,
-        "names_taken": taken,
-        "shards": math.ceil(len(capped) / settings.shard_size),
-        "estimate": estimate(settings, len(capped), prompt, schema),
+        "images": found,
+        "listed": step.listed,
+        "listing_complete": step.done,
+        "already_described": step.already_described,
+        "kept_sidecars": step.kept_sidecars,
+        "names_taken": step.names_taken,
+        "shards": math.ceil(found / settings.shard_size),
+        "estimate": estimate(settings, found, prompt, schema),
     }
+    if step.stopped_at_limit:
+        body["stopped_at_limit"] = limit
     if request.dry_run:
-        log.info("backfill dry run", extra={"count": len(capped), "listed": len(sources)})
+        log.info("backfill dry run", extra={"count": found, "listed": step.listed})
+        if not step.done:
+            body["partial"] = True
+            body["message"] = (
+                f"Listed {step.listed} objects in {REQUEST_LIST_S:g} s and the prefix holds "
+                "more: the counts and the estimate are for what was listed, a lower bound."
+            )
         return 200, {**body, "dry_run": True}
-    if len(todo) > settings.backfill_confirm_over and request.max_images is None:
+    unknown = not step.done and settings.backfill_confirm_over < settings.max_backfill_images
+    if request.max_images is None and (found > settings.backfill_confirm_over or unknown):
+        at_least = "at least " if not step.done else ""
         raise RequestError(
             400,
             "max_images_required",
-            f"{len(todo)} images would be described, more than BACKFILL_CONFIRM_OVER "
-            f"({settings.backfill_confirm_over}): send max_images (e.g. {len(todo)}) to "
-            "confirm, or dry_run first to see the estimate.",
+            f"{at_least}{found} images would be described"
+            + (
+                f", more than BACKFILL_CONFIRM_OVER ({settings.backfill_confirm_over})"
+                if found > settings.backfill_confirm_over
+                else f" (listing {step.listed} objects took {REQUEST_LIST_S:g} s, and more remain)"
+            )
+            + f": send max_images (at most {settings.max_backfill_images}) to confirm how many "
+            "at most, or dry_run first to see the estimate.",
         )
-    if not capped:
-        return 200, {**body, "message": "Every image under the prefix is already described."}
-    if len(capped) > settings.max_manifest_images:
+    if step.stopped_at_limit and request.max_images is None:
         raise RequestError(
             413,
             "batch_too_large",
-            f"{len(capped)} images is more than MAX_MANIFEST_IMAGES "
-            f"({settings.max_manifest_images}) in one backfill: send max_images "
-            f"(at most {settings.max_manifest_images}) and run it again for the rest, or "
-            "backfill narrower prefixes.",
+            f"More than MAX_BACKFILL_IMAGES ({settings.max_backfill_images}) images would be "
+            f"described in one backfill: send max_images (at most {settings.max_backfill_images})"
+            " and run it again for the rest (a second run skips what the first described), "
+            "or backfill narrower prefixes.",
         )
+    if step.done and not step.todo:
+        return 200, {**body, "message": "Every image under the prefix is already described."}
     if time.monotonic() > stop_at:
         raise TransientFailure(
             body["backfill"],
@@ -202,8 +211,8 @@ async def start_backfill(
         kind="backfill",
         source=body["backfill"],
         run=run,
-        total=len(capped),
-        shards=body["shards"],
+        total=0,
+        shards=0,
         shard_size=settings.shard_size,
         model=settings.model,
         prompt=prompt,
@@ -211,16 +220,12 @@ async def start_backfill(
         output=f"gs://{results.bucket}/{results.prefix}",
         files=f"gs://{files.bucket}/{files.prefix}",
         estimate=body["estimate"],
+        limit=limit,
+        result_key=scope.key,
+        deployment_key=scope.deployment_key,
+        shard_digests=[],
+        listing=new_listing(),
     )
-    shard_request = BatchRequest(
-        images=[f"gs://{where.bucket}/{image.name}" for image, _ in capped],
-        prompt=prompt,
-        output=results,
-        schema=schema,
-        generations=[str(image.generation) for image, _ in capped],
-        sidecar_generations=[sidecar for _, sidecar in capped],
-    )
-    planned = plan_shards(shard_request, status, settings.shards_prefix)
     if not await _claim(runtime, state, batch, status):
         raise RequestError(
             409,
@@ -229,10 +234,14 @@ async def start_backfill(
             "start once it completes (one backfill per bucket at a time, so no image is "
             "described by two at once).",
         )
+    shards_bucket = settings.shards_bucket or where.bucket
     try:
-        await write_shards(runtime, planned, shards_bucket=settings.shards_bucket or where.bucket)
+        # The first step, as listed here, is applied by its own event like every later one.
+        plan = make_plan(step, status, 0, bucket=where.bucket, shards_prefix=settings.shards_prefix)
+        await write_plan(runtime, state, status, plan)
+        await start_step(runtime, status, shards_bucket=shards_bucket, number=0)
     except StorageUnavailable as exc:
-        # No shard can run: release the lock at once rather than have every retry
+        # No step can run: release the lock at once rather than have every retry
         # refused as "in progress" until the run is taken for abandoned.
         reason = str(exc)
         await update_status(
@@ -243,10 +252,11 @@ async def start_backfill(
                 {**s, "failed": reason, "updated_at": now_iso()} if s.get("run") == run else None
             ),
         )
+        await runtime.store.delete_all(state.bucket, batch_object(state, batch, f".listing/{run}/"))
         raise
     log.info(
         "backfill started",
-        extra={"count": len(capped), "shards": body["shards"], "uri": status_uri},
+        extra={"count": found, "shards": body["shards"], "uri": status_uri, "done": step.done},
     )
     return 202, {
         **body,
@@ -286,33 +296,6 @@ def estimate(settings: Settings, images: int, prompt: str, schema: str | None) -
     }
 
 
-def _is_source(image: ObjectInfo, bucket: str, results: Location, settings: Settings) -> bool:
-    name = image.name
-    if name.endswith(("/", MANIFEST_SUFFIX)) or name.startswith(
-        (settings.shards_prefix, settings.batches_prefix)
-    ):
-        return False
-    if bucket == results.bucket and name.startswith(results.prefix):
-        return False
-    if is_own_output(image.metadata):
-        return False
-    content_type = media_type(image.content_type)
-    if content_type.startswith("image/"):
-        return True
-    return (
-        content_type in UNTYPED_CONTENT_TYPES
-        and PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
-    )
-
-
-def _describes(sidecar: ObjectInfo, image: ObjectInfo, key: str) -> bool:
-    """Whether the sidecar is the current model's and prompt's record of this generation."""
-    metadata = sidecar.metadata
-    return metadata.get(RESULT_KEY) == key and metadata.get(SOURCE_GENERATION_KEY) == str(
-        image.generation
-    )
-
-
 def _batch_name(bucket: str, results: Location) -> str:
     """One name per backfilled bucket and results location: its status object is the lock.
 
@@ -322,36 +305,6 @@ def _batch_name(bucket: str, results: Location) -> str:
     """
     digest = hashlib.sha256(f"{bucket}\n{results.bucket}/{results.prefix}".encode()).hexdigest()
     return f"backfill-{digest[:12]}"
-
-
-async def _sidecars_of(
-    runtime: Runtime,
-    results: Location,
-    bucket: str,
-    images: list[ObjectInfo],
-    listed: list[ObjectInfo],
-) -> dict[str, ObjectInfo | None]:
-    """The objects at the images' sidecar names: each listed object, or None where one is
-    there that is not the image's sidecar (and so must never be replaced)."""
-    wanted = {sidecar_name(results, i.name): f"gs://{bucket}/{i.name}" for i in images}
-    found: dict[str, ObjectInfo | None] = {}
-    unmarked: list[ObjectInfo] = []
-    for info in listed:
-        if info.name not in wanted:
-            continue
-        if is_sidecar(info.metadata, None, ""):
-            found[info.name] = info  # marked as one
-        elif KIND_KEY not in info.metadata and is_own_output(info.metadata):
-            unmarked.append(info)  # a sidecar from before the markers, or not: read it
-        else:
-            found[info.name] = None
-
-    async def judge(info: ObjectInfo) -> None:
-        record, _ = await runtime.store.read_json(results.bucket, info.name)
-        found[info.name] = info if is_sidecar(info.metadata, record, wanted[info.name]) else None
-
-    await bounded_map(judge, unmarked, limit=READ_CONCURRENCY)
-    return found
 
 
 async def _claim(runtime: Runtime, state: Location, batch: str, status: dict[str, Any]) -> bool:

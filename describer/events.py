@@ -13,8 +13,11 @@ from .batch import Location
 from .errors import StorageUnavailable, TransientFailure
 from .images import UNTYPED_CONTENT_TYPES, media_type
 from .jobs import MANIFEST_SUFFIX
+from .layout import LISTING_SUFFIX
+from .listing import continue_listing
 from .logs import batch_var, trace_from_headers, trace_var
 from .manifests import describe_manifest
+from .outcomes import Outcome
 from .runtime import ObjectEvent, Runtime
 from .shards import describe_shard
 from .store import is_own_output
@@ -30,7 +33,7 @@ def handle_storage_event(
     event_id: str = "",
     event_time: str | None = None,
     traceparent: str | None = None,
-) -> str:
+) -> Outcome:
     """Handle one object-finalized event; return what was done (for logs and tests).
 
     Returns normally for anything a retry cannot fix; raises StorageUnavailable
@@ -42,7 +45,9 @@ def handle_storage_event(
     )
     age_s = _age_s(event_time)
     try:
-        return _handle_storage_event(runtime, data, event_id=event_id, age_s=age_s)
+        outcome = _handle_storage_event(runtime, data, event_id=event_id, age_s=age_s)
+        log.info("event handled", extra={"outcome": outcome.value, "event_id": event_id})
+        return outcome
     except StorageUnavailable as exc:
         if not exc.permanent:
             log.error(
@@ -57,7 +62,7 @@ def handle_storage_event(
             "not asking for redelivery",
             extra={"reason": str(exc), "event_id": event_id},
         )
-        return "results_unwritable"
+        return Outcome.RESULTS_UNWRITABLE
     except TransientFailure as exc:
         # One structured line for Cloud Logging before the framework's plain traceback.
         log.error(
@@ -69,7 +74,7 @@ def handle_storage_event(
 
 def _handle_storage_event(
     runtime: Runtime, data: Mapping[str, Any], *, event_id: str, age_s: float
-) -> str:
+) -> Outcome:
     settings = runtime.settings
     stop_at = time.monotonic() + settings.work_budget_s
     bucket = str(data.get("bucket") or "")
@@ -79,7 +84,7 @@ def _handle_storage_event(
     fields = {"bucket": bucket, "object": name, "event_id": event_id}
     if not bucket or not name:
         log.error("event without bucket or object name; ignored", extra=fields)
-        return "invalid_event"
+        return Outcome.INVALID_EVENT
     results = Location(settings.results_bucket or bucket, settings.results_prefix)
     # Past the retry window a passing cause is treated as lasting: record it
     # and stop, rather than pay for redeliveries until the platform gives up.
@@ -89,32 +94,34 @@ def _handle_storage_event(
             "results would land in the triggering bucket with no RESULTS_PREFIX; refusing",
             extra=fields,
         )
-        return "refused_loop"
+        return Outcome.REFUSED_LOOP
     if bucket == results.bucket and name.startswith(results.prefix):
         log.info("object is under the results prefix; ignored (loop guard)", extra=fields)
-        return "ignored_results"
+        return Outcome.IGNORED_RESULTS
     if name.startswith(settings.batches_prefix):
         # Batch files and state are the function's own, wherever they land; an
         # upload named there is not described, so its sidecar cannot reach them.
         log.info("object is under the batches prefix; ignored (loop guard)", extra=fields)
-        return "ignored_batch_file"
+        return Outcome.IGNORED_BATCH_FILE
     event = ObjectEvent(bucket, name, generation, results, stop_at, give_up)
     if name.startswith(settings.shards_prefix):
         # Shards are this function's own output too, written to be delivered
         # back: run as shards (never split again), and nothing else there is.
+        if name.endswith(LISTING_SUFFIX):
+            return asyncio.run(continue_listing(runtime, event))
         if not name.endswith(MANIFEST_SUFFIX):
             log.info("object under the shards prefix is not a shard; ignored", extra=fields)
-            return "ignored_not_shard"
+            return Outcome.IGNORED_NOT_SHARD
         return asyncio.run(describe_shard(runtime, event))
     if is_own_output(data.get("metadata")):
         log.info("object was written by this function; ignored (loop guard)", extra=fields)
-        return "ignored_own_output"
+        return Outcome.IGNORED_OWN_OUTPUT
     if name.endswith(MANIFEST_SUFFIX):
         return asyncio.run(describe_manifest(runtime, event))
     content_type = media_type(str(data.get("contentType") or ""))
     if not (content_type.startswith("image/") or content_type in UNTYPED_CONTENT_TYPES):
         log.info("object is not an image; ignored", extra={**fields, "content_type": content_type})
-        return "ignored_not_image"
+        return Outcome.IGNORED_NOT_IMAGE
     return asyncio.run(
         describe_upload(runtime, event, sniffed=content_type in UNTYPED_CONTENT_TYPES)
     )

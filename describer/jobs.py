@@ -20,6 +20,7 @@ from google.auth.exceptions import GoogleAuthError
 from .batch import BatchRequest, GcsSource, Location, parse_body, parse_source
 from .errors import Code, RequestError, StorageUnavailable, TransientFailure
 from .layout import batch_files, batch_object
+from .outcomes import JobState
 from .records import ERROR, JSON_TYPE, JSONL_TYPE, Record, dumps_json, dumps_jsonl, total_usage
 from .results import write_gallery
 from .runtime import ObjectEvent, Runtime, open_pipeline
@@ -73,7 +74,7 @@ class Job:
 class JobOutcome:
     """How a job's event ended, and its records' tally when the JSONL is complete."""
 
-    state: str  # "described", "already_done", "superseded" or "stalled"
+    state: JobState
     tally: dict[str, int] | None = None
 
 
@@ -89,9 +90,10 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
     existing = await _listed(store, output.bucket, job.results_name)
     if existing is not None:
         state = _manifest_state(existing[0], job.generation)
-        if state != "open":
+        if state is not JobState.OPEN:
             log.info("manifest skipped", extra={"uri": job.uri, "state": state})
-            return JobOutcome(state, _tally_from(existing[0]) if state == "already_done" else None)
+            tallied = _tally_from(existing[0]) if state is JobState.ALREADY_DONE else None
+            return JobOutcome(state, tallied)
     checkpoints = _Checkpoints(store, job.state.bucket, job.parts_prefix, job.generation)
     done, thumbnails = await checkpoints.load(request.images)
     todo = [i for i in range(len(request.images)) if i not in done]
@@ -168,8 +170,8 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
     uri = f"gs://{output.bucket}/{job.results_name}"
     if not written:
         again = await store.stat(output.bucket, job.results_name)
-        state = _manifest_state(again[0], job.generation) if again else "open"
-        if state != "open":
+        state = _manifest_state(again[0], job.generation) if again else JobState.OPEN
+        if state is not JobState.OPEN:
             log.info("another delivery finished the manifest first", extra={"state": state})
             return JobOutcome(state, _tally_from(again[0]) if again else None)
         raise TransientFailure(job.uri, "another delivery wrote the results at the same time")
@@ -193,7 +195,7 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
             "manifest done",
             extra={"uri": uri, "count": len(done), "usage": total_usage(done.values())},
         )
-        return JobOutcome("described", counted)
+        return JobOutcome(JobState.DESCRIBED, counted)
     if (checkpoints.saved or job.retry_transient or unwritten) and not give_up:
         # Progress was made and kept (or a shard, which its batch waits for): fail
         # this delivery so the platform redelivers the event, and the next
@@ -208,26 +210,26 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
         "manifest incomplete; not asking for redelivery",
         extra={"uri": uri, "remaining": remaining, "progress": checkpoints.saved},
     )
-    return JobOutcome("stalled", counted)
+    return JobOutcome(JobState.STALLED, counted)
 
 
 async def load_request(
     runtime: Runtime, event: ObjectEvent, *, shard: bool = False
-) -> tuple[bytes, BatchRequest] | str:
+) -> tuple[bytes, BatchRequest] | RequestError | None:
     """The manifest (or shard) of ``event`` at the event's generation: its bytes, parsed.
 
-    Or why there is nothing to run: "superseded" when that generation is gone, or
-    "invalid" when it cannot be run, as ``BATCHES_PREFIX<stem>.error.json`` then says.
+    Or why there is nothing to run: None when that generation is gone, or the
+    error that makes it impossible to run, as ``BATCHES_PREFIX<stem>.error.json`` then says.
     """
     try:
         body = await read_manifest(runtime, event.bucket, event.name, event.generation)
         if body is None:
-            return "superseded"
+            return None
         # shard=True: the shard fields are accepted, and required.
         request = parse_body(body, max_batch_size=runtime.settings.max_manifest_images, shard=shard)
     except RequestError as exc:
         await write_error_report(runtime, event, exc)
-        return "invalid"
+        return exc
     return body, request
 
 
@@ -262,14 +264,14 @@ async def _listed(store: Store, bucket: str, name: str) -> tuple[dict[str, str],
     return None
 
 
-def _manifest_state(metadata: Mapping[str, str], generation: str) -> str:
+def _manifest_state(metadata: Mapping[str, str], generation: str) -> JobState:
     """What an existing manifest JSONL means for this event: open, already_done or superseded."""
     described = generation_number(metadata.get(SOURCE_GENERATION_KEY))
     if described > generation_number(generation):
-        return "superseded"  # a newer upload of the manifest owns the results now
+        return JobState.SUPERSEDED  # a newer upload of the manifest owns the results now
     if described == generation_number(generation) and metadata.get(COMPLETE_KEY) != "false":
-        return "already_done"
-    return "open"
+        return JobState.ALREADY_DONE
+    return JobState.OPEN
 
 
 def tally(records: list[dict[str, Any]]) -> dict[str, int]:

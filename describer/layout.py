@@ -6,10 +6,11 @@ One module names them all, so that no two kinds can land on one name:
 - ``BATCHES_PREFIX<batch>.jsonl``, ``.html``, ``.error.json``, ``.shards/<i>.jsonl``: a
   batch's files, in the results bucket, or under ``<output>batches/`` when a request or
   manifest names its own ``output``;
-- ``BATCHES_PREFIX<batch>.status.json`` and ``.parts/``: a batch's state (status object,
-  backfill lock, checkpoints), always where :meth:`Settings.state_bucket` says, never
-  where an object's body says;
-- ``SHARDS_PREFIX<batch>/<run>/<index>.batch.json``: shard manifests, in the shards bucket.
+- ``BATCHES_PREFIX<batch>.status.json``, ``.parts/`` and ``.listing/``: a batch's state
+  (status object, backfill lock, checkpoints, a backfill's listing plans), always where
+  :meth:`Settings.state_bucket` says, never where an object's body says;
+- ``SHARDS_PREFIX<batch>/<run>/<index>.batch.json``: shard manifests, and
+  ``<step>.listing.json``: a backfill's next listing step, in the shards bucket.
 
 BATCHES_PREFIX and SHARDS_PREFIX may not overlap RESULTS_PREFIX (settings refuse it), and
 events and backfills skip both, so an upload's name never reaches a batch's objects.
@@ -22,7 +23,7 @@ from typing import Any
 
 from .batch import Location
 from .settings import Settings
-from .store import RESULT_KEY
+from .store import RESULT_KEY, SOURCE_GENERATION_KEY, result_key
 
 # Metadata naming what kind of object the function wrote.
 KIND_KEY = "describer-kind"
@@ -65,6 +66,27 @@ def shard_object_name(shards_prefix: str, batch: str, run: str, index: int) -> s
     return f"{shards_prefix}{batch}/{run}/{index:05d}.batch.json"
 
 
+LISTING_SUFFIX = ".listing.json"
+
+
+def listing_object_name(shards_prefix: str, batch: str, run: str, step: int) -> str:
+    """``SHARDS_PREFIX<batch>/<run>/<step>.listing.json``: the event that runs a listing step."""
+    return f"{shards_prefix}{batch}/{run}/{step:05d}{LISTING_SUFFIX}"
+
+
+def parse_listing_name(shards_prefix: str, name: str) -> tuple[str, str, int] | None:
+    """(batch, run, step) of a listing step's object name, or None if it is not one."""
+    parts = name.removeprefix(shards_prefix).removesuffix(LISTING_SUFFIX).split("/")
+    if len(parts) != 3 or not name.endswith(LISTING_SUFFIX) or not parts[2].isdigit():
+        return None
+    return parts[0], parts[1], int(parts[2])
+
+
+def plan_name(state: Location, batch: str, run: str, step: int) -> str:
+    """A listing step as planned: ``BATCHES_PREFIX<batch>.listing/<run>/<step>.json``."""
+    return batch_object(state, batch, f".listing/{run}/{step:05d}.json")
+
+
 def shard_jsonl_name(files: Location, batch: str, index: int) -> str:
     return batch_object(files, batch, f".shards/{index:05d}.jsonl")
 
@@ -86,3 +108,23 @@ def is_sidecar(metadata: Mapping[str, str], record: Any, source_uri: str) -> boo
         and record.get("source") == source_uri
         and record.get("status") in ("ok", "error")
     )
+
+
+def sidecar_is_current(
+    metadata: Mapping[str, str], record: Any, *, generation: str, key: str, settings: Settings
+) -> bool:
+    """Whether a sidecar is the record of ``generation`` made with the result ``key`` (model,
+    prompt and schema): the one rule uploads and backfills both go by.
+
+    Sidecars say so in their metadata, so a listing can tell without reading them;
+    those written before the metadata existed say it in their record, where an
+    answer of GEMINI_FALLBACK_MODEL stands for GEMINI_MODEL, as in the metadata.
+    """
+    if RESULT_KEY in metadata:
+        return metadata[RESULT_KEY] == key and metadata.get(SOURCE_GENERATION_KEY) == generation
+    if not isinstance(record, dict) or str(record.get("generation")) != generation:
+        return False
+    model = record.get("model")
+    if model in {settings.model, settings.fallback_model}:
+        model = settings.model
+    return result_key(str(model), str(record.get("prompt")), record.get("schema")) == key

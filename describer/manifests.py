@@ -12,23 +12,33 @@ import logging
 from .errors import RequestError
 from .jobs import MANIFEST_SUFFIX, Job, load_request, run_job, write_error_report
 from .layout import batch_files, batch_object, state_location
+from .outcomes import JobState, Outcome
 from .runtime import ObjectEvent, Runtime
 from .shards import shard_manifest
 
 log = logging.getLogger(__name__)
 
 
-async def describe_manifest(runtime: Runtime, event: ObjectEvent) -> str:
+_MANIFEST_OUTCOMES = {
+    JobState.DESCRIBED: Outcome.DESCRIBED_MANIFEST,
+    JobState.STALLED: Outcome.MANIFEST_STALLED,
+    JobState.ALREADY_DONE: Outcome.ALREADY_DONE,
+    JobState.SUPERSEDED: Outcome.SUPERSEDED,
+}
+
+
+async def describe_manifest(runtime: Runtime, event: ObjectEvent) -> Outcome:
     bucket, name, generation = event.bucket, event.name, event.generation
     results, stop_at, give_up = event.results, event.stop_at, event.give_up
     settings = runtime.settings
     stem = name.removesuffix(MANIFEST_SUFFIX)
     manifest_uri = f"gs://{bucket}/{name}"
     loaded = await load_request(runtime, event)
-    if loaded == "superseded":
+    if loaded is None:
         log.info("the event's manifest generation no longer exists; ignored")
-    if isinstance(loaded, str):
-        return f"manifest_{loaded}" if loaded == "invalid" else loaded
+        return Outcome.SUPERSEDED
+    if isinstance(loaded, RequestError):
+        return Outcome.MANIFEST_INVALID
     _, request = loaded
     files = batch_files(settings, results.bucket, request.output)
     state = state_location(settings, bucket)
@@ -46,7 +56,7 @@ async def describe_manifest(runtime: Runtime, event: ObjectEvent) -> str:
             )
         except RequestError as exc:
             await write_error_report(runtime, event, exc)
-            return "manifest_invalid"
+            return Outcome.MANIFEST_INVALID
     job = Job(
         request=request,
         uri=manifest_uri,
@@ -59,6 +69,4 @@ async def describe_manifest(runtime: Runtime, event: ObjectEvent) -> str:
         allowed_buckets=settings.readable_buckets(bucket),
     )
     outcome = await run_job(runtime, job, stop_at, give_up=give_up)
-    return {"described": "described_manifest", "stalled": "manifest_stalled"}.get(
-        outcome.state, outcome.state
-    )
+    return _MANIFEST_OUTCOMES[outcome.state]

@@ -66,6 +66,11 @@ DEFAULT_BATCHES_PREFIX = "describer-batches/"
 DEFAULT_MAX_MANIFEST_IMAGES = 100_000
 # A backfill of more images than this must say how many it means (max_images).
 DEFAULT_BACKFILL_CONFIRM_OVER = 1000
+# Images one backfill run describes at most: its status object keeps a line per shard,
+# and every finishing shard rewrites it, so a run stays at a size that object carries.
+DEFAULT_MAX_BACKFILL_IMAGES = 1_000_000
+# Cloud Storage's largest page: fewest round trips when a backfill lists a bucket.
+DEFAULT_LIST_PAGE_SIZE = 1000
 # USD per million tokens for the dry-run estimate; Gemini Flash-Lite's list prices when
 # written. Set them to your model's prices: estimates are only as good as these.
 DEFAULT_PRICE_INPUT_PER_MTOK = 0.10
@@ -122,6 +127,8 @@ class Settings:
     shards_bucket: str | None = None
     max_manifest_images: int = DEFAULT_MAX_MANIFEST_IMAGES
     backfill_confirm_over: int = DEFAULT_BACKFILL_CONFIRM_OVER
+    max_backfill_images: int = DEFAULT_MAX_BACKFILL_IMAGES
+    list_page_size: int = DEFAULT_LIST_PAGE_SIZE
     price_input_per_mtok: float = DEFAULT_PRICE_INPUT_PER_MTOK
     price_output_per_mtok: float = DEFAULT_PRICE_OUTPUT_PER_MTOK
     event_retry_window_s: float = DEFAULT_EVENT_RETRY_WINDOW_S
@@ -176,9 +183,16 @@ class Settings:
             "shard_size",
             "max_manifest_images",
             "backfill_confirm_over",
+            "max_backfill_images",
+            "list_page_size",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be at least 1, got {getattr(self, name)}")
+        if self.list_page_size > DEFAULT_LIST_PAGE_SIZE:
+            raise ConfigError(
+                f"LIST_PAGE_SIZE must be at most {DEFAULT_LIST_PAGE_SIZE} (Cloud Storage's "
+                f"largest page), got {self.list_page_size}"
+            )
         if not self.model.strip():
             raise ConfigError("GEMINI_MODEL must not be empty")
         if not self.prompt.strip():
@@ -291,6 +305,8 @@ class Settings:
             backfill_confirm_over=reader.integer(
                 "BACKFILL_CONFIRM_OVER", DEFAULT_BACKFILL_CONFIRM_OVER
             ),
+            max_backfill_images=reader.integer("MAX_BACKFILL_IMAGES", DEFAULT_MAX_BACKFILL_IMAGES),
+            list_page_size=reader.integer("LIST_PAGE_SIZE", DEFAULT_LIST_PAGE_SIZE),
             price_input_per_mtok=reader.number(
                 "PRICE_INPUT_PER_MTOK", DEFAULT_PRICE_INPUT_PER_MTOK
             ),

@@ -34,6 +34,7 @@ from .layout import (
     state_location,
     status_name,
 )
+from .outcomes import JobState, Outcome
 from .records import JSON_TYPE, JSONL_TYPE, dumps_json
 from .results import HTML_TYPE
 from .runtime import ObjectEvent, Runtime
@@ -56,7 +57,7 @@ async def shard_manifest(
     output: Location,
     files: Location,
     state: Location,
-) -> str:
+) -> Outcome:
     """Split a large manifest into shards (once per manifest generation).
 
     ``output`` is the manifest's results location, ``files`` where its JSONL and
@@ -79,14 +80,14 @@ async def shard_manifest(
             if current.get("complete"):
                 # Merged, and its shards deleted: writing them again would run them again.
                 log.info("the sharded manifest is complete already; skipped")
-                return "already_done"
+                return Outcome.ALREADY_DONE
             # A redelivery: the plan exists; make sure every shard does too.
             planned = plan_shards(request, current, settings.shards_prefix)
             await write_shards(runtime, planned, shards_bucket=shards_bucket)
-            return "already_sharded"
+            return Outcome.ALREADY_SHARDED
         if run.isdigit() and generation.isdigit() and int(run) > int(generation):
             log.info("a newer generation of the manifest is sharded already; ignored")
-            return "superseded"
+            return Outcome.SUPERSEDED
     prompt, schema = settings.prompt_and_schema(request.prompt, request.schema)
     count = math.ceil(len(request.images) / settings.shard_size)
     status = new_status(
@@ -104,6 +105,7 @@ async def shard_manifest(
         files=f"gs://{files.bucket}/{files.prefix}",
     )
     planned = plan_shards(request, status, settings.shards_prefix)
+    status["shard_digests"] = [digest(body) for _, body in planned]
     if not await store.write(
         state.bucket,
         name,
@@ -118,36 +120,44 @@ async def shard_manifest(
         "manifest sharded",
         extra={"count": len(request.images), "shards": count, "written": written},
     )
-    return "sharded"
+    return Outcome.SHARDED
 
 
 def plan_shards(
-    request: BatchRequest, status: dict[str, Any], shards_prefix: str
+    request: BatchRequest,
+    status: dict[str, Any],
+    shards_prefix: str,
+    *,
+    first_index: int = 0,
+    first_offset: int = 0,
 ) -> list[tuple[str, bytes]]:
-    """The shard manifests of a batch, as names and bodies; the same every time.
+    """The shard manifests of a batch's sources, as names and bodies; the same every time.
 
+    A backfill plans its shards a listing step at a time: a step's shards follow
+    the ``first_index`` shards and ``first_offset`` sources planned before it.
     Their digests go into the status object before any is written, so a shard
     whose body is not one of them (edited, or forged by someone who may write
     to the bucket) is refused instead of run.
     """
     size = int(status["shard_size"])
-    count = int(status["shards"])
+    count = first_index + math.ceil(len(request.images) / size)
+    total = first_offset + len(request.images)
     batch, run = str(status["batch"]), str(status["run"])
     planned = []
-    for index in range(count):
-        offset = index * size
+    for index in range(first_index, count):
+        start = (index - first_index) * size
         info = ShardInfo(
             batch=batch,
             index=index,
             count=count,
-            offset=offset,
-            total=int(status["total"]),
+            offset=first_offset + start,
+            total=total,
             run=run,
             kind=str(status["kind"]),
             source=str(status["source"]),
         )
         body: dict[str, Any] = {
-            "images": request.images[offset : offset + size],
+            "images": request.images[start : start + size],
             # The batch's prompt and schema are pinned: a redeploy halfway through
             # does not mix two kinds of description in one batch.
             "prompt": status["prompt"],
@@ -156,11 +166,10 @@ def plan_shards(
             "shard": asdict(info),
         }
         if request.generations is not None and request.sidecar_generations is not None:
-            body["generations"] = request.generations[offset : offset + size]
-            body["sidecar_generations"] = request.sidecar_generations[offset : offset + size]
+            body["generations"] = request.generations[start : start + size]
+            body["sidecar_generations"] = request.sidecar_generations[start : start + size]
         name = shard_object_name(shards_prefix, batch, run, index)
         planned.append((name, json.dumps(body, sort_keys=True).encode()))
-    status["shard_digests"] = [_digest(body) for _, body in planned]
     return planned
 
 
@@ -184,11 +193,11 @@ async def write_shards(
     return sum(written)
 
 
-def _digest(body: bytes) -> str:
+def digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()[:32]
 
 
-async def describe_shard(runtime: Runtime, event: ObjectEvent) -> str:
+async def describe_shard(runtime: Runtime, event: ObjectEvent) -> Outcome:
     """Run one shard, record it in the status object, and merge if it was the last."""
     bucket, name, generation = event.bucket, event.name, event.generation
     results, stop_at, give_up = event.results, event.stop_at, event.give_up
@@ -196,10 +205,11 @@ async def describe_shard(runtime: Runtime, event: ObjectEvent) -> str:
     store = runtime.store
     uri = f"gs://{bucket}/{name}"
     loaded = await load_request(runtime, event, shard=True)
-    if loaded == "superseded":
+    if loaded is None:
         log.info("the shard no longer exists (its batch finished); ignored")
-    if isinstance(loaded, str):
-        return f"shard_{loaded}" if loaded == "invalid" else loaded
+        return Outcome.SUPERSEDED
+    if isinstance(loaded, RequestError):
+        return Outcome.SHARD_INVALID
     body, request = loaded
     info = request.shard
     assert info is not None  # parse_body(shard=True) requires it
@@ -211,11 +221,11 @@ async def describe_shard(runtime: Runtime, event: ObjectEvent) -> str:
     fields = {"uri": uri, "batch": info.batch, "shard": info.index}
     if status is None or str(status.get("run")) != info.run:
         log.info("shard of a run that is not the batch's current one; ignored", extra=fields)
-        return "superseded"
+        return Outcome.SUPERSEDED
     digests = status.get("shard_digests") or []
-    if info.index >= len(digests) or digests[info.index] != _digest(body):
+    if info.index >= len(digests) or digests[info.index] != digest(body):
         log.error("shard is not the one its batch planned; refused", extra=fields)
-        return "shard_invalid"
+        return Outcome.SHARD_INVALID
     # From here the body is the one the batch planned: its fields can be trusted as far
     # as the status can. Sidecars go only where the settings put sidecars.
     output = request.output or results
@@ -224,11 +234,11 @@ async def describe_shard(runtime: Runtime, event: ObjectEvent) -> str:
         or output.bucket not in settings.readable_buckets(bucket)
     ):
         log.error("a backfill shard's sidecars would go elsewhere; refused", extra=fields)
-        return "shard_invalid"
-    files = _files_of(status)
+        return Outcome.SHARD_INVALID
+    files = files_of(status)
     if files is None:
         log.error("the batch's status names no files location; ignored", extra=fields)
-        return "superseded"
+        return Outcome.SUPERSEDED
     if str(info.index) not in status.get("finished_shards", {}):
         job = Job(
             request=request,
@@ -238,7 +248,8 @@ async def describe_shard(runtime: Runtime, event: ObjectEvent) -> str:
             results_name=shard_jsonl_name(files, info.batch, info.index),
             state=state,
             parts_prefix=batch_object(state, info.batch, f".shards/{info.index:05d}.parts/"),
-            title=f"Shard {info.index + 1} of {info.count} of {info.source}",
+            # A backfill's shard count grows while its listing goes on.
+            title=f"Shard {info.index + 1} of {info.source}",
             # From the settings, never from the status: where uploaders may write the
             # state bucket too (RESULTS_BUCKET unset, or also a source bucket), a forged
             # status must not widen what the function reads.
@@ -249,9 +260,9 @@ async def describe_shard(runtime: Runtime, event: ObjectEvent) -> str:
             retry_transient=True,
         )
         outcome = await run_job(runtime, job, stop_at, give_up=give_up)
-        if outcome.state == "superseded":
-            return "shard_superseded"
-        stalled = outcome.state == "stalled"
+        if outcome.state is JobState.SUPERSEDED:
+            return Outcome.SHARD_SUPERSEDED
+        stalled = outcome.state is JobState.STALLED
         tally = outcome.tally or await _tally_of(store, files.bucket, job.results_name)
         status = await update_status(
             store,
@@ -264,16 +275,22 @@ async def describe_shard(runtime: Runtime, event: ObjectEvent) -> str:
             ),
         )
         if status is None or status.get("run") != info.run:
-            return "superseded"
+            return Outcome.SUPERSEDED
         log.info("shard done", extra={**fields, "pending": len(status["pending_shards"])})
-    if status["pending_shards"] or status.get("results_uri"):
-        return "described_shard"
+    if not ready_to_merge(status):
+        return Outcome.DESCRIBED_SHARD
     # The last shard recorded (or a redelivery of it, if merging failed): merge.
-    await _merge(runtime, info, files, state, status, shards_bucket=bucket)
-    return "merged"
+    await merge(runtime, status, files, state, shards_bucket=bucket)
+    return Outcome.MERGED
 
 
-def _files_of(status: dict[str, Any]) -> Location | None:
+def ready_to_merge(status: dict[str, Any]) -> bool:
+    """Every shard recorded, a backfill's listing finished, and not merged yet."""
+    listing_done = bool(status.get("listing", {}).get("done", True))
+    return listing_done and not status["pending_shards"] and not status.get("results_uri")
+
+
+def files_of(status: dict[str, Any]) -> Location | None:
     """Where the batch's JSONL and galleries go, as its status records it."""
     try:
         return parse_output(str(status.get("files") or ""), what="the status's files")
@@ -281,29 +298,31 @@ def _files_of(status: dict[str, Any]) -> Location | None:
         return None
 
 
-async def _merge(
+async def merge(
     runtime: Runtime,
-    info: ShardInfo,
+    status: dict[str, Any],
     files: Location,
     state: Location,
-    status: dict[str, Any],
     *,
     shards_bucket: str,
 ) -> None:
     """Concatenate the shards' JSONL, in shard order (each is in input order), into one."""
     store = runtime.store
-    names = [shard_jsonl_name(files, info.batch, i) for i in range(info.count)]
-    merged_name = batch_object(files, info.batch, ".jsonl")
+    batch, run, count = str(status["batch"]), str(status["run"]), int(status["shards"])
+    names = [shard_jsonl_name(files, batch, i) for i in range(count)]
+    merged_name = batch_object(files, batch, ".jsonl")
     # Cloud Storage concatenates the shards itself: the merge holds no record in
     # memory, whatever the batch's size.
+    metadata = {SOURCE_GENERATION_KEY: run, COMPLETE_KEY: "true"}
     try:
-        await store.compose(
-            files.bucket,
-            merged_name,
-            names,
-            content_type=JSONL_TYPE,
-            metadata={SOURCE_GENERATION_KEY: info.run, COMPLETE_KEY: "true"},
-        )
+        if names:
+            await store.compose(
+                files.bucket, merged_name, names, content_type=JSONL_TYPE, metadata=metadata
+            )
+        else:  # a backfill whose listing found everything described as it went
+            await store.write(
+                files.bucket, merged_name, b"", content_type=JSONL_TYPE, metadata=metadata
+            )
     except StorageUnavailable as exc:
         # A finished shard's JSONL missing (404), or an outage: a redelivery merges again.
         raise TransientFailure(exc.uri, f"the shards' JSONL could not be merged: {exc}") from exc
@@ -312,28 +331,27 @@ async def _merge(
     if runtime.settings.gallery:
         index_name = gallery_name(merged_name)
         page = render_index(
-            status,
-            [f"{info.batch.rsplit('/', 1)[-1]}.shards/{i:05d}.html" for i in range(info.count)],
+            status, [f"{batch.rsplit('/', 1)[-1]}.shards/{i:05d}.html" for i in range(count)]
         )
         await store.write(files.bucket, index_name, page, content_type=HTML_TYPE)
         gallery_uri = f"gs://{files.bucket}/{index_name}"
 
     def finish(s: dict[str, Any]) -> dict[str, Any] | None:
-        if s.get("run") != info.run:
+        if s.get("run") != run:
             return None
         s.update(
             complete=True, results_uri=results_uri, gallery_uri=gallery_uri, updated_at=now_iso()
         )
         return s
 
-    await update_status(store, state.bucket, status_name(state, info.batch), finish)
-    # The shard manifests did their job; their events, if redelivered late, find nothing.
-    await store.delete_all(
-        shards_bucket, f"{runtime.settings.shards_prefix}{info.batch}/{info.run}/"
-    )
+    await update_status(store, state.bucket, status_name(state, batch), finish)
+    # The shard manifests and listing steps did their job; their events, if redelivered
+    # late, find nothing. So did a backfill's listing plans.
+    await store.delete_all(shards_bucket, f"{runtime.settings.shards_prefix}{batch}/{run}/")
+    await store.delete_all(state.bucket, batch_object(state, batch, f".listing/{run}/"))
     log.info(
         "batch merged",
-        extra={"uri": results_uri, "count": info.total, "shards": info.count},
+        extra={"uri": results_uri, "count": status["total"], "shards": count},
     )
 
 

@@ -59,6 +59,10 @@ class ObjectInfo:
     metadata: Mapping[str, str]
 
 
+# Objects of one listing page, and the token of the next page (None after the last).
+Page = tuple[list[ObjectInfo], str | None]
+
+
 def is_own_output(metadata: Mapping[str, Any] | None) -> bool:
     return bool(metadata) and str((metadata or {}).get(OUTPUT_MARKER_KEY, "")).lower() == "true"
 
@@ -80,7 +84,13 @@ class Store(Protocol):
 
     async def read_bytes(self, bucket: str, name: str) -> bytes | None: ...
 
-    async def list(self, bucket: str, prefix: str) -> list[ObjectInfo]: ...
+    async def list(
+        self, bucket: str, prefix: str, *, start: str | None = None, end: str | None = None
+    ) -> list[ObjectInfo]: ...
+
+    async def list_page(
+        self, bucket: str, prefix: str, *, page_token: str | None, page_size: int
+    ) -> Page: ...
 
     async def write(
         self,
@@ -212,28 +222,47 @@ class ResultStore:
 
         return await self._run(read, f"gs://{bucket}/{name}")
 
-    async def list(self, bucket: str, prefix: str) -> list[ObjectInfo]:
-        """Every object under ``prefix``, page after page (the client follows the tokens)."""
+    async def list(
+        self, bucket: str, prefix: str, *, start: str | None = None, end: str | None = None
+    ) -> list[ObjectInfo]:
+        """Every object under ``prefix`` (from ``start``, before ``end``), page after page."""
 
         def listing() -> list[ObjectInfo]:
             blobs = self._client.list_blobs(
                 bucket,
                 prefix=prefix,
+                start_offset=start,
+                end_offset=end,
                 page_size=LIST_PAGE_SIZE,
                 timeout=self._timeout,
                 retry=self._retry,
             )
-            return [
-                ObjectInfo(
-                    name=str(blob.name),
-                    generation=int(blob.generation or 0),
-                    content_type=str(blob.content_type or ""),
-                    metadata=dict(blob.metadata or {}),
-                )
-                for blob in blobs
-            ]
+            return [_info(blob) for blob in blobs]
 
         return await self._run(listing, f"gs://{bucket}/{prefix}")
+
+    async def list_page(
+        self, bucket: str, prefix: str, *, page_token: str | None, page_size: int
+    ) -> Page:
+        """One page of the objects under ``prefix``, and the token of the next (None: the last).
+
+        A backfill lists a page at a time so that it can stop between any two and
+        hand the token on: no invocation lists for longer than its time allows.
+        """
+
+        def page() -> Page:
+            blobs = self._client.list_blobs(
+                bucket,
+                prefix=prefix,
+                page_token=page_token,
+                page_size=page_size,
+                timeout=self._timeout,
+                retry=self._retry,
+            )
+            items = [_info(blob) for blob in next(blobs.pages, [])]
+            return items, blobs.next_page_token
+
+        return await self._run(page, f"gs://{bucket}/{prefix}")
 
     async def delete_all(self, bucket: str, prefix: str) -> int:
         """Delete every object under ``prefix`` that this function wrote; return how many went.
@@ -364,6 +393,15 @@ def bucket_missing(
     except (gexc.GoogleAPIError, GoogleAuthError, OSError, ValueError):
         return None
     return False
+
+
+def _info(blob: storage.Blob) -> ObjectInfo:
+    return ObjectInfo(
+        name=str(blob.name),
+        generation=int(blob.generation or 0),
+        content_type=str(blob.content_type or ""),
+        metadata=dict(blob.metadata or {}),
+    )
 
 
 def _plainly(exc: BaseException) -> BaseException:

@@ -6,7 +6,8 @@ import logging
 
 from .batch import Location
 from .errors import Code, TransientFailure
-from .layout import KIND_KEY, SIDECAR_KIND, is_sidecar, sidecar_name
+from .layout import KIND_KEY, SIDECAR_KIND, is_sidecar, sidecar_is_current, sidecar_name
+from .outcomes import Outcome
 from .records import JSON_TYPE, Record, dumps_json
 from .runtime import ObjectEvent, Runtime, open_pipeline
 from .store import RESULT_KEY, SOURCE_GENERATION_KEY, Store, generation_number, result_key
@@ -40,12 +41,13 @@ async def write_sidecar(
     )
 
 
-async def describe_upload(runtime: Runtime, event: ObjectEvent, *, sniffed: bool) -> str:
+async def describe_upload(runtime: Runtime, event: ObjectEvent, *, sniffed: bool) -> Outcome:
     bucket, name, generation = event.bucket, event.name, event.generation
     results, stop_at, give_up = event.results, event.stop_at, event.give_up
     settings = runtime.settings
     store = runtime.store
     prompt, schema = settings.prompt_and_schema()
+    key = result_key(settings.model, prompt, schema)
     sidecar = sidecar_name(results, name)
     source = f"gs://{bucket}/{name}"
     existing, existing_generation, metadata = await store.read_json_meta(results.bucket, sidecar)
@@ -56,23 +58,19 @@ async def describe_upload(runtime: Runtime, event: ObjectEvent, *, sniffed: bool
             "the sidecar's name is taken by an object that is not its sidecar; not described",
             extra={"uri": f"gs://{results.bucket}/{sidecar}", "error_code": "name_taken"},
         )
-        return "name_taken"
+        return Outcome.NAME_TAKEN
     if existing is not None:
         described = generation_number(existing.get("generation"))
         if described > generation_number(generation):
             # A late event for an older generation: the newer result stays,
             # whatever model or prompt wrote it.
             log.info("a newer generation is already described; ignored", extra={"uri": sidecar})
-            return "superseded"
-        if (
-            described == generation_number(generation)
-            # The fallback model answers for GEMINI_MODEL when that does not exist.
-            and existing.get("model") in {settings.model, settings.fallback_model}
-            and existing.get("prompt") == prompt
-            and existing.get("schema") == schema
+            return Outcome.SUPERSEDED
+        if sidecar_is_current(
+            metadata, existing, generation=generation, key=key, settings=settings
         ):
             log.info("already described for this generation; skipped", extra={"uri": sidecar})
-            return "already_done"
+            return Outcome.ALREADY_DONE
     allowed = settings.allowed_buckets | {bucket}
     async with open_pipeline(
         runtime,
@@ -86,21 +84,21 @@ async def describe_upload(runtime: Runtime, event: ObjectEvent, *, sniffed: bool
         # That generation is gone: the object was replaced or deleted, and a
         # newer event (if any) describes what is there now.
         log.info("the event's generation no longer exists; ignored", extra={"object": name})
-        return "superseded"
+        return Outcome.SUPERSEDED
     if record.transient and not give_up:
         # A rate limit, outage or the deadline outlasted our retries: raise so
         # the platform redelivers the event later, not record a failure for good.
         raise TransientFailure(record.source, record.error_message or "transient failure")
     if sniffed and record.error_code is Code.NOT_AN_IMAGE:
         log.info("untyped object is not an image; ignored", extra={"object": name})
-        return "ignored_not_image"
+        return Outcome.IGNORED_NOT_IMAGE
     written = await write_sidecar(
         store,
         results,
         name,
         record,
         generation=generation,
-        key=result_key(settings.model, prompt, schema),
+        key=key,
         # Create-only, or replace exactly the sidecar we read: a concurrent
         # delivery that wrote first wins and this one counts as done.
         if_generation_match=existing_generation or 0,
@@ -108,6 +106,6 @@ async def describe_upload(runtime: Runtime, event: ObjectEvent, *, sniffed: bool
     uri = f"gs://{results.bucket}/{sidecar}"
     if not written:
         log.info("another delivery wrote the result first", extra={"uri": uri})
-        return "already_done"
+        return Outcome.ALREADY_DONE
     log.info("described upload", extra={"uri": uri, "status": record.status})
-    return "described"
+    return Outcome.DESCRIBED

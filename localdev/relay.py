@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import email.message
 import json
@@ -107,6 +108,11 @@ class Faults:
     ``lose_write_replies``: do the next N writes, then close the connection instead of
     answering (the write happened; the client cannot know): a client that retries a
     create-only write then meets 412.
+    ``list_page_delay_s``: answer each page of an object listing this much later (a
+    bucket so large that listing it outlasts an invocation).
+    ``hold_next_pages``: hold every listing request that carries a page token (a listing
+    carried on from an earlier page) until the faults change; ``RelayStats.pages_held``
+    counts those waiting, so a test can kill a process in the middle of a listing.
     """
 
     refuse_writes: bool = False
@@ -114,6 +120,8 @@ class Faults:
     hang_writes_s: float = 0.0
     hold_composes: bool = False
     lose_write_replies: int = 0
+    list_page_delay_s: float = 0.0
+    hold_next_pages: bool = False
 
 
 @dataclass
@@ -149,6 +157,8 @@ class RelayStats:
     lost_replies: int = 0  # writes done whose answer Faults.lose_write_replies dropped
     composes_held: int = 0  # composes waiting now under Faults.hold_composes
     not_modified: int = 0  # 304s answered (reads whose not-match condition failed)
+    list_pages: int = 0  # pages of object listings answered
+    pages_held: int = 0  # listing pages waiting now under Faults.hold_next_pages
     queued: int = 0  # events raised
     delivered: int = 0  # events delivered (a 2xx answer)
     failed_attempts: int = 0  # deliveries that failed (no answer, timeout, not 2xx)
@@ -261,6 +271,7 @@ _COPY = re.compile(
     rf"/b/(?P<bucket>{_SEGMENT})/o/(?P<name>{_SEGMENT})"
 )
 _COMPOSE = re.compile(rf"/storage/v1/b/(?P<bucket>{_SEGMENT})/o/(?P<name>{_SEGMENT})/compose")
+_LIST = re.compile(rf"/storage/v1/b/(?P<bucket>{_SEGMENT})/o")
 _CONTENT_RANGE = re.compile(r"bytes (?:(?P<start>\d+)-(?P<end>\d+|\*)|\*)/(?P<total>\d+|\*)")
 
 # Not forwarded either way: they describe one connection, or are recomputed.
@@ -475,7 +486,47 @@ class Relay:
                 return await self._read_media(request, bucket, name, conditions)
             if match and conditions:
                 return await self._read_metadata(request, conditions)
+            if _LIST.fullmatch(path) and "delimiter" not in query:
+                return await self._list(request, body)
         return await self._forward(request, body)
+
+    async def _list(self, request: web.Request, body: bytes) -> _Upstream:
+        """One page of a listing, as Cloud Storage pages it.
+
+        The emulator answers every object at once and ignores ``maxResults``,
+        ``pageToken``, ``startOffset`` and ``endOffset``: the relay applies them, in
+        name order, so that code listing page by page meets pages here.
+        """
+        query = request.query
+        while self.faults.hold_next_pages and query.get("pageToken"):
+            self.stats.pages_held += 1
+            try:
+                await self._faults_changed.wait()
+            finally:
+                self.stats.pages_held -= 1
+        upstream = await self._forward(request, body)
+        if upstream.status != 200:
+            return upstream
+        items = sorted(_json_object(upstream.body).get("items") or [], key=lambda o: o["name"])
+        start, after = query.get("startOffset", ""), _token_name(query.get("pageToken"))
+        end = query.get("endOffset")
+        items = [
+            o
+            for o in items
+            if o["name"] >= start
+            and (not after or o["name"] > after)
+            and (end is None or o["name"] < end)
+        ]
+        size = int(query.get("maxResults") or 1000)
+        page: dict[str, Any] = {"kind": "storage#objects", "items": items[:size]}
+        if len(items) > size:
+            page["nextPageToken"] = _page_token(items[size - 1]["name"])
+        if self.faults.list_page_delay_s > 0:
+            await asyncio.sleep(self.faults.list_page_delay_s)
+        self.stats.list_pages += 1
+        headers = CIMultiDict(upstream.headers)
+        headers.popall("Content-Length", None)
+        return _Upstream(200, "OK", headers, json.dumps(page).encode())
 
     async def _insert(
         self, request: web.Request, bucket: str, body: bytes, conditions: _Conditions
@@ -815,6 +866,20 @@ def _json_object(body: bytes) -> dict[str, Any]:
 
 def _upload_id(location: str) -> str | None:
     return URL(location).query.get("upload_id") if location else None
+
+
+def _page_token(last_name: str) -> str:
+    """An opaque token for the page after ``last_name`` (Cloud Storage's are opaque too)."""
+    return base64.urlsafe_b64encode(last_name.encode()).decode()
+
+
+def _token_name(token: str | None) -> str:
+    if not token:
+        return ""
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except ValueError as exc:
+        raise _BadRequest(f"invalid pageToken {token!r}") from exc
 
 
 def _quote(value: str) -> str:

@@ -27,6 +27,7 @@ from google.cloud import storage
 from PIL import Image
 
 from describer import Runtime, Settings
+from describer.events import handle_storage_event
 from describer.gemini import GeminiConnector
 from describer.settings import GeminiAccess
 from localdev import procs
@@ -164,6 +165,22 @@ def event_data(blob: storage.Blob) -> dict[str, Any]:
     _, body = finalized_event(blob)
     data: dict[str, Any] = json.loads(body)
     return data
+
+
+def deliver_all(runtime: Runtime, bucket: storage.Bucket, prefix: str) -> list[str]:
+    """Deliver the finalize event of every object under ``prefix``, as Eventarc would, and of
+    those the deliveries create (a backfill's next listing step, its shards), until no new
+    one appears; the outcomes in order."""
+    delivered: set[tuple[str, int]] = set()
+    outcomes = []
+    while True:
+        blobs = sorted(bucket.list_blobs(prefix=prefix), key=lambda b: str(b.name))
+        new = [b for b in blobs if (b.name, b.generation) not in delivered]
+        if not new:
+            return outcomes
+        for blob in new:
+            delivered.add((blob.name, blob.generation))
+            outcomes.append(handle_storage_event(runtime, event_data(blob)))
 
 
 def wait_for(

@@ -151,13 +151,15 @@ def test_a_backfill_of_5000_images_across_processes_survives_a_killed_process(
     assert sum(r["usage"]["prompt_tokens"] for r in records) == status["usage"]["prompt_tokens"]
     # AND every image has its sidecar
     assert sum(1 for _ in gcs.list_blobs(results.name, prefix="descriptions/cam/")) == IMAGES
-    # AND no shard created a shard: exactly the backfill's shards were ever written under
-    # the shards prefix, each once, and none is left
+    # AND no shard created a shard: exactly the backfill's shards and its listing steps were
+    # ever written under the shards prefix, each once, and none is left
     shard_objects = sorted(n for n in stats.objects if n.startswith(SHARDS))
-    assert shard_objects == [
-        f"{SHARDS}{body['batch']}/{body['run']}/{i:05d}.batch.json"
-        for i in range(IMAGES // SHARD_SIZE)
-    ]
+    run_folder = f"{SHARDS}{body['batch']}/{body['run']}/"
+    steps = status["listing"]["step"]
+    assert shard_objects == sorted(
+        [f"{run_folder}{i:05d}.batch.json" for i in range(IMAGES // SHARD_SIZE)]
+        + [f"{run_folder}{i:05d}.listing.json" for i in range(steps)]
+    )
     assert all(len(stats.objects[n]) == 1 for n in shard_objects)
     assert not list(gcs.list_blobs(photos.name, prefix=SHARDS))
 
@@ -185,7 +187,7 @@ def kill_relay(
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("moment", ["early", "middle", "late", "merge"])
+@pytest.mark.parametrize("moment", ["listing", "early", "middle", "late", "merge"])
 def test_a_process_killed_at_any_moment_costs_at_most_twice_the_model_concurrency(
     moment: str,
     gcs: storage.Client,
@@ -194,9 +196,10 @@ def test_a_process_killed_at_any_moment_costs_at_most_twice_the_model_concurrenc
     sim: RunningSimulator,
     tmp_path: Path,
 ) -> None:
-    """A describe_gcs process killed with SIGKILL without waiting for anything (early, in the
-    middle, late, or while its batch is merged) costs at most 2 x MODEL_CONCURRENCY extra
-    model calls, and the batch still ends with every image, its status and JSONL exact."""
+    """A describe_gcs process killed with SIGKILL without waiting for anything (while the
+    backfill is still being listed, early, in the middle, late, or while its batch is merged)
+    costs at most 2 x MODEL_CONCURRENCY extra model calls, and the batch still ends with every
+    image, its status and JSONL exact."""
     photos, results = fleet_buckets
     for i in range(KILL_IMAGES):
         photos.blob(f"cam/{i:04d}.png").upload_from_string(
@@ -210,6 +213,7 @@ def test_a_process_killed_at_any_moment_costs_at_most_twice_the_model_concurrenc
         SHARD_SIZE=str(KILL_SHARD_SIZE),
         MODEL_CONCURRENCY=str(KILL_MODEL_CONCURRENCY),
         FUNCTION_TIMEOUT_S="300",
+        LIST_PAGE_SIZE="10",
         GALLERY="false",
     )
     functions = Functions(env, tmp_path)
@@ -220,17 +224,33 @@ def test_a_process_killed_at_any_moment_costs_at_most_twice_the_model_concurrenc
         sim.configure(api_key=API_KEY, latency_ms=30)
         if moment == "merge":
             kill_relay.set_faults(hold_composes=True)
-        reply = requests.post(http, json={"backfill": f"gs://{photos.name}/cam/"}, timeout=120)
+        if moment == "listing":
+            # Pages so slow that the request lists a quarter of the prefix, and a step the rest.
+            kill_relay.set_faults(list_page_delay_s=0.3)
+        where: dict[str, Any] = {"backfill": f"gs://{photos.name}/cam/", "max_images": KILL_IMAGES}
+        reply = requests.post(http, json=where, timeout=120)
         assert reply.status_code == 202, reply.text
         body = reply.json()
         status_name = f"describer-batches/{body['batch']}.status.json"
+
+        def status() -> dict[str, Any]:
+            blob = results.get_blob(status_name)
+            return json.loads(blob.download_as_bytes()) if blob else {}
+
         # WHEN a process is killed at the moment chosen, without waiting for its writers
         share = {"early": 0.1, "middle": 0.5, "late": 0.9}.get(moment)
         if share is not None:
             wait_for(lambda: sim.stats.ok >= KILL_IMAGES * share, f"{moment} answers", 240)
+        elif moment == "listing":
+            # Held at its next page, a listing step is certainly in the middle of its work.
+            assert not body["listing_complete"]
+            kill_relay.set_faults(list_page_delay_s=0.3, hold_next_pages=True)
+            wait_for(lambda: kill_relay.stats().pages_held >= 1, "a listing step's next page")
         else:
             wait_for(lambda: kill_relay.stats().composes_held >= 1, "the merge to start", 240)
-        victims = functions.started[1:] if moment == "merge" else functions.started[1:2]
+        # Both workers for the merge and the listing: whichever holds the event dies with it.
+        both = moment in ("merge", "listing")
+        victims = functions.started[1:] if both else functions.started[1:2]
         for victim in victims:
             procs.kill_hard(victim)
         # AND a fresh process takes the victims' place, as Cloud Run would start one
@@ -240,14 +260,19 @@ def test_a_process_killed_at_any_moment_costs_at_most_twice_the_model_concurrenc
         kill_relay.set_targets([*survivors, functions.start("describe_gcs", cloudevent=True)])
         kill_relay.set_faults()
 
-        def complete() -> bool:
-            blob = results.get_blob(status_name)
-            return blob is not None and json.loads(blob.download_as_bytes())["complete"]
-
-        wait_for(complete, "the backfill's status to say complete", 420, poll_s=0.1)
+        wait_for(lambda: status()["complete"], "the status to say complete", 420, poll_s=0.1)
         kill_relay.wait_idle(60)
     finally:
         functions.stop_all()
+    if moment == "listing":
+        # THEN the listing step the kill interrupted was delivered again, and finished
+        steps = [
+            r
+            for n, rs in kill_relay.stats().objects.items()
+            if n.endswith(".listing.json")
+            for r in rs
+        ]
+        assert any(d.status is None for r in steps for d in r.deliveries), steps
     # THEN every image was answered, and the kill cost at most 2 x MODEL_CONCURRENCY calls
     assert len(sim.stats.answered_digests()) == KILL_IMAGES
     assert sim.stats.calls - KILL_IMAGES <= 2 * KILL_MODEL_CONCURRENCY, sim.stats.calls

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import requests
 from google.cloud import storage
 
+from localdev.events import finalized_event
 from localdev.gemini_sim import RunningSimulator, describe_image
+from localdev.relay import RunningRelay
 
-from .conftest import make_image, send_event, upload
+from .conftest import Functions, function_env, make_image, send_event, upload, wait_for
 
 
 def _sidecar(bucket: storage.Bucket, name: str) -> storage.Blob | None:
@@ -224,3 +228,41 @@ def test_a_late_event_for_an_older_generation_leaves_the_newer_result(
     record = json.loads(sidecar.download_as_bytes())
     assert record["generation"] == str(new.generation)
     assert record["description"] == describe_image(new_data)
+
+
+def test_one_upload_delivered_to_two_instances_at_once_is_written_once(
+    fleet_buckets: tuple[storage.Bucket, storage.Bucket],
+    relay: RunningRelay,
+    sim: RunningSimulator,
+    tmp_path: Path,
+) -> None:
+    """The measurement behind describing a duplicate delivery twice rather than locking: two
+    processes get the same event at the same moment; both are inside their Gemini call at
+    once. The duplicate costs exactly one call, and no write: one sidecar is kept."""
+    photos, results = fleet_buckets
+    blob = upload(photos, "dup/rocket.png", make_image(64, 48, "red", "PNG"), "image/png")
+    env = function_env(relay.url, sim.url, RESULTS_BUCKET=results.name)
+    functions = Functions(env, tmp_path)
+    try:
+        targets = [functions.start("describe_gcs", cloudevent=True) for _ in range(2)]
+        sim.hold()
+        headers, body = finalized_event(blob)
+        with ThreadPoolExecutor(2) as pool:
+            # WHEN the same event (same id) reaches both processes at once
+            answers = [
+                pool.submit(requests.post, url, data=body, headers=headers, timeout=60)
+                for url in targets
+            ]
+            # THEN both are in their model call at the same moment
+            wait_for(lambda: sim.stats.held == 2, "both calls in flight at once")
+            sim.release()
+            statuses = [answer.result().status_code for answer in answers]
+    finally:
+        functions.stop_all()
+    # AND both answer done (no redelivery), one sidecar was written, the other write met 412
+    assert statuses == [200, 200]
+    assert sim.stats.calls == 2
+    assert relay.stats().precondition_failed == 1
+    sidecar = results.get_blob("descriptions/dup/rocket.png.json")
+    assert sidecar is not None
+    assert json.loads(sidecar.download_as_bytes())["status"] == "ok"

@@ -7,12 +7,14 @@ functions that events are delivered to.
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import io
 import json
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -21,6 +23,7 @@ from google.api_core import exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
+from describer.store import ResultStore
 from localdev import procs
 from localdev.events import FINALIZED
 from localdev.relay import RelayConfig, RunningRelay, start_in_thread
@@ -168,6 +171,38 @@ def test_faults_refuse_writes_and_lose_replies_of_writes_that_happened(
     assert bucket.blob("lost.json").download_as_bytes() == b"done"
     stats = relay.stats()
     assert (stats.refused_writes, stats.lost_replies, stats.precondition_failed) == (1, 1, 1)
+
+
+def test_listings_are_paged_and_ranged_as_cloud_storage_pages_them(
+    make_relay: Callable[..., RunningRelay],
+) -> None:
+    """The emulator answers a listing whole; through the relay, the project's store meets
+    pages of maxResults in name order with opaque tokens, and startOffset/endOffset apply."""
+    relay = make_relay()
+    client = client_for(relay)
+    bucket = new_bucket(client)
+    names = [f"p/{c}" for c in "gacebfd"] + ["q/other"]
+    for name in names:
+        bucket.blob(name).upload_from_string(b"x")
+    store = ResultStore(client, ThreadPoolExecutor(2), timeout_s=10)
+
+    async def pages() -> list[list[str]]:
+        found, token = [], None
+        while True:
+            page, token = await store.list_page(bucket.name, "p/", page_token=token, page_size=3)
+            found.append([o.name for o in page])
+            if token is None:
+                return found
+
+    # THEN pages of 3, in name order, until a page without a next token
+    assert asyncio.run(pages()) == [["p/a", "p/b", "p/c"], ["p/d", "p/e", "p/f"], ["p/g"]]
+    # AND a range is from start (inclusive) to end (exclusive)
+    ranged = asyncio.run(store.list(bucket.name, "p/", start="p/b", end="p/e"))
+    assert [o.name for o in ranged] == ["p/b", "p/c", "p/d"]
+    # AND the fault slows each page without changing it
+    relay.set_faults(list_page_delay_s=0.01)
+    assert asyncio.run(pages())[0] == ["p/a", "p/b", "p/c"]
+    assert relay.stats().list_pages == 3 + 1 + 3
 
 
 def test_resumable_uploads_are_checked_when_they_finalise(

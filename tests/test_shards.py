@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,15 @@ from describer.status import new_status, record_shard, update_status
 from localdev.gemini_sim import RunningSimulator
 from localdev.memory_store import MemoryStore
 
-from .conftest import API_KEY, event_data, make_image, post_batch, upload, upload_pictures
+from .conftest import (
+    API_KEY,
+    deliver_all,
+    event_data,
+    make_image,
+    post_batch,
+    upload,
+    upload_pictures,
+)
 
 SHARDS = "describer-shards/"
 
@@ -34,9 +43,7 @@ def _pictures(bucket: storage.Bucket, n: int, folder: str = "in") -> list[str]:
 
 
 def _deliver_shards(runtime: Runtime, bucket: storage.Bucket) -> list[str]:
-    """Deliver every shard object's finalize event, as Eventarc would; their outcomes."""
-    blobs = sorted(bucket.list_blobs(prefix=SHARDS), key=lambda b: b.name)
-    return [handle_storage_event(runtime, event_data(b)) for b in blobs]
+    return deliver_all(runtime, bucket, SHARDS)
 
 
 def _status(bucket: storage.Bucket, batch: str) -> dict[str, Any]:
@@ -47,13 +54,19 @@ def _status(bucket: storage.Bucket, batch: str) -> dict[str, Any]:
 
 
 def test_a_large_manifest_is_sharded_and_the_last_shard_merges_in_input_order(
-    runtime: Runtime, bucket: storage.Bucket, sim: RunningSimulator
+    runtime: Runtime,
+    bucket: storage.Bucket,
+    sim: RunningSimulator,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # GIVEN a manifest of 12 sources (one missing) with SHARD_SIZE 5
     images = [*_pictures(bucket, 11), f"gs://{bucket.name}/in/missing.png"]
     manifest = upload(bucket, "jobs/big.batch.json", json.dumps({"images": images}).encode(), None)
     # WHEN its event arrives THEN it is split into 3 shards and no model call is made
+    caplog.set_level(logging.INFO, logger="describer")
     assert handle_storage_event(runtime, event_data(manifest)) == "sharded"
+    # AND the event's last log line names the outcome
+    assert [r.outcome for r in caplog.records if r.getMessage() == "event handled"] == ["sharded"]
     assert sim.stats.calls == 0
     shards = sorted(b.name for b in bucket.list_blobs(prefix=SHARDS))
     assert shards == [
@@ -388,17 +401,21 @@ def test_a_backfill_whose_shards_cannot_be_written_releases_its_lock(
 
 def _backfill_batch(bucket: storage.Bucket) -> str:
     """The one backfill batch whose status object is in the bucket."""
-    (blob,) = bucket.list_blobs(prefix="describer-batches/backfill-")
+    (blob,) = (
+        b
+        for b in bucket.list_blobs(prefix="describer-batches/backfill-")
+        if b.name.endswith(".status.json")
+    )
     return str(blob.name).removeprefix("describer-batches/").removesuffix(".status.json")
 
 
-def test_a_backfill_above_max_manifest_images_or_out_of_time_claims_nothing(
+def test_a_backfill_above_max_backfill_images_or_out_of_time_claims_nothing(
     make_runtime: Callable[..., Runtime], bucket: storage.Bucket, sim: RunningSimulator
 ) -> None:
     _pictures(bucket, 4, folder="photos")
     where = {"backfill": f"gs://{bucket.name}/photos/"}
     capped = make_runtime(
-        results_bucket=None, allowed_buckets=frozenset({bucket.name}), max_manifest_images=3
+        results_bucket=None, allowed_buckets=frozenset({bucket.name}), max_backfill_images=3
     )
     # GIVEN more images than one run may take THEN 413, and max_images within the cap works
     reply = post_batch(capped, where)

@@ -25,7 +25,15 @@ from describer.http_api import MAX_REQUEST_BYTES
 from localdev import procs
 from localdev.gemini_sim import RunningSimulator
 
-from .conftest import RESULTS_BUCKET, event_data, function_env, make_image, post_batch, upload
+from .conftest import (
+    RESULTS_BUCKET,
+    deliver_all,
+    event_data,
+    function_env,
+    make_image,
+    post_batch,
+    upload,
+)
 
 
 def _session_peaks(session: int) -> dict[int, int]:
@@ -203,8 +211,7 @@ def test_non_ascii_names_are_described_as_uploads_manifests_and_backfills(
     # WHEN the folder is backfilled THEN the two others get sidecars too
     started = post_batch(runtime, {"backfill": f"gs://{bucket.name}/photos/"})
     assert started.status == 202 and started.body["images"] == 2, started.body
-    for shard in sorted(bucket.list_blobs(prefix=runtime.settings.shards_prefix), key=_name):
-        handle_storage_event(runtime, event_data(shard))
+    deliver_all(runtime, bucket, runtime.settings.shards_prefix)
     for name in NON_ASCII:
         blob = bucket.get_blob(f"descriptions/{name}.json")
         assert blob is not None, name
@@ -431,8 +438,7 @@ def test_an_upload_named_like_a_batch_file_cannot_replace_it(
     # THEN the status object is the one the batch wrote, and the batch merges
     after = bucket.get_blob(status)
     assert after is not None and after.generation == before.generation
-    shards = sorted(bucket.list_blobs(prefix=runtime.settings.shards_prefix), key=_name)
-    assert [handle_storage_event(runtime, event_data(s)) for s in shards][-1] == "merged"
+    assert deliver_all(runtime, bucket, runtime.settings.shards_prefix)[-1] == "merged"
     # GIVEN results with no RESULTS_PREFIX in a bucket of their own, where a user keeps a file
     results = gcs.create_bucket(f"r-{bucket.name}")
     upload(results, "notes/readme.json", b'{"mine": true}', "application/json")
@@ -464,8 +470,7 @@ def test_a_backfill_with_its_own_prompt_never_replaces_the_deployments_sidecars(
     # THEN only the image without a sidecar is taken, and the deployment's sidecar is kept
     assert reply.status == 202, reply.body
     assert (reply.body["images"], reply.body["kept_sidecars"]) == (1, 1)
-    for shard in bucket.list_blobs(prefix=runtime.settings.shards_prefix):
-        handle_storage_event(runtime, event_data(shard))
+    deliver_all(runtime, bucket, runtime.settings.shards_prefix)
     again = bucket.get_blob("descriptions/photos/0.png.json")
     assert again is not None and again.generation == sidecar.generation
     other = json.loads(bucket.blob("descriptions/photos/1.png.json").download_as_bytes())
