@@ -57,3 +57,8 @@ bench: $(STAMP)
 .PHONY: bench-fleet
 bench-fleet: $(STAMP)
 	$(PY) -m bench.fleet $(BENCH_ARGS)
+
+# The quota scenarios (issue 15): the adaptive limit against quotas the function is not told.
+.PHONY: bench-quota
+bench-quota: $(STAMP)
+	$(PY) -m bench.quota $(BENCH_ARGS)

@@ -39,12 +39,13 @@ exists; see deploy/config.env.example), then flags.
                                (else the GEMINI_API_KEY environment variable, else a prompt)
   --update-api-key             add the key as a new secret version (rotation)
   --vertex-location LOCATION   GOOGLE_CLOUD_LOCATION for Vertex AI (global)
-  --gemini-max-in-flight N     Gemini calls in flight the whole deployment may make (64);
-                               max instances are derived from it (see deploy/README.md)
+  --gemini-max-in-flight N     Gemini calls in flight the whole deployment may make at most (64):
+                               a cap on the bill; max instances are derived from it, and each
+                               instance finds the quota below it (see deploy/README.md)
   --http-share PERCENT         part of that budget for describe_http when there are source
                                buckets (50); the rest is split evenly between them
-  --model-concurrency N        MODEL_CONCURRENCY of describe_http (16)
-  --gcs-model-concurrency N    MODEL_CONCURRENCY of describe_gcs (4)
+  --model-concurrency N        MODEL_CONCURRENCY of describe_http: calls in flight per instance (16)
+  --gcs-model-concurrency N    MODEL_CONCURRENCY of describe_gcs, per instance (4)
   --http-concurrency N         requests one describe_http instance serves at once (1)
   --gcs-concurrency N          events one describe_gcs instance serves at once (4)
   --http-max-instances N       override the derived max instances (checked against the budget)
@@ -136,9 +137,10 @@ validate_deploy() {
   fi
 }
 
-# plan_capacity: max instances from the Gemini budget. Each instance of a function can have
-# concurrency x MODEL_CONCURRENCY calls in flight, so the fleet's worst case is the sum over
-# functions of max_instances x concurrency x MODEL_CONCURRENCY, kept within the budget.
+# plan_capacity: max instances from the Gemini budget. MODEL_CONCURRENCY is the ceiling of one
+# process's adaptive limit, whatever number of requests the instance serves at once, so the
+# fleet's worst case is the sum over functions of max_instances x MODEL_CONCURRENCY, kept within
+# the budget: a cap that protects the bill, not a quota to guess (each instance finds the quota).
 plan_capacity() {
   local n_gcs=${#SOURCES[@]}
   if ((n_gcs)); then
@@ -148,23 +150,21 @@ plan_capacity() {
     HTTP_BUDGET=$GEMINI_MAX_IN_FLIGHT
     GCS_BUDGET=0
   fi
-  HTTP_PER_INSTANCE=$((HTTP_CONCURRENCY * MODEL_CONCURRENCY))
-  GCS_PER_INSTANCE=$((GCS_CONCURRENCY * GCS_MODEL_CONCURRENCY))
+  HTTP_PER_INSTANCE=$MODEL_CONCURRENCY
+  GCS_PER_INSTANCE=$GCS_MODEL_CONCURRENCY
   HTTP_MAX=${HTTP_MAX_INSTANCES:-$((HTTP_BUDGET / HTTP_PER_INSTANCE))}
   if ((HTTP_MAX < 1)); then
     die "$HTTP_FUNCTION gets $HTTP_BUDGET of the $GEMINI_MAX_IN_FLIGHT Gemini calls in flight," \
-      "but one instance alone may make $HTTP_CONCURRENCY x $MODEL_CONCURRENCY" \
-      "(--http-concurrency x --model-concurrency) = $HTTP_PER_INSTANCE: lower those, raise" \
-      "--http-share, or raise --gemini-max-in-flight if your quota allows"
+      "but one instance alone may make $HTTP_PER_INSTANCE (--model-concurrency): lower it," \
+      "raise --http-share, or raise --gemini-max-in-flight"
   fi
   GCS_MAX=0
   if ((n_gcs)); then
     GCS_MAX=${GCS_MAX_INSTANCES:-$((GCS_BUDGET / GCS_PER_INSTANCE))}
     if ((GCS_MAX < 1)); then
       die "each describe_gcs function gets $GCS_BUDGET of the $GEMINI_MAX_IN_FLIGHT Gemini" \
-        "calls in flight, but one instance alone may make $GCS_CONCURRENCY x" \
-        "$GCS_MODEL_CONCURRENCY (--gcs-concurrency x --gcs-model-concurrency) =" \
-        "$GCS_PER_INSTANCE: lower those, lower --http-share, or raise --gemini-max-in-flight"
+        "calls in flight, but one instance alone may make $GCS_PER_INSTANCE" \
+        "(--gcs-model-concurrency): lower it, lower --http-share, or raise --gemini-max-in-flight"
     fi
   fi
   WORST_CASE=$((HTTP_MAX * HTTP_PER_INSTANCE + n_gcs * GCS_MAX * GCS_PER_INSTANCE))
@@ -275,13 +275,14 @@ print_plan() {
     note "shards, backfills        none: without a source bucket no trigger runs shard manifests"
     note "${pad}(add --source-bucket for manifests and backfills)"
   fi
-  note "Gemini calls in flight, worst case (--gemini-max-in-flight $GEMINI_MAX_IN_FLIGHT):"
-  note "  $(printf '%-34s %3s instances x %3s requests x %3s MODEL_CONCURRENCY = %s' \
-    "$HTTP_FUNCTION" "$HTTP_MAX" "$HTTP_CONCURRENCY" "$MODEL_CONCURRENCY" \
+  note "Gemini calls in flight, worst case (--gemini-max-in-flight $GEMINI_MAX_IN_FLIGHT, a cap:"
+  note "  each instance finds the quota below its MODEL_CONCURRENCY from Gemini's 429s):"
+  note "  $(printf '%-34s %3s instances x %3s MODEL_CONCURRENCY (%s requests share it) = %s' \
+    "$HTTP_FUNCTION" "$HTTP_MAX" "$MODEL_CONCURRENCY" "$HTTP_CONCURRENCY" \
     $((HTTP_MAX * HTTP_PER_INSTANCE)))"
   for i in "${!SOURCES[@]}"; do
-    note "  $(printf '%-34s %3s instances x %3s requests x %3s MODEL_CONCURRENCY = %s' \
-      "${GCS_FUNCTIONS[i]}" "$GCS_MAX" "$GCS_CONCURRENCY" "$GCS_MODEL_CONCURRENCY" \
+    note "  $(printf '%-34s %3s instances x %3s MODEL_CONCURRENCY (%s requests share it) = %s' \
+      "${GCS_FUNCTIONS[i]}" "$GCS_MAX" "$GCS_MODEL_CONCURRENCY" "$GCS_CONCURRENCY" \
       $((GCS_MAX * GCS_PER_INSTANCE)))"
   done
   note "  total $WORST_CASE <= $GEMINI_MAX_IN_FLIGHT"

@@ -233,11 +233,16 @@ async def _describe(
             dynamic_ncols=True,
         ) as bar:
             failed = 0
+            calls = runtime.calls
 
             async def progress(_index: int, record: Record) -> None:
                 nonlocal failed
                 failed += record.status != "ok"
-                bar.set_postfix(failed=failed, refresh=False)
+                # The limit the quota allows so far, and the 429s ridden out on the way.
+                state = calls.state
+                bar.set_postfix(
+                    failed=failed, limit=state.limit, throttled=state.throttled, refresh=False
+                )
                 bar.update(1)
 
             async with open_pipeline(

@@ -25,6 +25,7 @@ from google.genai import types
 
 from .errors import Code, SourceError
 from .images import PreparedImage
+from .quota import CallGate, CallOutcome
 from .records import Usage
 from .schemas import SCHEMAS, Schema, SchemaMismatch, validate
 from .settings import GeminiAccess
@@ -126,28 +127,68 @@ class GeminiConnector:
             return self._credentials
 
 
+class ModelSwitch:
+    """Process-wide: which model to call, GEMINI_MODEL or, once that is not found,
+    GEMINI_FALLBACK_MODEL, for every invocation from then on."""
+
+    def __init__(self, model: str, fallback: str | None) -> None:
+        self.configured = model
+        self.fallback = fallback if fallback != model else None
+        self._current = model
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> str:
+        return self._current
+
+    def after_missing(self, missing: str) -> bool:
+        """Whether to call again after ``missing`` was not found (switching if need be).
+
+        Calls that failed on the old model at the same time just follow the switch.
+        """
+        with self._lock:
+            if missing != self._current:
+                return True  # another call already switched
+            if self.fallback is None or missing == self.fallback:
+                return False
+            self._current = self.fallback
+        log.warning(
+            "model not found; switching to GEMINI_FALLBACK_MODEL",
+            extra={"model": missing, "fallback": self.fallback},
+        )
+        return True
+
+
 class Describer:
-    """Calls the model for one image at a time, with bounded, jittered retries."""
+    """Calls the model for one image at a time, with bounded, jittered retries.
+
+    One per invocation; the limit on calls in flight (``gate``) and the model
+    switch are the process's, shared by every invocation.
+    """
 
     def __init__(
         self,
         client: genai.Client,
         *,
-        model: str,
+        gate: CallGate,
+        switch: ModelSwitch,
         max_attempts: int,
         backoff_s: float,
-        fallback_model: str | None = None,
         media_resolution: str = "default",
         rng: random.Random | None = None,
     ) -> None:
         self._client = client
-        self._model = model
-        self._configured_model = model
-        self._fallback = fallback_model if fallback_model != model else None
+        self._gate = gate
+        self._switch = switch
         self._max_attempts = max_attempts
         self._backoff_s = backoff_s
         self._rng = rng or random.Random()
         self._media_resolution = _MEDIA_RESOLUTION.get(media_resolution)
+        self.throttled = 0  # rate-limit 429s this invocation's calls met (and rode out)
+
+    @property
+    def gate(self) -> CallGate:
+        return self._gate
 
     def _config(self, model: str, shape: Schema | None) -> types.GenerateContentConfig | None:
         """The call's options: media resolution and, for a structured answer, its schema.
@@ -229,17 +270,14 @@ class Describer:
         while True:
             attempt += 1
             final = attempt >= budget
-            model = self._model
             spent.attempts = attempt
             try:
-                response = await self._client.aio.models.generate_content(
-                    model=model, contents=contents, config=self._config(model, shape)
-                )
-            except genai_errors.APIError as exc:
-                if exc.code == 404 and self._use_fallback_after(model):
+                response, model = await self._call(contents, shape)
+            except _ModelCallError as failed:
+                if failed.error.code == 404 and self._switch.after_missing(failed.model):
                     budget += 1  # a call to a model that does not exist is not a retry
                     continue
-                delay = self._classify(exc, attempt, final)
+                delay = self._classify(failed.error, failed.model, attempt, final)
             except TimeoutError:
                 if final:
                     raise SourceError(
@@ -263,37 +301,42 @@ class Describer:
                 return _answer(response, attempt, model)
             await asyncio.sleep(delay)
 
-    def _use_fallback_after(self, missing: str) -> bool:
-        """Whether to call again with GEMINI_FALLBACK_MODEL after ``missing`` was not found.
+    async def _call(
+        self, contents: list[types.PartUnion], shape: Schema | None
+    ) -> tuple[types.GenerateContentResponse, str]:
+        """One call, inside the process's limit, telling the limit how it went; the answer
+        and the model that gave it (chosen once the limit let the call in: a switch to the
+        fallback while it waited is followed)."""
+        async with self._gate.slot() as slot:
+            model = self._switch.current
+            try:
+                response = await self._client.aio.models.generate_content(
+                    model=model, contents=contents, config=self._config(model, shape)
+                )
+            except genai_errors.APIError as exc:
+                if exc.code == 429 and not _is_daily_quota(exc.details):
+                    self.throttled += 1
+                    slot.settle(CallOutcome.THROTTLED, retry_after_s=_retry_delay(exc.details))
+                raise _ModelCallError(exc, model) from exc
+            slot.settle(CallOutcome.OK)
+            return response, model
 
-        The switch holds for the rest of the invocation, so later images go
-        straight to the fallback; workers that failed on the old model at the
-        same time just follow.
+    def _classify(self, exc: genai_errors.APIError, model: str, attempt: int, final: bool) -> float:
+        """Return how long to wait before retrying, or raise the final SourceError.
+
+        ``model`` is the one the failed call went to (another call may have switched since).
         """
-        if missing != self._model:
-            return True  # another worker already switched
-        if self._fallback is None or missing == self._fallback:
-            return False
-        log.warning(
-            "model not found; switching to GEMINI_FALLBACK_MODEL",
-            extra={"model": missing, "fallback": self._fallback},
-        )
-        self._model = self._fallback
-        return True
-
-    def _classify(self, exc: genai_errors.APIError, attempt: int, final: bool) -> float:
-        """Return how long to wait before retrying, or raise the final SourceError."""
         code = exc.code
         if code == 429 and _is_daily_quota(exc.details):
             raise SourceError(
                 Code.QUOTA_EXHAUSTED,
-                f"The daily Gemini quota for {self._model} is used up: {exc.message}",
+                f"The daily Gemini quota for {model} is used up: {exc.message}",
                 attempts=attempt,
             ) from None
         if code == 404:
-            missing = f"Model {self._configured_model!r} (GEMINI_MODEL) was not found"
-            if self._model != self._configured_model:
-                missing += f", nor {self._model!r} (GEMINI_FALLBACK_MODEL)"
+            missing = f"Model {self._switch.configured!r} (GEMINI_MODEL) was not found"
+            if model != self._switch.configured:
+                missing += f", nor {model!r} (GEMINI_FALLBACK_MODEL)"
             raise SourceError(
                 Code.MODEL_ERROR, f"{missing}: {exc.message}", attempts=attempt
             ) from None
@@ -320,6 +363,15 @@ class Describer:
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with full jitter."""
         return self._rng.uniform(0, min(BACKOFF_CAP_S, self._backoff_s * 2 ** (attempt - 1)))
+
+
+class _ModelCallError(Exception):
+    """An API error, and the model the call that met it went to."""
+
+    def __init__(self, error: genai_errors.APIError, model: str) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.model = model
 
 
 def _answer(response: types.GenerateContentResponse, attempts: int, model: str) -> Described:

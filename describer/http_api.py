@@ -151,7 +151,7 @@ def handle_http(
     prompt, schema = settings.prompt_and_schema(request.prompt, request.schema)
     results_name = batch_object(output, batch_id, ".jsonl")
     log.info("batch received", extra={"count": len(request.images)})
-    records, results, gallery_uri, write_error = asyncio.run(
+    records, results, gallery_uri, write_error, model_calls = asyncio.run(
         _describe_and_write(
             runtime,
             request.images,
@@ -170,6 +170,7 @@ def handle_http(
         "gallery_uri": gallery_uri,
         "counts": counts(records),
         "usage": total_usage(results),
+        "model_calls": model_calls,
         "results": results,
     }
     if write_error is not None:
@@ -197,6 +198,7 @@ def handle_http(
             "count": len(records),
             "counts": body["counts"],
             "usage": body["usage"],
+            "model_calls": model_calls,
         },
     )
     return HttpReply(200, body)
@@ -213,11 +215,14 @@ async def _describe_and_write(
     stop_at: float,
     *,
     title: str,
-) -> tuple[list[Record], list[dict[str, Any]], str | None, StorageUnavailable | None]:
+) -> tuple[
+    list[Record], list[dict[str, Any]], str | None, StorageUnavailable | None, dict[str, int]
+]:
     """Describe every source, then write the batch JSONL once, and its gallery.
 
     Returns the records, their JSON, the gallery's URI (None when none was
-    written) and the error that kept the JSONL from being written, if any.
+    written), the error that kept the JSONL from being written, if any, and the
+    model calls' limit and 429s (:meth:`Pipeline.model_calls`).
     """
     started = time.monotonic()
     gallery = runtime.settings.gallery
@@ -225,13 +230,14 @@ async def _describe_and_write(
         runtime, prompt=prompt, allowed_buckets=allowed, schema=schema, thumbnails=gallery
     ) as pipeline:
         records = await pipeline.run(uris, stop_at=stop_at)
+        model_calls = pipeline.model_calls()
     results = [r.to_json() for r in records]
     try:
         await runtime.store.write(
             bucket, results_name, dumps_jsonl(results), content_type=JSONL_TYPE
         )
     except StorageUnavailable as exc:
-        return records, results, None, exc
+        return records, results, None, exc, model_calls
     gallery_uri = None
     if gallery:
         gallery_uri = await write_gallery(
@@ -244,7 +250,7 @@ async def _describe_and_write(
             elapsed_s=time.monotonic() - started,
             unless_after=stop_at + runtime.settings.deadline_margin_s / 2,
         )
-    return records, results, gallery_uri, None
+    return records, results, gallery_uri, None, model_calls
 
 
 def _backfill(runtime: Runtime, data: dict[str, Any], stop_at: float) -> HttpReply:

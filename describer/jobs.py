@@ -76,6 +76,8 @@ class JobOutcome:
 
     state: JobState
     tally: dict[str, int] | None = None
+    # Rate-limit 429s this invocation's calls met and rode out (for a shard's status entry).
+    throttled: int = 0
 
 
 async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) -> JobOutcome:
@@ -141,6 +143,7 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
         fresh = await pipeline.run(
             [request.images[i] for i in todo], stop_at=stop_at, on_record=keep
         )
+        throttled = pipeline.model_calls()["throttled"]
     for index, record in zip(todo, fresh, strict=True):
         if index in unwritten and give_up:
             # Past the retry window: the source ends as an error that names the write.
@@ -195,7 +198,7 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
             "manifest done",
             extra={"uri": uri, "count": len(done), "usage": total_usage(done.values())},
         )
-        return JobOutcome(JobState.DESCRIBED, counted)
+        return JobOutcome(JobState.DESCRIBED, counted, throttled)
     if (checkpoints.saved or job.retry_transient or unwritten) and not give_up:
         # Progress was made and kept (or a shard, which its batch waits for): fail
         # this delivery so the platform redelivers the event, and the next
@@ -210,7 +213,7 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
         "manifest incomplete; not asking for redelivery",
         extra={"uri": uri, "remaining": remaining, "progress": checkpoints.saved},
     )
-    return JobOutcome(JobState.STALLED, counted)
+    return JobOutcome(JobState.STALLED, counted, throttled)
 
 
 async def load_request(

@@ -108,6 +108,16 @@ class Pipeline:
         # The last run's hand-off to the writers: how much it held at most.
         self.handoff: HandOff | None = None
 
+    def model_calls(self) -> dict[str, int]:
+        """The process's limit on Gemini calls in flight now, and the rate-limit 429s this
+        invocation's calls met and rode out (retried, or ended as ``quota_exhausted``)."""
+        state = self._describer.gate.state
+        return {
+            "limit": state.limit,
+            "ceiling": state.ceiling,
+            "throttled": self._describer.throttled,
+        }
+
     async def run(
         self,
         uris: Sequence[str],

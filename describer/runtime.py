@@ -23,11 +23,12 @@ from google.cloud import storage
 from .batch import Location, parse_local_source, parse_source
 from .errors import ConfigError
 from .fetch import Fetcher, open_http_session
-from .gemini import Describer, GeminiConnector
+from .gemini import Describer, GeminiConnector, ModelSwitch
 from .images import THUMBNAIL_SIDE
 from .memory import DecodeBudget, return_freed_buffers
 from .netguard import AddressCheck, is_public
 from .pipeline import DEFAULT_WRITE_CONCURRENCY, Pipeline, StageLimits
+from .quota import CallGate
 from .settings import Settings
 from .store import ResultStore, Store
 
@@ -50,8 +51,17 @@ class Runtime:
     cpu_executor: ThreadPoolExecutor = field(init=False)
     # What all decodes in this process may hold at once, whichever invocation they serve.
     decode_budget: DecodeBudget = field(init=False)
+    # Gemini calls in flight, for every invocation of the process together: adaptive,
+    # at most MODEL_CONCURRENCY (describer/quota.py).
+    calls: CallGate = field(init=False)
+    # GEMINI_MODEL, or GEMINI_FALLBACK_MODEL once GEMINI_MODEL was not found.
+    model_switch: ModelSwitch = field(init=False)
 
     def __post_init__(self) -> None:
+        self.calls = CallGate(
+            self.settings.model_concurrency, adaptive=self.settings.adaptive_limit
+        )
+        self.model_switch = ModelSwitch(self.settings.model, self.settings.fallback_model)
         self.io_executor = ThreadPoolExecutor(
             max_workers=self.settings.download_concurrency, thread_name_prefix="describer-io"
         )
@@ -171,8 +181,8 @@ async def open_pipeline(
                 ),
                 describer=Describer(
                     client,
-                    model=settings.model,
-                    fallback_model=settings.fallback_model,
+                    gate=runtime.calls,
+                    switch=runtime.model_switch,
                     media_resolution=settings.media_resolution,
                     max_attempts=settings.model_max_attempts,
                     backoff_s=settings.model_backoff_s,

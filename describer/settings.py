@@ -106,6 +106,8 @@ class Settings:
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
     download_concurrency: int = DEFAULT_DOWNLOAD_CONCURRENCY
     model_concurrency: int = DEFAULT_MODEL_CONCURRENCY
+    # Find the quota (describer/quota.py) below MODEL_CONCURRENCY; off: always MODEL_CONCURRENCY.
+    adaptive_limit: bool = True
     image_max_side: int = DEFAULT_IMAGE_MAX_SIDE
     model_max_attempts: int = DEFAULT_MODEL_MAX_ATTEMPTS
     model_timeout_s: float = DEFAULT_MODEL_TIMEOUT_S
@@ -297,6 +299,7 @@ class Settings:
             media_resolution=reader.text("MEDIA_RESOLUTION", DEFAULT_MEDIA_RESOLUTION).lower(),
             schema=schema_setting(reader.text("DESCRIBE_SCHEMA", "").lower()),
             gallery=reader.flag("GALLERY", default=True),
+            adaptive_limit=reader.flag("ADAPTIVE_LIMIT", default=True),
             shard_size=reader.integer("SHARD_SIZE", DEFAULT_SHARD_SIZE),
             shards_prefix=normalize_prefix(reader.text("SHARDS_PREFIX", DEFAULT_SHARDS_PREFIX)),
             shards_bucket=reader.text("SHARDS_BUCKET", "") or None,

@@ -263,7 +263,10 @@ async def describe_shard(runtime: Runtime, event: ObjectEvent) -> Outcome:
         if outcome.state is JobState.SUPERSEDED:
             return Outcome.SHARD_SUPERSEDED
         stalled = outcome.state is JobState.STALLED
-        tally = outcome.tally or await _tally_of(store, files.bucket, job.results_name)
+        tally = {
+            **(outcome.tally or await _tally_of(store, files.bucket, job.results_name)),
+            "throttled": outcome.throttled,
+        }
         status = await update_status(
             store,
             state.bucket,

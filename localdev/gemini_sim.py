@@ -4,7 +4,12 @@ Used by the tests and the local demo in place of the real API.
 It checks requests the way the real API does (an API key or bearer token; each
 inline image of a supported MIME type whose bytes decode as that type) and
 answers with descriptions that are deterministic and depend on the image, so a
-test can tell which image a description belongs to. Asked for JSON with a schema
+test can tell which image a description belongs to. Its quotas act as Gemini's do
+(429 RESOURCE_EXHAUSTED with a QuotaFailure and a RetryInfo): calls in flight
+(``max_in_flight``), calls per window (``window_quota`` per ``window_s``: a
+per-minute quota scaled down, its RetryInfo the wait to the next window), per day
+(``daily_quota_exhausted``), and any of them changed mid-run with
+``/_sim/adjust``. Asked for JSON with a schema
 (``responseMimeType: application/json`` and ``responseJsonSchema`` or
 ``responseSchema``), it answers with an object that fits the schema, its values
 drawn from the same description. It can be told to add latency, refuse calls
@@ -18,7 +23,8 @@ as abandoned: a test can kill a client mid-call and still count answers exactly.
 
 Run it alone:  python -m localdev.gemini_sim --port 8090 --latency-ms 500
 Control it:    POST /_sim/config {"latency_ms": 200, ...}, GET /_sim/stats, POST /_sim/reset,
-               POST /_sim/release (lift answer_limit, keeping the stats)
+               POST /_sim/release (lift answer_limit, keeping the stats),
+               POST /_sim/adjust {"max_in_flight": 4} (change settings, keeping the stats)
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import io
 import json
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from aiohttp import web
@@ -74,6 +80,11 @@ class SimConfig:
     api_key: str | None = None  # None: any non-empty key is accepted
     known_models: list[str] | None = None  # None: every model name exists
     max_in_flight: int | None = None  # above this many concurrent calls: 429
+    # Gemini's per-minute quota, scaled down: at most window_quota calls are let through in
+    # each window of window_s seconds; the rest get 429 with a RetryInfo delay to the
+    # window's end. Calls answered 429 do not count against it.
+    window_quota: int | None = None
+    window_s: float = 1.0
     rate_429: float = 0.0  # share of calls answered 429 with RetryInfo
     rate_500: float = 0.0
     rate_hang: float = 0.0  # share of calls that hang for hang_ms
@@ -103,6 +114,10 @@ class SimStats:
     in_flight: int = 0
     max_in_flight: int = 0
     held: int = 0  # calls waiting at answer_limit right now
+    # The simulator's clock (seconds) at each 429 a quota answered, and at each /_sim/adjust:
+    # how long a client took to follow a quota that changed.
+    throttled_at: list[float] = field(default_factory=list)
+    adjusted_at: list[float] = field(default_factory=list)
     dropped: int = 0  # connections closed without an answer (rate_drop)
     abandoned: int = 0  # calls whose caller was gone when the answer was due: never answered
     media_resolutions: list[str] = field(default_factory=list)  # per answered call
@@ -141,6 +156,8 @@ class GeminiSimulator:
         self._misfits: dict[str, int] = {}
         self._released = asyncio.Event()
         self._admitted = 0  # calls let past answer_limit since the last reset
+        self._window_start = 0.0  # loop time the current quota window began
+        self._window_calls = 0  # calls the window_quota let through in it
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app.router.add_post("/{version}/models/{call}", self._generate)
         self.app.router.add_post(
@@ -151,6 +168,7 @@ class GeminiSimulator:
         self.app.router.add_post("/_sim/config", self._set_config)
         self.app.router.add_post("/_sim/reset", self._reset)
         self.app.router.add_post("/_sim/release", self._release)
+        self.app.router.add_post("/_sim/adjust", self._adjust)
 
     def reset(self, config: SimConfig | None = None) -> None:
         self.config = config or SimConfig()
@@ -159,6 +177,7 @@ class GeminiSimulator:
         self._failures = {}
         self._misfits = {}
         self._admitted = 0
+        self._window_start, self._window_calls = 0.0, 0
         # Wake the calls held at the old answer_limit; they re-check the new one.
         self._released.set()
         self._released = asyncio.Event()
@@ -166,6 +185,12 @@ class GeminiSimulator:
     def hold(self) -> None:
         """Hold every call from now on (answer_limit at the calls admitted), keeping the stats."""
         self.config.answer_limit = self._admitted
+
+    def adjust(self, **changes: Any) -> None:
+        """Change some settings mid-run, keeping the stats and the rest (a quota that changes
+        while calls go on, as another program starts or a tier changes)."""
+        self.config = replace(self.config, **changes)
+        self.stats.adjusted_at.append(asyncio.get_running_loop().time())
 
     def release(self) -> None:
         """Lift answer_limit and wake the held calls, keeping the stats (unlike reset)."""
@@ -186,9 +211,23 @@ class GeminiSimulator:
         finally:
             self.stats.in_flight -= 1
         self.stats.count(response.status)
+        if response.status == 429:
+            self.stats.throttled_at.append(asyncio.get_running_loop().time())
         if response.status == 200:
             self.stats.ok += 1
         return response
+
+    def _window_wait(self, quota: int, window_s: float) -> float | None:
+        """Count a call against the window's quota; None if it fits, else the wait to the next."""
+        now = asyncio.get_running_loop().time()
+        if now >= self._window_start + window_s:
+            # Windows follow on from the first: a quiet spell does not shift their edges.
+            elapsed = (now - self._window_start) % window_s if self._window_start else 0.0
+            self._window_start, self._window_calls = now - elapsed, 0
+        if self._window_calls >= quota:
+            return max(0.001, self._window_start + window_s - now)
+        self._window_calls += 1
+        return None
 
     async def _answer(self, request: web.Request) -> web.Response:
         cfg = self.config
@@ -238,6 +277,10 @@ class GeminiSimulator:
             return _quota_error(cfg.retry_delay_s, per_day=True)
         if cfg.max_in_flight is not None and self.stats.in_flight > cfg.max_in_flight:
             return _quota_error(cfg.retry_delay_s)
+        if cfg.window_quota is not None:
+            wait = self._window_wait(cfg.window_quota, cfg.window_s)
+            if wait is not None:
+                return _quota_error(wait)
         fingerprint = decoded[0]["fingerprint"] if decoded else "text"
         if cfg.fail_first and self._failures.get(fingerprint, 0) < cfg.fail_first:
             self._failures[fingerprint] = self._failures.get(fingerprint, 0) + 1
@@ -358,6 +401,14 @@ class GeminiSimulator:
 
     async def _release(self, _request: web.Request) -> web.Response:
         self.release()
+        return web.json_response(asdict(self.config))
+
+    async def _adjust(self, request: web.Request) -> web.Response:
+        changes = await request.json()
+        unknown = set(changes) - {f.name for f in fields(SimConfig)}
+        if unknown:
+            return _error(400, "INVALID_ARGUMENT", f"unknown settings {sorted(unknown)}")
+        self.adjust(**changes)
         return web.json_response(asdict(self.config))
 
 
@@ -676,6 +727,10 @@ class RunningSimulator:
     def release(self) -> None:
         """Lift answer_limit and let the held calls go on, keeping the stats."""
         self._call(self.simulator.release)
+
+    def adjust(self, **changes: Any) -> None:
+        """Change some settings, keeping the rest and the stats (unlike configure)."""
+        self._call(lambda: self.simulator.adjust(**changes))
 
     @property
     def stats(self) -> SimStats:

@@ -18,6 +18,9 @@ storage clients and the emulator (clients set STORAGE_EMULATOR_HOST to its URL):
   check and its write are atomic with respect to everything else through the relay.
   Downloads get the X-Goog-Generation headers Cloud Storage sends and the emulator
   does not (the storage client reads a blob's generation from them).
+- It pages object listings as Cloud Storage does (``maxResults``, ``pageToken``,
+  ``startOffset``, ``endOffset``, in name order), which the emulator ignores by
+  answering every object at once: code that lists a page at a time meets pages.
 - After each object created or replaced in one of its trigger buckets, it queues an
   ``object.v1.finalized`` CloudEvent in binary mode (data: the object resource the
   emulator returned) and delivers it in the background to one of its function URLs
@@ -28,7 +31,8 @@ storage clients and the emulator (clients set STORAGE_EMULATOR_HOST to its URL):
 
 Not covered, forwarded as they are: the XML API, batch requests, the Node
 client's paths without ``/storage/v1``, source-object conditions
-(``ifSourceGenerationMatch``), reads of a given ``generation``.
+(``ifSourceGenerationMatch``), reads of a given ``generation``, paging of
+listings with a ``delimiter``.
 
 In-process (tests):  relay = start_in_thread(RelayConfig(emulator_url, ...), targets=[...])
 Run it alone:        python -m localdev.relay --emulator http://127.0.0.1:9023 --port 9024 \\
@@ -36,7 +40,8 @@ Run it alone:        python -m localdev.relay --emulator http://127.0.0.1:9023 -
 Observe, control:    GET /_relay/stats, PUT /_relay/targets {"targets": [...]},
                      GET /_relay/idle?timeout=30 (200 once idle, 504 if not within the timeout)
 Faults (tests):      PUT /_relay/faults {"refuse_writes": true, "hang_writes_s": 0,
-                     "lose_write_replies": 0} (see Faults): what Cloud Storage does on a bad day
+                     "lose_write_replies": 0, "list_page_delay_s": 0, "hold_composes": false,
+                     "hold_next_pages": false} (see Faults): what Cloud Storage does on a bad day
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import signal
 import struct
 import subprocess
@@ -214,7 +215,8 @@ def test_concurrency_flag_bounds_model_calls_in_flight(
 
 
 def test_progress_bar_is_drawn_on_a_terminal(tmp_path: Path, sim: RunningSimulator) -> None:
-    # GIVEN stderr is a terminal (a pseudo-terminal here)
+    # GIVEN stderr is a terminal (a pseudo-terminal here), and a quota of 2 calls in flight
+    sim.configure(api_key=API_KEY, latency_ms=100, max_in_flight=2, retry_delay_s=0.05)
     for i in range(4):
         (tmp_path / f"{i}.png").write_bytes(make_image(40 + i, 30, "red", "PNG"))
     leader, follower = pty.openpty()
@@ -245,6 +247,9 @@ def test_progress_bar_is_drawn_on_a_terminal(tmp_path: Path, sim: RunningSimulat
     assert b"4/4" in drawn
     assert b"image" in drawn
     assert stdout.count(b"Mostly") == 4
+    # AND it shows the limit on calls the quota allowed, and the 429s ridden out
+    assert re.search(rb"limit=[12]\b", drawn), drawn
+    assert re.search(rb"throttled=[1-9]", drawn), drawn
 
 
 def test_usage_errors_exit_2_with_a_reason(

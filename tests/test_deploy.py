@@ -198,11 +198,10 @@ def bindings(state: dict[str, Any]) -> set[tuple[str, str, str]]:
 
 
 def in_flight(result: Run) -> int:
-    """The worst case of Gemini calls in flight the deployed functions allow."""
+    """The worst case of Gemini calls in flight the deployed functions allow: MODEL_CONCURRENCY
+    is one process's ceiling, whatever number of requests it serves at once."""
     return sum(
-        int(call.one("max-instances"))
-        * int(call.one("concurrency"))
-        * int((call.env_vars or {})["MODEL_CONCURRENCY"])
+        int(call.one("max-instances")) * int((call.env_vars or {})["MODEL_CONCURRENCY"])
         for call in result.find("functions", "deploy")
     )
 
@@ -662,12 +661,14 @@ def test_unsafe_or_impossible_settings_are_refused_before_any_change(
 
 def test_default_budget_splits_evenly(deployed: Deploy) -> None:
     """With the defaults (64 in flight, half for HTTP) each function gets 32: two HTTP instances
-    of one request x 16 calls, two event instances of four events x 4 calls."""
+    of 16 calls, and eight event instances of 4 calls each, shared by their four events (before
+    the limit was per process, four events x 4 calls kept uploads to two instances)."""
     result = deployed()
 
     http, gcs = result.deploy("describer-http"), result.deploy("describer-gcs-uploads")
     assert (http.one("max-instances"), http.one("concurrency")) == ("2", "1")
-    assert (gcs.one("max-instances"), gcs.one("concurrency")) == ("2", "4")
+    assert (gcs.one("max-instances"), gcs.one("concurrency")) == ("8", "4")
+    assert (gcs.one("memory"), gcs.one("cpu")) == ("2Gi", "1")
     assert in_flight(result) == 64
     assert (http.one("memory"), http.one("cpu")) == ("2Gi", "1")
     assert "total 64 <= 64" in result.stdout
@@ -684,8 +685,8 @@ def test_default_budget_splits_evenly(deployed: Deploy) -> None:
     ],
 )
 def test_max_instances_keep_the_fleet_within_the_budget(deployed: Deploy, args: list[str]) -> None:
-    """Whatever the budget and concurrency, max instances x concurrency x MODEL_CONCURRENCY summed
-    over the functions never exceeds --gemini-max-in-flight."""
+    """Whatever the budget and concurrency, max instances x MODEL_CONCURRENCY summed over the
+    functions never exceeds --gemini-max-in-flight."""
     result = deployed(*args)
 
     budget = int(args[1])

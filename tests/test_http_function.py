@@ -40,7 +40,18 @@ def test_batch_results_come_back_in_input_order_and_match_the_jsonl(
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("application/json")
     body = response.json()
-    assert list(body) == ["batch_id", "results_uri", "gallery_uri", "counts", "usage", "results"]
+    assert list(body) == [
+        "batch_id",
+        "results_uri",
+        "gallery_uri",
+        "counts",
+        "usage",
+        "model_calls",
+        "results",
+    ]
+    # AND no 429 was met, and the process's limit on calls is within MODEL_CONCURRENCY
+    calls = body["model_calls"]
+    assert calls["throttled"] == 0 and 1 <= calls["limit"] <= calls["ceiling"]
     assert [r["source"] for r in body["results"]] == images
     for record, name in zip(body["results"], [*names, "rocket.jpg"], strict=True):
         assert record["status"] == "ok", record

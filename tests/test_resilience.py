@@ -156,6 +156,11 @@ def test_a_missing_model_falls_back_to_gemini_fallback_model(
     # Only the calls already under way when the first 404 came went to the missing model.
     assert sim.stats.by_status["404"] <= 2
     assert sim.stats.ok == 5
+    # AND the switch is the process's: the next invocation goes straight to the fallback
+    missing = sim.stats.by_status["404"]
+    again = _records(post_batch(runtime, {"images": images[:2]}))
+    assert [r["model"] for r in again] == ["gemini-old-but-here"] * 2
+    assert sim.stats.by_status["404"] == missing
 
 
 def test_a_missing_fallback_is_named_beside_the_missing_model(

@@ -13,8 +13,9 @@ import re
 import pytest
 
 from describer import Code, SourceError
-from describer.gemini import Described, Describer, GeminiConnector
+from describer.gemini import Described, Describer, GeminiConnector, ModelSwitch
 from describer.images import prepare
+from describer.quota import CallGate
 from describer.schemas import ALT_TEXT_MAX_CHARS, SCHEMAS, SchemaMismatch, validate
 from describer.settings import GeminiAccess
 from localdev.gemini_sim import RunningSimulator, describe_image, structured_answer
@@ -42,7 +43,8 @@ def _describe(
             try:
                 describer = Describer(
                     client,
-                    model=model,
+                    gate=CallGate(4),
+                    switch=ModelSwitch(model, None),
                     max_attempts=3,
                     backoff_s=0.01,
                     media_resolution=media_resolution,
