@@ -61,18 +61,28 @@ class Options:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.fleet",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument(
         "--images",
         default="1000,5000",
         help="images per run; several, comma-separated, run one after the other",
     )
     parser.add_argument("--processes", type=int, default=3, help="describe_gcs processes")
-    parser.add_argument("--shard-size", type=int, default=500)
-    parser.add_argument("--model-concurrency", type=int, default=16)
-    parser.add_argument("--latency-ms", type=float, default=200.0)
+    parser.add_argument("--shard-size", type=int, default=500, help="SHARD_SIZE")
+    parser.add_argument(
+        "--model-concurrency", type=int, default=16, help="MODEL_CONCURRENCY of the functions"
+    )
+    parser.add_argument(
+        "--latency-ms", type=float, default=200.0, help="the simulator's latency per call"
+    )
     parser.add_argument("--quota", type=int, default=64, help="model calls in flight before 429")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS_DIR, help="where fleet.json and fleet.md go"
+    )
     args = parser.parse_args()
     results = []
     for size in (int(n) for n in args.images.split(",")):

@@ -68,13 +68,24 @@ class Stack:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=480)
-    parser.add_argument("--latency-ms", type=float, default=200.0)
-    parser.add_argument(
-        "--fleet-latency-ms", type=float, default=500.0, help="of the three-process scenario"
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.quota",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--images", type=int, default=1000, help="images in each scenario")
+    parser.add_argument(
+        "--latency-ms", type=float, default=200.0, help="the simulator's latency per call"
+    )
+    parser.add_argument(
+        "--fleet-latency-ms",
+        type=float,
+        default=500.0,
+        help="the latency in the three-process scenario",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS_DIR, help="where quota.json and quota.md go"
+    )
     args = parser.parse_args()
     options = Options(args.images, args.latency_ms, args.fleet_latency_ms, args.out.resolve())
     result = run(options)

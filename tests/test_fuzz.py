@@ -521,10 +521,18 @@ def _assert_error_body(body: Any) -> dict[str, str]:
 
 
 def _assert_batch_body(body: Any) -> None:
-    """A 200: the batch id, where the JSONL went, the counts and one record per source."""
-    assert set(body) == {"batch_id", "results_uri", "gallery_uri", "counts", "usage", "results"}, (
-        body
-    )
+    """A 200: the batch id, where the JSONL went, the counts, the limit on model calls, and one
+    record per source."""
+    assert set(body) == {
+        "batch_id",
+        "results_uri",
+        "gallery_uri",
+        "counts",
+        "usage",
+        "model_calls",
+        "results",
+    }, body
+    assert set(body["model_calls"]) == {"limit", "ceiling", "throttled"}, body
     assert body["results_uri"].startswith(f"gs://{RESULTS_BUCKET}/"), body
     assert sum(body["counts"].values()) == len(body["results"]) > 0, body
     for record in body["results"]:
