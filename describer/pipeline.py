@@ -34,6 +34,7 @@ from .gemini import Describer, Spent
 from .images import PreparedImage, prepare
 from .logs import source_var
 from .memory import DecodeBudget
+from .quota import CallGate, Slot
 from .records import OK, Record
 from .settings import DEFAULT_MAX_DECODE_BYTES
 
@@ -72,7 +73,8 @@ class StageLimits:
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
     write_concurrency: int = DEFAULT_WRITE_CONCURRENCY
     handoff_size: int = DEFAULT_HANDOFF_SIZE
-    # Model calls in flight plus answers not yet kept; 0: MODEL_CONCURRENCY.
+    # Model calls in flight plus answers not yet kept, when the pipeline is not given the
+    # process's room; 0: MODEL_CONCURRENCY.
     answer_room: int = 0
     # Side of the gallery thumbnails made during preparation; 0 makes none.
     thumbnail_side: int = 0
@@ -93,8 +95,12 @@ class Pipeline:
         schema: str | None = None,
         parse: Callable[[str], Source] = parse_source,
         decode_budget: DecodeBudget | None = None,
+        answer_room: CallGate | None = None,
     ) -> None:
         self._fetcher = fetcher
+        # The process's room for answers (Runtime.answer_room), shared with every other
+        # invocation, so that what a crash can cost is bounded per process.
+        self._answer_room = answer_room
         # The process's one budget, shared with every other invocation's decodes.
         self._decode_budget = decode_budget
         self._schema = schema
@@ -141,7 +147,8 @@ class Pipeline:
             on_record,
             writers=self._limits.write_concurrency if on_record else 0,
             handoff_size=self._limits.handoff_size,
-            room=self._limits.answer_room or self._limits.model_concurrency,
+            room=self._answer_room
+            or CallGate(self._limits.answer_room or self._limits.model_concurrency, adaptive=False),
         )
         self.handoff = batch.handoff
         queue: asyncio.Queue[_Ready | None] = asyncio.Queue(maxsize=self._limits.model_concurrency)
@@ -366,7 +373,7 @@ class _Batch:
         *,
         writers: int,
         handoff_size: int,
-        room: int,
+        room: CallGate,
     ) -> None:
         self.uris = uris
         self.records: list[Record | None] = [None] * len(uris)
@@ -378,29 +385,28 @@ class _Batch:
         # Finished when the deadline cut their hand-off short: handed over at close.
         self._unsent: list[int] = []
         self.writers = writers
-        self.handoff = HandOff(room=room)
+        self.handoff = HandOff(room=room.state.ceiling)
         # Room for answers, taken before a model call and given back once the answer
         # is through the sink; none is needed where nothing is kept.
-        self._room = asyncio.Semaphore(room) if sink is not None else None
-        self._holding: set[int] = set()
+        self._room = room if sink is not None else None
+        self._holding: dict[int, Slot] = {}
 
     async def reserve(self, index: int) -> None:
         """Wait for room for one more answer (a model call and its keeping)."""
         if self._room is None:
             return
-        if self._room.locked():
+        if self._room.full:
             self.handoff.room_waits += 1
-        await self._room.acquire()
-        self._holding.add(index)
+        self._holding[index] = await self._room.take()
         self.handoff.answers += 1
         self.handoff.answers_peak = max(self.handoff.answers_peak, self.handoff.answers)
 
     def release(self, index: int) -> None:
         """Give back the room an answer held (kept, or never to come)."""
-        if self._room is not None and index in self._holding:
-            self._holding.discard(index)
+        slot = self._holding.pop(index, None)
+        if self._room is not None and slot is not None:
             self.handoff.answers -= 1
-            self._room.release()
+            self._room.give_back(slot)
 
     async def finish(self, index: int, record: Record) -> None:
         """Keep the record, then hand it to the writers, waiting while their channel is full."""

@@ -167,6 +167,21 @@ class CallGate:
                 ceiling=self._ceiling,
             )
 
+    async def take(self) -> Slot:
+        """A place held past one call: taken here, given back (:meth:`give_back`) by whichever
+        task ends its use. With ``adaptive=False`` the gate is a semaphore that is safe across
+        threads and event loops."""
+        return Slot(await self._acquire())
+
+    def give_back(self, slot: Slot) -> None:
+        self._release(slot)
+
+    @property
+    def full(self) -> bool:
+        """Whether a caller would wait now."""
+        with self._lock:
+            return bool(self._waiters) or not self._has_room()
+
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[Slot]:
         """Hold a place for one call: wait (without blocking the loop) until there is one."""

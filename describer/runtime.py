@@ -56,12 +56,16 @@ class Runtime:
     calls: CallGate = field(init=False)
     # GEMINI_MODEL, or GEMINI_FALLBACK_MODEL once GEMINI_MODEL was not found.
     model_switch: ModelSwitch = field(init=False)
+    # Model calls in flight plus answers not yet kept, for every invocation of the process
+    # together: all a crash of the process can cost (describer/pipeline.py, HandOff).
+    answer_room: CallGate = field(init=False)
 
     def __post_init__(self) -> None:
         self.calls = CallGate(
             self.settings.model_concurrency, adaptive=self.settings.adaptive_limit
         )
         self.model_switch = ModelSwitch(self.settings.model, self.settings.fallback_model)
+        self.answer_room = CallGate(self.settings.model_concurrency, adaptive=False)
         self.io_executor = ThreadPoolExecutor(
             max_workers=self.settings.download_concurrency, thread_name_prefix="describer-io"
         )
@@ -201,6 +205,7 @@ async def open_pipeline(
                 schema=schema,
                 parse=parse_local_source if local_files else parse_source,
                 decode_budget=runtime.decode_budget,
+                answer_room=runtime.answer_room,
             )
         finally:
             await client.aio.aclose()

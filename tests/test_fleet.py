@@ -167,10 +167,10 @@ def test_a_backfill_of_5000_images_across_processes_survives_a_killed_process(
 KILL_IMAGES = 300
 KILL_SHARD_SIZE = 50
 KILL_MODEL_CONCURRENCY = 8
-# Shard events in flight across the fleet, so at most this many in the victim. Each
-# invocation's calls in flight plus answers not yet kept are at most MODEL_CONCURRENCY, so
-# a kill costs at most this many times that: 2 x MODEL_CONCURRENCY here. (A process-wide
-# limit on calls, issue 15, would make it MODEL_CONCURRENCY whatever the events at once.)
+# Shard events in flight across the fleet: two, so that a victim has two events at once.
+# A process's calls in flight plus answers not yet kept are at most MODEL_CONCURRENCY
+# whatever the events it runs (Runtime.answer_room), so a kill costs at most that many
+# calls per process killed.
 KILL_EVENTS_AT_ONCE = 2
 
 
@@ -188,7 +188,7 @@ def kill_relay(
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("moment", ["listing", "early", "middle", "late", "merge"])
-def test_a_process_killed_at_any_moment_costs_at_most_twice_the_model_concurrency(
+def test_a_process_killed_at_any_moment_costs_at_most_its_model_concurrency(
     moment: str,
     gcs: storage.Client,
     fleet_buckets: tuple[storage.Bucket, storage.Bucket],
@@ -198,8 +198,9 @@ def test_a_process_killed_at_any_moment_costs_at_most_twice_the_model_concurrenc
 ) -> None:
     """A describe_gcs process killed with SIGKILL without waiting for anything (while the
     backfill is still being listed, early, in the middle, late, or while its batch is merged)
-    costs at most 2 x MODEL_CONCURRENCY extra model calls, and the batch still ends with every
-    image, its status and JSONL exact."""
+    costs at most MODEL_CONCURRENCY extra model calls, though it runs two events at once (both
+    processes are killed for the listing and the merge: twice that), and the batch still ends
+    with every image, its status and JSONL exact."""
     photos, results = fleet_buckets
     for i in range(KILL_IMAGES):
         photos.blob(f"cam/{i:04d}.png").upload_from_string(
@@ -273,9 +274,10 @@ def test_a_process_killed_at_any_moment_costs_at_most_twice_the_model_concurrenc
             for r in rs
         ]
         assert any(d.status is None for r in steps for d in r.deliveries), steps
-    # THEN every image was answered, and the kill cost at most 2 x MODEL_CONCURRENCY calls
+    # THEN every image was answered, and each process killed cost at most MODEL_CONCURRENCY
+    # calls, though it was running two events
     assert len(sim.stats.answered_digests()) == KILL_IMAGES
-    assert sim.stats.calls - KILL_IMAGES <= 2 * KILL_MODEL_CONCURRENCY, sim.stats.calls
+    assert sim.stats.calls - KILL_IMAGES <= len(victims) * KILL_MODEL_CONCURRENCY, sim.stats.calls
     # AND the status and the merged JSONL are exact
     _exact_status(results, status_name, KILL_IMAGES)
     merged = results.get_blob(f"describer-batches/{body['batch']}.jsonl")

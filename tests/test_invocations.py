@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import threading
 import tracemalloc
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -29,7 +31,7 @@ from localdev import procs
 from localdev.gemini_sim import RunningSimulator
 from localdev.memory_store import MemoryStore
 
-from .conftest import API_KEY, RESULTS_BUCKET, post_batch
+from .conftest import API_KEY, RESULTS_BUCKET, post_batch, wait_for
 
 
 def _records(reply: object) -> list[dict[str, object]]:
@@ -95,6 +97,51 @@ def test_writers_falling_behind_hold_back_the_model_stage(
     handoff = asyncio.run(scenario())
     assert handoff.answers_peak == 4 and handoff.answers == 0
     assert handoff.unwritten_peak == 4 and handoff.unwritten == 0
+
+
+def test_the_room_for_answers_is_the_processs_whatever_the_invocations(
+    make_runtime: Callable[..., Runtime], image_server: str, sim: RunningSimulator
+) -> None:
+    """Two invocations at once, each in its own thread and event loop, with stuck writers: calls
+    in flight plus answers not yet kept stay within MODEL_CONCURRENCY for the process, not per
+    invocation, so a crash of the process costs at most that many calls."""
+    runtime = make_runtime(model_concurrency=4, download_concurrency=4)
+    uris = [f"{image_server}/chelsea.png", f"{image_server}/coffee.png"] * 10
+    release = threading.Event()
+    pipelines: list[Any] = []
+    results: list[list[Record]] = []
+
+    async def stuck_sink(index: int, record: Record) -> None:
+        await asyncio.to_thread(release.wait, 60)
+
+    async def invocation() -> None:
+        async with open_pipeline(runtime, prompt="Describe.", allowed_buckets=()) as pipeline:
+            pipelines.append(pipeline)
+            results.append(await pipeline.run(uris, on_record=stuck_sink))
+
+    threads = [threading.Thread(target=asyncio.run, args=(invocation(),)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+
+    def both_held_back() -> bool:
+        handoffs = [p.handoff for p in pipelines if p.handoff is not None]
+        return (
+            len(handoffs) == 2
+            and sum(h.unwritten for h in handoffs) == 4
+            and all(h.room_waits >= 1 for h in handoffs)
+        )
+
+    try:
+        # GIVEN both invocations' writers stuck, and model workers of both waiting for room
+        wait_for(both_held_back, "both invocations held back")
+        # THEN the process asked the model for four answers in all, not four each
+        assert sim.stats.calls == 4 and sim.stats.in_flight == 0
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(120)
+    assert [r.status for rs in results for r in rs] == ["ok"] * (2 * len(uris))
+    assert runtime.answer_room.state.in_flight == 0
 
 
 async def _until(condition: Callable[[], bool], timeout_s: float = 60) -> None:
