@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import threading
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -98,15 +99,27 @@ def test_rate_limit_answers_carry_retry_info(sim: RunningSimulator) -> None:
 
 
 def test_calls_above_the_in_flight_limit_get_429(sim: RunningSimulator) -> None:
-    sim.configure(api_key=API_KEY, max_in_flight=2, latency_ms=200)
+    # The calls let in are held unanswered, so the four overlap whatever the timing.
+    sim.configure(api_key=API_KEY, max_in_flight=2)
+    sim.hold()
+    results: list[BaseException | types.GenerateContentResponse] = []
 
-    async def burst() -> list[BaseException | types.GenerateContentResponse]:
+    async def burst() -> None:
         options = types.HttpOptions(base_url=sim.url)
         async with genai.Client(api_key=API_KEY, http_options=options).aio as client:
             calls = [client.models.generate_content(model="m", contents="hi") for _ in range(4)]
-            return await asyncio.gather(*calls, return_exceptions=True)
+            results.extend(await asyncio.gather(*calls, return_exceptions=True))
 
-    results = asyncio.run(burst())
+    thread = threading.Thread(target=asyncio.run, args=(burst(),))
+    thread.start()
+    try:
+        wait_for(
+            lambda: sim.stats.held == 2 and sim.stats.by_status.get("429") == 2,
+            "two calls held and two refused",
+        )
+    finally:
+        sim.release()
+        thread.join(60)
     limited = [r for r in results if isinstance(r, errors.ClientError) and r.code == 429]
     assert len(limited) == 2
     assert sim.stats.by_status == {"200": 2, "429": 2}
