@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -296,7 +297,7 @@ def scope_of(status: dict[str, Any], settings: Settings) -> Scope:
     return Scope(where, results, str(status["result_key"]), str(status["deployment_key"]))
 
 
-def _applied(plan: dict[str, Any]) -> Any:
+def _applied(plan: dict[str, Any]) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
     """The change to the status that applies ``plan``: once, and only to its own run."""
 
     def apply(status: dict[str, Any]) -> dict[str, Any] | None:

@@ -73,9 +73,6 @@ class StageLimits:
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
     write_concurrency: int = DEFAULT_WRITE_CONCURRENCY
     handoff_size: int = DEFAULT_HANDOFF_SIZE
-    # Model calls in flight plus answers not yet kept, when the pipeline is not given the
-    # process's room; 0: MODEL_CONCURRENCY.
-    answer_room: int = 0
     # Side of the gallery thumbnails made during preparation; 0 makes none.
     thumbnail_side: int = 0
 
@@ -95,7 +92,7 @@ class Pipeline:
         schema: str | None = None,
         parse: Callable[[str], Source] = parse_source,
         decode_budget: DecodeBudget | None = None,
-        answer_room: CallGate | None = None,
+        answer_room: CallGate,
     ) -> None:
         self._fetcher = fetcher
         # The process's room for answers (Runtime.answer_room), shared with every other
@@ -147,8 +144,7 @@ class Pipeline:
             on_record,
             writers=self._limits.write_concurrency if on_record else 0,
             handoff_size=self._limits.handoff_size,
-            room=self._answer_room
-            or CallGate(self._limits.answer_room or self._limits.model_concurrency, adaptive=False),
+            room=self._answer_room,
         )
         self.handoff = batch.handoff
         queue: asyncio.Queue[_Ready | None] = asyncio.Queue(maxsize=self._limits.model_concurrency)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from describer.errors import StorageUnavailable
-from describer.store import OUTPUT_MARKER, ObjectInfo, is_own_output
+from describer.store import OUTPUT_MARKER, ObjectInfo, Page, Store, is_own_output
 
 
 @dataclass
@@ -114,13 +114,28 @@ class MemoryStore:
             found = self.objects.get((bucket, name))
         return None if found is None else found.data
 
-    async def list(self, bucket: str, prefix: str) -> list[ObjectInfo]:
+    async def list(
+        self, bucket: str, prefix: str, *, start: str | None = None, end: str | None = None
+    ) -> list[ObjectInfo]:
         with self._lock:
             return [
                 ObjectInfo(n, o.generation, o.content_type, dict(o.metadata))
                 for (b, n), o in sorted(self.objects.items())
-                if b == bucket and n.startswith(prefix)
+                if b == bucket
+                and n.startswith(prefix)
+                and (start is None or n >= start)
+                and (end is None or n < end)
             ]
+
+    async def list_page(
+        self, bucket: str, prefix: str, *, page_token: str | None, page_size: int
+    ) -> Page:
+        """Pages in name order; a page's token is the name of its last object."""
+        listed = [
+            o for o in await self.list(bucket, prefix) if not page_token or o.name > page_token
+        ]
+        page = listed[:page_size]
+        return page, page[-1].name if len(listed) > page_size else None
 
     async def compose(
         self,
@@ -148,3 +163,7 @@ class MemoryStore:
             for key in doomed:
                 del self.objects[key]
         return len(doomed)
+
+
+def _conforms(store: MemoryStore) -> Store:
+    return store  # mypy checks here that the double still implements the whole protocol

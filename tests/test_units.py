@@ -419,3 +419,23 @@ def test_no_gallery_is_written_once_the_margin_is_half_gone() -> None:
     assert store.names("out") == []
     assert asyncio.run(write(time.monotonic() + 60)) == "gs://out/batches/b.html"
     assert store.names("out") == ["batches/b.html"]
+
+
+def test_the_memory_store_pages_and_ranges_listings_as_cloud_storage_does() -> None:
+    """The in-memory double keeps the Store protocol whole: pages in name order, ranges."""
+    store = MemoryStore()
+    for c in "gacebfd":
+        store.put("b", f"p/{c}", b"{}")
+    store.put("b", "q/other", b"{}")
+
+    async def pages() -> list[list[str]]:
+        found, token = [], None
+        while True:
+            page, token = await store.list_page("b", "p/", page_token=token, page_size=3)
+            found.append([o.name for o in page])
+            if token is None:
+                return found
+
+    assert asyncio.run(pages()) == [["p/a", "p/b", "p/c"], ["p/d", "p/e", "p/f"], ["p/g"]]
+    ranged = asyncio.run(store.list("b", "p/", start="p/b", end="p/e"))
+    assert [o.name for o in ranged] == ["p/b", "p/c", "p/d"]
