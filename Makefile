@@ -62,3 +62,8 @@ bench-fleet: $(STAMP)
 .PHONY: bench-quota
 bench-quota: $(STAMP)
 	$(PY) -m bench.quota $(BENCH_ARGS)
+
+# The batch-mode scenario (issue 18): the same backfill online and through the Batch API.
+.PHONY: bench-batch
+bench-batch: $(STAMP)
+	$(PY) -m bench.batch $(BENCH_ARGS)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
-# Deploy the image describer to Google Cloud in one idempotent command: APIs, two least-privilege
+# Deploy the image describer to Google Cloud in one idempotent command: APIs, least-privilege
 # service accounts, the buckets, the Gemini credentials, describe_http and one describe_gcs per
-# source bucket, sized so the whole fleet stays within your Gemini quota. Re-running updates what
-# exists and never duplicates it. --dry-run prints every gcloud command instead of running it.
+# source bucket, sized so the whole fleet stays within your Gemini quota, and the schedule that
+# lands finished batch-mode jobs. Re-running updates what exists and never duplicates it.
+# --dry-run prints every gcloud command instead of running it.
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -57,6 +58,10 @@ exists; see deploy/config.env.example), then flags.
   --runtime RUNTIME            python312 (or python311, python313; the code needs 3.11+)
   --invoker MEMBER             may call describe_http, e.g. user:ana@example.com (repeatable)
   --build-service-account SA   service account Cloud Build uses to build the functions
+  --collect-every MINUTES      how often a Cloud Scheduler job POSTs {"collect": true} to
+                               describe_http to land finished batch-mode jobs (5; 1-60 minutes
+                               dividing an hour, or whole hours dividing a day; 0: no schedule,
+                               and an existing one is deleted)
   --env KEY=VALUE              another function setting (DESCRIBE_PROMPT, MEDIA_RESOLUTION,
                                IMAGE_MAX_SIDE, MAX_BATCH_SIZE, DEADLINE_MARGIN_S, SHARD_SIZE,
                                DESCRIBE_SCHEMA, ...)
@@ -135,6 +140,41 @@ validate_deploy() {
     die "--shards-bucket $SHARDS_BUCKET must be one of the source buckets: a shard manifest is" \
       "run by the describe_gcs trigger of the bucket it is written to"
   fi
+  plan_collect
+}
+
+# plan_collect: the collect job's cron schedule in COLLECT_SCHEDULE (empty: no job), its interval
+# in words, and its attempt deadline. Cron repeats evenly only at a divisor of an hour, or at
+# whole hours that divide a day; any other interval would come short at every hour (or day)
+# boundary, so it is refused rather than silently made uneven.
+plan_collect() {
+  local n=$COLLECT_EVERY hours
+  is_uint "$n" || die "--collect-every must be a whole number of minutes, got '$n'"
+  n=$((10#$n))
+  COLLECT_SCHEDULE=""
+  COLLECT_INTERVAL=""
+  if ((n == 0)); then
+    return 0
+  elif ((n < 60 && 60 % n == 0)); then
+    COLLECT_SCHEDULE="*/$n * * * *"
+    COLLECT_INTERVAL="$n minutes"
+    ((n > 1)) || COLLECT_INTERVAL="minute"
+  elif ((n % 60 == 0 && n <= 1440 && 1440 % n == 0)); then
+    hours=$((n / 60))
+    case $hours in
+      1) COLLECT_SCHEDULE="0 * * * *"; COLLECT_INTERVAL="hour" ;;
+      24) COLLECT_SCHEDULE="0 0 * * *"; COLLECT_INTERVAL="day" ;;
+      *) COLLECT_SCHEDULE="0 */$hours * * *"; COLLECT_INTERVAL="$hours hours" ;;
+    esac
+  else
+    die "--collect-every must be 0 (no schedule) or an interval cron repeats evenly: 1, 2, 3, 4," \
+      "5, 6, 10, 12, 15, 20, 30 or 60 minutes, or 120, 180, 240, 360, 480, 720 or 1440; got $n"
+  fi
+  # Cloud Scheduler waits at most 30 minutes for an HTTP target, and at least 15 s. A collect
+  # that outlives it goes on in the function; only the job's log calls the attempt failed.
+  COLLECT_DEADLINE=$HTTP_TIMEOUT
+  ((COLLECT_DEADLINE <= 1800)) || COLLECT_DEADLINE=1800
+  ((COLLECT_DEADLINE >= 15)) || COLLECT_DEADLINE=15
 }
 
 # plan_capacity: max instances from the Gemini budget. MODEL_CONCURRENCY is the ceiling of one
@@ -243,17 +283,24 @@ plan_instances() {
 }
 
 print_plan() {
-  local i
+  local i pad="                         "
   heading "Plan for project $PROJECT, region $REGION (deployment '$NAME')"
   note "runtime service account  $RUN_SA"
   ((${#SOURCES[@]} == 0)) || note "trigger service account  $TRIGGER_SA"
+  [[ -z $COLLECT_SCHEDULE ]] || note "collect service account  $COLLECT_SA"
   if [[ $GEMINI_ACCESS == api-key ]]; then
     note "Gemini                   $GEMINI_MODEL, API key from secret $SECRET_NAME"
   else
     note "Gemini                   $GEMINI_MODEL on Vertex AI ($VERTEX_LOCATION)"
+    note "${pad}batch-mode jobs run as the Vertex AI service agent, which may read"
+    if ((${#SOURCES[@]})); then
+      note "${pad}gs://$RESULTS_BUCKET/$BATCHES_PREFIX (their input) and create objects in"
+      note "${pad}the shards folder (their output)"
+    else
+      note "${pad}gs://$RESULTS_BUCKET/$BATCHES_PREFIX (their input)"
+    fi
   fi
   note "results                  gs://$RESULTS_BUCKET/$RESULTS_PREFIX"
-  local pad="                         "
   if ((${#SOURCES[@]})); then
     local where="gs://SOURCE/$SHARDS_PREFIX in each source bucket"
     [[ -z $SHARDS_BUCKET ]] || where="gs://$SHARDS_BUCKET/$SHARDS_PREFIX (--shards-bucket)"
@@ -274,6 +321,18 @@ print_plan() {
   else
     note "shards, backfills        none: without a source bucket no trigger runs shard manifests"
     note "${pad}(add --source-bucket for manifests and backfills)"
+  fi
+  if [[ -n $COLLECT_SCHEDULE ]]; then
+    note "batch-mode jobs          landed every $COLLECT_INTERVAL: Cloud Scheduler job $COLLECT_JOB"
+    note "${pad}($COLLECT_SCHEDULE, UTC) POSTs {\"collect\": true} to $HTTP_FUNCTION as the"
+    note "${pad}collect service account, which may invoke $HTTP_FUNCTION and nothing else"
+  else
+    note "batch-mode jobs          no schedule (--collect-every 0): they are landed only when"
+    note "${pad}someone POSTs {\"collect\": true} to $HTTP_FUNCTION"
+  fi
+  if [[ $GEMINI_ACCESS == vertex ]]; then
+    note "${pad}(on Vertex AI a job's output also arrives as an upload event; only a"
+    note "${pad}collect notices a job that failed, expired or was cancelled)"
   fi
   note "Gemini calls in flight, worst case (--gemini-max-in-flight $GEMINI_MAX_IN_FLIGHT, a cap:"
   note "  each instance finds the quota below its MODEL_CONCURRENCY from Gemini's 429s):"
@@ -326,6 +385,73 @@ bind() {
     echo "  (a new service account is not visible to IAM yet; retrying)"
     sleep "${DEPLOY_RETRY_DELAY_S:-5}"
   done
+}
+
+# grant_vertex_agent: what a batch-mode job on Vertex AI needs. Vertex runs the job as its service
+# agent, not as the function's account: the agent reads the job's input JSONL under
+# BATCHES_PREFIX in the results bucket and writes its output under SHARDS_PREFIX where shards go
+# (SHARDS_BUCKET, else every source bucket), whose trigger then lands it.
+grant_vertex_agent() {
+  local bucket shards=("${SOURCES[@]}")
+  [[ -z $SHARDS_BUCKET ]] || shards=("$SHARDS_BUCKET")
+  note "Vertex AI service agent: reads batch-mode input, writes batch-mode output"
+  # A service agent exists only once Vertex AI is first used, and nothing can be granted to it
+  # before: created here. One created on request is not given its usual project role either,
+  # so that is granted too (a no-op when Google granted it already).
+  run beta services identity create --service=aiplatform.googleapis.com --format=none
+  find_vertex_agent
+  bind projects add-iam-policy-binding "$PROJECT" --member="serviceAccount:$VERTEX_AGENT" \
+    --role=roles/aiplatform.serviceAgent --condition=None
+  if ((SHARED_RESULTS)); then
+    bind storage managed-folders add-iam-policy-binding "gs://$RESULTS_BUCKET/$BATCHES_PREFIX" \
+      --member="serviceAccount:$VERTEX_AGENT" --role=roles/storage.objectViewer
+  else
+    bind storage buckets add-iam-policy-binding "gs://$RESULTS_BUCKET" \
+      --member="serviceAccount:$VERTEX_AGENT" --role=roles/storage.objectViewer
+  fi
+  # Create only: the function reads and deletes the output itself, as NAME-run.
+  for bucket in "${shards[@]}"; do
+    bind storage managed-folders add-iam-policy-binding "gs://$bucket/$SHARDS_PREFIX" \
+      --member="serviceAccount:$VERTEX_AGENT" --role=roles/storage.objectCreator
+  done
+}
+
+# ensure_collect_schedule: the Cloud Scheduler job that lands finished batch-mode jobs (the Gemini
+# Developer API sends no event when one ends, and a Vertex AI job that fails writes nothing). It
+# POSTs {"collect": true} to describe_http with an OIDC token of NAME-collect, an account that
+# may invoke describe_http and nothing else. Updated in place when it exists; with
+# --collect-every 0 it and its account are deleted, so a collect happens only when asked.
+ensure_collect_schedule() {
+  local args
+  if [[ -z $COLLECT_SCHEDULE ]]; then
+    if exists scheduler jobs describe "$COLLECT_JOB" --location="$REGION" --format='value(name)'
+    then
+      run scheduler jobs delete "$COLLECT_JOB" --location="$REGION"
+    else
+      note "no Cloud Scheduler job $COLLECT_JOB (--collect-every 0)"
+    fi
+    if exists iam service-accounts describe "$COLLECT_SA" --format='value(email)'; then
+      run iam service-accounts delete "$COLLECT_SA"
+    fi
+    return 0
+  fi
+  ensure_service_account "$COLLECT_SA_ID" "$COLLECT_SA" "Image describer collect schedule ($NAME)"
+  bind functions add-invoker-policy-binding "$HTTP_FUNCTION" --region="$REGION" \
+    --member="serviceAccount:$COLLECT_SA"
+  # The audience is the URL itself, the one Cloud Run accepts for the service.
+  args=(--location="$REGION" --schedule="$COLLECT_SCHEDULE" --time-zone=Etc/UTC
+    --uri="$HTTP_URL" --http-method=POST --message-body='{"collect": true}'
+    --oidc-service-account-email="$COLLECT_SA" --oidc-token-audience="$HTTP_URL"
+    --attempt-deadline="${COLLECT_DEADLINE}s"
+    --description="Lands finished batch-mode jobs of $HTTP_FUNCTION (deploy/deploy.sh)")
+  if exists scheduler jobs describe "$COLLECT_JOB" --location="$REGION" --format='value(name)'
+  then
+    run scheduler jobs update http "$COLLECT_JOB" "${args[@]}" \
+      --update-headers=Content-Type=application/json
+  else
+    run scheduler jobs create http "$COLLECT_JOB" "${args[@]}" \
+      --headers=Content-Type=application/json
+  fi
 }
 
 # ensure_managed_folder URL: create the managed folder unless it exists. Its bucket was checked
@@ -474,15 +600,23 @@ deploy_function() {
 }
 
 print_next_steps() {
-  local url bucket=${SOURCES[0]:-$RESULTS_BUCKET} object=deploy-test/rocket.jpg
-  url=$(query "<the URL of $HTTP_FUNCTION>" functions describe "$HTTP_FUNCTION" \
-    --region="$REGION" --format="value(serviceConfig.uri)")
+  local bucket=${SOURCES[0]:-$RESULTS_BUCKET} object=deploy-test/rocket.jpg landed
   if ((DRY_RUN)); then
     heading "Dry run: nothing was changed. Once deployed:"
   else
     heading "Deployed"
   fi
-  note "$HTTP_FUNCTION: $url"
+  note "$HTTP_FUNCTION: $HTTP_URL"
+  if [[ -n $COLLECT_SCHEDULE ]]; then
+    note "collect: Cloud Scheduler job $COLLECT_JOB POSTs {\"collect\": true} to $HTTP_FUNCTION"
+    note "         every $COLLECT_INTERVAL ($COLLECT_SCHEDULE, UTC): it lands finished" \
+      "batch-mode jobs"
+    landed="the schedule does this every $COLLECT_INTERVAL"
+  else
+    note "collect: no schedule (--collect-every 0): batch-mode jobs are landed only when"
+    note "         someone POSTs {\"collect\": true} to $HTTP_FUNCTION"
+    landed="with --collect-every 0 nothing else does"
+  fi
   echo
   echo "From the repository root, upload a test image:"
   echo
@@ -521,6 +655,13 @@ EOF
   fi
   cat <<EOF
 
+Land the batch-mode jobs that have finished now ($landed):
+
+  curl -sS -X POST "\$URL" \\
+    -H "Authorization: Bearer \$(gcloud auth print-identity-token)" \\
+    -H "Content-Type: application/json" \\
+    -d '{"collect": true}'
+
 Follow one batch in Cloud Logging (its batch_id is in the response; for an upload it is
 BUCKET/OBJECT#GENERATION):
 
@@ -536,9 +677,10 @@ main() {
   plan_instances
   print_plan
 
+  # Cloud Scheduler also with --collect-every 0: deploy.sh looks for a job to delete.
   local apis=(cloudfunctions.googleapis.com run.googleapis.com cloudbuild.googleapis.com
     artifactregistry.googleapis.com storage.googleapis.com logging.googleapis.com
-    iam.googleapis.com)
+    iam.googleapis.com cloudscheduler.googleapis.com)
   ((${#SOURCES[@]} == 0)) || apis+=(eventarc.googleapis.com pubsub.googleapis.com)
   if [[ $GEMINI_ACCESS == api-key ]]; then
     apis+=(secretmanager.googleapis.com)
@@ -602,8 +744,10 @@ main() {
     bind secrets add-iam-policy-binding "$SECRET_NAME" \
       --member="serviceAccount:$RUN_SA" --role=roles/secretmanager.secretAccessor
   else
+    # Calls Gemini, and creates, reads and cancels batch-mode jobs (batchPredictionJobs.*).
     bind projects add-iam-policy-binding "$PROJECT" \
       --member="serviceAccount:$RUN_SA" --role=roles/aiplatform.user --condition=None
+    grant_vertex_agent
   fi
 
   if ((${#SOURCES[@]})); then
@@ -624,6 +768,8 @@ main() {
   write_env "$ENV_DIR/http.yaml" "$HTTP_TIMEOUT" "$MODEL_CONCURRENCY" "$HTTP_DOWNLOAD"
   deploy_function "$HTTP_FUNCTION" describe_http "$ENV_DIR/http.yaml" "$HTTP_MEM" "$HTTP_CPU" \
     "$HTTP_TIMEOUT" "$HTTP_MAX" "$HTTP_CONCURRENCY" --trigger-http --ingress-settings=all
+  HTTP_URL=$(query "<the URL of $HTTP_FUNCTION>" functions describe "$HTTP_FUNCTION" \
+    --region="$REGION" --format="value(serviceConfig.uri)")
   local member
   for member in "${INVOKER_LIST[@]}"; do
     bind functions add-invoker-policy-binding "$HTTP_FUNCTION" --region="$REGION" \
@@ -643,6 +789,9 @@ main() {
     bind functions add-invoker-policy-binding "${GCS_FUNCTIONS[i]}" --region="$REGION" \
       --member="serviceAccount:$TRIGGER_SA"
   done
+
+  heading "Landing batch-mode jobs (Cloud Scheduler)"
+  ensure_collect_schedule
 
   print_next_steps
 }

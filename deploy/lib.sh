@@ -57,13 +57,17 @@ RUNTIME=python312
 SUPPORTED_RUNTIMES=(python311 python312 python313)
 INVOKERS=
 BUILD_SERVICE_ACCOUNT=
+# Minutes between the Cloud Scheduler job's POSTs of {"collect": true} to describe_http, which
+# land finished batch-mode jobs (0: no schedule).
+COLLECT_EVERY=5
 DRY_RUN=0
 # Function settings passed through as environment variables (docs/settings.md).
 declare -A EXTRA_ENV=()
 PASSTHROUGH_ENV=(DESCRIBE_PROMPT MEDIA_RESOLUTION IMAGE_MAX_SIDE MAX_BATCH_SIZE MAX_IMAGE_BYTES
   MAX_IMAGE_PIXELS MAX_DECODE_BYTES DOWNLOAD_CONCURRENCY MODEL_MAX_ATTEMPTS MODEL_TIMEOUT_S
   MODEL_BACKOFF_S DOWNLOAD_TIMEOUT_S DEADLINE_MARGIN_S DESCRIBE_SCHEMA GALLERY SHARD_SIZE
-  MAX_MANIFEST_IMAGES BACKFILL_CONFIRM_OVER PRICE_INPUT_PER_MTOK PRICE_OUTPUT_PER_MTOK)
+  MAX_MANIFEST_IMAGES BACKFILL_CONFIRM_OVER PRICE_INPUT_PER_MTOK PRICE_OUTPUT_PER_MTOK
+  BATCH_MODE_OVER BATCH_PRICE_INPUT_PER_MTOK BATCH_PRICE_OUTPUT_PER_MTOK)
 LIST_SETTINGS=" SOURCE_BUCKETS READ_BUCKETS INVOKERS "
 declare -A LIST_FROM_FLAGS=()
 
@@ -95,7 +99,8 @@ set_setting() {
       SHARDS_BUCKET | GEMINI_MODEL | GEMINI_FALLBACK_MODEL | NAME | PROJECT | REGION | \
       GEMINI_ACCESS | SECRET_NAME | API_KEY_FILE | VERTEX_LOCATION | GEMINI_MAX_IN_FLIGHT | \
       HTTP_SHARE | HTTP_CONCURRENCY | GCS_CONCURRENCY | HTTP_MAX_INSTANCES | GCS_MAX_INSTANCES | \
-      HTTP_TIMEOUT | GCS_TIMEOUT | HTTP_MEMORY | GCS_MEMORY | RUNTIME | BUILD_SERVICE_ACCOUNT)
+      HTTP_TIMEOUT | GCS_TIMEOUT | HTTP_MEMORY | GCS_MEMORY | RUNTIME | BUILD_SERVICE_ACCOUNT | \
+      COLLECT_EVERY)
       printf -v "$key" '%s' "$value" ;;
     SOURCE_BUCKETS | READ_BUCKETS | INVOKERS)
       printf -v "$key" '%s' "$value" ;;
@@ -179,6 +184,7 @@ parse_flag() {
     --runtime) key=RUNTIME ;;
     --invoker) key=INVOKERS ;;
     --build-service-account) key=BUILD_SERVICE_ACCOUNT ;;
+    --collect-every) key=COLLECT_EVERY ;;
     --env)
       [[ -n ${value+set} ]] || die "--env needs KEY=VALUE"
       [[ $value == *=* ]] || die "--env needs KEY=VALUE, got $value"
@@ -337,13 +343,25 @@ validate_common() {
   [[ $SECRET_NAME =~ ^[A-Za-z0-9_-]{1,255}$ ]] || die "not a valid secret name: '$SECRET_NAME'"
   RUN_SA_ID=$NAME-run
   TRIGGER_SA_ID=$NAME-trigger
+  COLLECT_SA_ID=$NAME-collect
   RUN_SA=$RUN_SA_ID@$PROJECT.iam.gserviceaccount.com
   TRIGGER_SA=$TRIGGER_SA_ID@$PROJECT.iam.gserviceaccount.com
+  COLLECT_SA=$COLLECT_SA_ID@$PROJECT.iam.gserviceaccount.com
   HTTP_FUNCTION=$NAME-http
+  # The Cloud Scheduler job that POSTs {"collect": true} to describe_http (in --region).
+  COLLECT_JOB=$NAME-collect
   GCS_FUNCTIONS=()
   for bucket in "${SOURCES[@]}"; do
     GCS_FUNCTIONS+=("$(gcs_function_name "$bucket")")
   done
+}
+
+# find_vertex_agent: the Vertex AI service agent, which reads a batch-mode job's input and writes
+# its output (Vertex runs the job as this agent, not as the function's account), in VERTEX_AGENT.
+find_vertex_agent() {
+  local number
+  number=$(query PROJECT_NUMBER projects describe "$PROJECT" --format='value(projectNumber)')
+  VERTEX_AGENT=service-$number@gcp-sa-aiplatform.iam.gserviceaccount.com
 }
 
 # gcs_function_name BUCKET: NAME-gcs-BUCKET, made a valid function name; a bucket name that had

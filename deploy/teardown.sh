@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
-# Remove what deploy/deploy.sh created, with the same config file and flags: the functions (and
-# with them their triggers), the roles it granted, its service accounts. Buckets and the secret
-# are deleted only if deploy.sh created them (they carry its label), and only after asking; so is
-# the shard manifests folder in a source bucket that stays.
+# Remove what deploy/deploy.sh created, with the same config file and flags: the collect schedule,
+# the functions (and with them their triggers), the roles it granted, its service accounts.
+# Buckets and the secret are deleted only if deploy.sh created them (they carry its label), and
+# only after asking; so is the shard manifests folder in a source bucket that stays.
 # Safe to run twice: what is already gone is skipped.
 set -euo pipefail
 # shellcheck source=lib.sh
@@ -20,7 +20,8 @@ in each source bucket, are deleted only when you answer yes to the question for 
 --yes); --keep-data keeps them without asking. Buckets that existed before deploy.sh ran are
 never deleted; only the roles it granted on them go.
 The Cloud Storage service agent keeps roles/pubsub.publisher (every storage trigger in the
-project needs it), and the APIs stay enabled.
+project needs it), the Vertex AI service agent its own roles/aiplatform.serviceAgent, and the
+APIs stay enabled.
 EOF
 }
 
@@ -96,6 +97,8 @@ teardown_bucket() {
     try storage buckets remove-iam-policy-binding "gs://$bucket" \
       --member="serviceAccount:$RUN_SA" --role=roles/storage.objectViewer --format=none
   fi
+  # Below, also the Vertex AI service agent's grants for batch-mode jobs: deploy.sh made them in
+  # Vertex mode, and they are taken back whatever the mode is now (it may have changed since).
   if [[ " ${SOURCES[*]} " == *" $bucket "* ]]; then
     teardown_shards_folder "gs://$bucket/$SHARDS_PREFIX"
   fi
@@ -106,9 +109,13 @@ teardown_bucket() {
       try storage managed-folders remove-iam-policy-binding "$folder" \
         --member="serviceAccount:$RUN_SA" --role=roles/storage.objectUser --format=none
     done
+    try storage managed-folders remove-iam-policy-binding "gs://$bucket/$BATCHES_PREFIX" \
+      --member="serviceAccount:$VERTEX_AGENT" --role=roles/storage.objectViewer --format=none
   elif [[ $bucket == "$RESULTS_BUCKET" ]]; then
     try storage buckets remove-iam-policy-binding "gs://$bucket" \
       --member="serviceAccount:$RUN_SA" --role=roles/storage.objectUser --format=none
+    try storage buckets remove-iam-policy-binding "gs://$bucket" \
+      --member="serviceAccount:$VERTEX_AGENT" --role=roles/storage.objectViewer --format=none
   fi
 }
 
@@ -119,6 +126,8 @@ teardown_shards_folder() {
   local folder=$1
   try storage managed-folders remove-iam-policy-binding "$folder" \
     --member="serviceAccount:$RUN_SA" --role=roles/storage.objectUser --format=none
+  try storage managed-folders remove-iam-policy-binding "$folder" \
+    --member="serviceAccount:$VERTEX_AGENT" --role=roles/storage.objectCreator --format=none
   if ! present storage managed-folders describe "$folder"; then
     return 0
   fi
@@ -129,9 +138,30 @@ teardown_shards_folder() {
   fi
 }
 
+# teardown_collect_schedule: delete the Cloud Scheduler job first, so it calls no function that is
+# going. A project deployed before the schedule existed may not have the API enabled: no job then
+# (describing one would fail, not answer "not found").
+teardown_collect_schedule() {
+  local enabled
+  enabled=$(query cloudscheduler.googleapis.com services list --enabled \
+    --filter=config.name=cloudscheduler.googleapis.com --format='value(config.name)')
+  if [[ -z $enabled ]]; then
+    note "Cloud Scheduler is not enabled in $PROJECT: no $COLLECT_JOB job"
+  elif present scheduler jobs describe "$COLLECT_JOB" --location="$REGION" \
+    --format='value(name)'; then
+    run scheduler jobs delete "$COLLECT_JOB" --location="$REGION"
+  else
+    note "Cloud Scheduler job $COLLECT_JOB does not exist"
+  fi
+}
+
 main() {
   read_settings "$@"
   validate_common
+  find_vertex_agent
+
+  heading "Collect schedule"
+  teardown_collect_schedule
 
   heading "Functions"
   local name listed functions=("$HTTP_FUNCTION" "${GCS_FUNCTIONS[@]}")
@@ -179,7 +209,7 @@ main() {
   try projects remove-iam-policy-binding "$PROJECT" --member="serviceAccount:$TRIGGER_SA" \
     --role=roles/eventarc.eventReceiver --condition=None --format=none
   local email
-  for email in "$RUN_SA" "$TRIGGER_SA"; do
+  for email in "$RUN_SA" "$TRIGGER_SA" "$COLLECT_SA"; do
     if present iam service-accounts describe "$email" --format='value(email)'; then
       run iam service-accounts delete "$email"
     else
@@ -188,8 +218,9 @@ main() {
   done
 
   heading "Left in place"
-  note "the APIs, and roles/pubsub.publisher of the Cloud Storage service agent (every storage" \
-    "trigger in the project needs it)"
+  note "the APIs, roles/pubsub.publisher of the Cloud Storage service agent (every storage" \
+    "trigger in the project needs it), and roles/aiplatform.serviceAgent of the Vertex AI" \
+    "service agent (Vertex AI needs it)"
   if ((FAILED)); then
     die "$FAILED removal(s) failed (above); fix the cause and run teardown.sh again"
   fi

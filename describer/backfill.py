@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .batch import Location, parse_output, parse_prompt, parse_schema
+from .batch import Location, choose_mode, parse_mode, parse_output, parse_prompt, parse_schema
+from .batchjobs import require_batch_mode
 from .errors import RequestError, StorageUnavailable, TransientFailure
 from .layout import batch_files, batch_object, state_location, status_name
 from .listing import (
@@ -46,7 +47,7 @@ from .store import result_key
 
 log = logging.getLogger(__name__)
 
-_FIELDS = frozenset({"backfill", "dry_run", "max_images", "prompt", "schema"})
+_FIELDS = frozenset({"backfill", "dry_run", "max_images", "prompt", "schema", "mode"})
 # Image tokens Gemini 3 bills per MEDIA_RESOLUTION ("default" is the model's own: high).
 _GEMINI_3_IMAGE_TOKENS = {"low": 280, "medium": 560, "high": 1120, "default": 1120}
 # Earlier models bill 258 tokens per 768 px tile of the image.
@@ -62,6 +63,7 @@ class BackfillRequest:
     max_images: int | None
     prompt: str | None
     schema: str | None
+    mode: str | None = None  # "online" or "batch"; None leaves it to BATCH_MODE_OVER
 
 
 def is_backfill(data: Any) -> bool:
@@ -75,7 +77,7 @@ def parse_backfill(data: dict[str, Any]) -> BackfillRequest:
             400,
             "invalid_request",
             f"Unknown field(s) {', '.join(map(repr, unknown))} in a backfill; expected "
-            "'backfill', 'dry_run', 'max_images', 'prompt' and 'schema'.",
+            "'backfill', 'dry_run', 'max_images', 'prompt', 'schema' and 'mode'.",
         )
     where = data["backfill"]
     if not isinstance(where, str):
@@ -89,7 +91,8 @@ def parse_backfill(data: dict[str, Any]) -> BackfillRequest:
         raise RequestError(400, "invalid_request", "'max_images' must be a whole number >= 1.")
     prompt = parse_prompt(data["prompt"]) if "prompt" in data else None
     schema = parse_schema(data["schema"]) if "schema" in data else None
-    return BackfillRequest(location, dry_run, max_images, prompt, schema)
+    mode = parse_mode(data["mode"]) if "mode" in data else None
+    return BackfillRequest(location, dry_run, max_images, prompt, schema, mode)
 
 
 async def start_backfill(
@@ -149,6 +152,11 @@ async def start_backfill(
     )
     found = len(step.todo)
     batch = _batch_name(where.bucket, results)
+    mode = choose_mode(settings.batch_mode_over, request.mode, found)
+    estimates = {
+        "online": estimate(settings, found, prompt, schema),
+        "batch": estimate(settings, found, prompt, schema, batch=True),
+    }
     body: dict[str, Any] = {
         "backfill": f"gs://{where.bucket}/{where.prefix}",
         "batch": batch,
@@ -159,11 +167,14 @@ async def start_backfill(
         "kept_sidecars": step.kept_sidecars,
         "names_taken": step.names_taken,
         "shards": math.ceil(found / settings.shard_size),
-        "estimate": estimate(settings, found, prompt, schema),
+        "mode": mode,
+        "estimate": estimates[mode],
     }
     if step.stopped_at_limit:
         body["stopped_at_limit"] = limit
     if request.dry_run:
+        # Both, side by side: what the same images cost asked now, and asked as batch jobs.
+        body["estimates"] = estimates
         log.info("backfill dry run", extra={"count": found, "listed": step.listed})
         if not step.done:
             body["partial"] = True
@@ -198,6 +209,8 @@ async def start_backfill(
         )
     if step.done and not step.todo:
         return 200, {**body, "message": "Every image under the prefix is already described."}
+    if mode == "batch":
+        require_batch_mode(settings, settings.shards_bucket or where.bucket)
     if time.monotonic() > stop_at:
         raise TransientFailure(
             body["backfill"],
@@ -220,6 +233,7 @@ async def start_backfill(
         output=f"gs://{results.bucket}/{results.prefix}",
         files=f"gs://{files.bucket}/{files.prefix}",
         estimate=body["estimate"],
+        mode=mode,
         limit=limit,
         result_key=scope.key,
         deployment_key=scope.deployment_key,
@@ -266,8 +280,11 @@ async def start_backfill(
     }
 
 
-def estimate(settings: Settings, images: int, prompt: str, schema: str | None) -> dict[str, Any]:
-    """Tokens and cost of describing ``images`` at the current settings (an upper bound)."""
+def estimate(
+    settings: Settings, images: int, prompt: str, schema: str | None, *, batch: bool = False
+) -> dict[str, Any]:
+    """Tokens and cost of describing ``images`` at the current settings (an upper bound),
+    at online prices, or at the Batch API's (``batch``)."""
     model = settings.model.removeprefix("models/")
     if model.startswith("gemini-3"):
         image_tokens = _GEMINI_3_IMAGE_TOKENS[settings.media_resolution]
@@ -278,21 +295,16 @@ def estimate(settings: Settings, images: int, prompt: str, schema: str | None) -
     output_per_image = _ASSUMED_OUTPUT_TOKENS[schema or "text"]
     prompt_tokens = images * (image_tokens + text_tokens)
     output_tokens = images * output_per_image
-    cost = (
-        prompt_tokens * settings.price_input_per_mtok
-        + output_tokens * settings.price_output_per_mtok
-    ) / 1_000_000
+    prices = settings.batch_prices() if batch else settings.online_prices()
+    cost = prices.cost(prompt_tokens, output_tokens)
     return {
         "model": settings.model,
         "media_resolution": settings.media_resolution,
         "prompt_tokens": prompt_tokens,
         "output_tokens": output_tokens,
         "assumed_output_tokens_per_image": output_per_image,
-        "cost_usd": round(cost, 4),
-        "price_per_mtok": {
-            "input": settings.price_input_per_mtok,
-            "output": settings.price_output_per_mtok,
-        },
+        "cost_usd": round(cost, 6),
+        "price_per_mtok": {"input": prices.input_per_mtok, "output": prices.output_per_mtok},
     }
 
 

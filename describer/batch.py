@@ -16,7 +16,9 @@ from .settings import normalize_prefix
 
 MAX_URI_LENGTH = 2048
 MAX_PROMPT_CHARS = 8000
-_FIELDS = frozenset({"images", "prompt", "output", "schema"})
+_FIELDS = frozenset({"images", "prompt", "output", "schema", "mode"})
+# How a manifest or backfill asks Gemini: calls now, or a Batch API job at half the price.
+MODES = ("online", "batch")
 # Only shard manifests, which this function writes, carry these.
 _SHARD_FIELDS = frozenset({"shard", "generations", "sidecar_generations"})
 SHARD_KINDS = ("manifest", "backfill")
@@ -97,6 +99,8 @@ class BatchRequest:
     shard: ShardInfo | None = None
     generations: list[str] | None = None
     sidecar_generations: list[int] | None = None
+    # "online" or "batch" as the manifest asked; None leaves it to BATCH_MODE_OVER.
+    mode: str | None = None
 
 
 def parse_body(body: bytes, *, max_batch_size: int, shard: bool = False) -> BatchRequest:
@@ -124,7 +128,7 @@ def parse_batch(data: Any, *, max_batch_size: int, shard: bool = False) -> Batch
             400,
             "invalid_request",
             f"Unknown field(s) {', '.join(map(repr, unknown))}; "
-            "expected 'images', 'prompt', 'output' and 'schema'.",
+            "expected 'images', 'prompt', 'output', 'schema' and 'mode'.",
         )
     if "images" not in data:
         raise RequestError(400, "invalid_request", "The field 'images' is missing.")
@@ -153,7 +157,8 @@ def parse_batch(data: Any, *, max_batch_size: int, shard: bool = False) -> Batch
     schema = data.get("schema")
     if "schema" in data:
         schema = parse_schema(schema)
-    request = BatchRequest(images=images, prompt=prompt, output=output, schema=schema)
+    mode = parse_mode(data["mode"]) if "mode" in data and not shard else None
+    request = BatchRequest(images=images, prompt=prompt, output=output, schema=schema, mode=mode)
     return _with_shard(request, data) if shard else request
 
 
@@ -193,6 +198,22 @@ def _with_shard(request: BatchRequest, data: dict[str, Any]) -> BatchRequest:
         ):
             raise bad("has generations that do not match its images")
     return replace(request, shard=shard, generations=generations, sidecar_generations=sidecars)
+
+
+def parse_mode(value: Any) -> str:
+    if value not in MODES:
+        raise RequestError(
+            400, "invalid_request", f'\'mode\' must be "online" or "batch", not {value!r}.'
+        )
+    return str(value)
+
+
+def choose_mode(settings_over: int, asked: str | None, count: int) -> str:
+    """The mode a manifest or backfill of ``count`` images runs in: as asked, else batch
+    above BATCH_MODE_OVER (``settings_over``; 0 never)."""
+    if asked is not None:
+        return asked
+    return "batch" if settings_over and count > settings_over else "online"
 
 
 def parse_prompt(prompt: Any, *, what: str = "'prompt'") -> str:

@@ -10,10 +10,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .batch import Location
+from .collect import land_results
 from .errors import StorageUnavailable, TransientFailure
 from .images import UNTYPED_CONTENT_TYPES, media_type
 from .jobs import MANIFEST_SUFFIX
-from .layout import LISTING_SUFFIX
+from .layout import LISTING_SUFFIX, parse_vertex_results_name
 from .listing import continue_listing
 from .logs import batch_var, trace_from_headers, trace_var
 from .manifests import describe_manifest
@@ -109,6 +110,12 @@ def _handle_storage_event(
         # back: run as shards (never split again), and nothing else there is.
         if name.endswith(LISTING_SUFFIX):
             return asyncio.run(continue_listing(runtime, event))
+        if parse_vertex_results_name(settings.shards_prefix, name) is not None:
+            # A Vertex AI batch job's answers, written where its shard is.
+            if not name.endswith(".jsonl"):
+                log.info("a batch job's file that holds no answers; ignored", extra=fields)
+                return Outcome.IGNORED_NOT_SHARD
+            return asyncio.run(land_results(runtime, event))
         if not name.endswith(MANIFEST_SUFFIX):
             log.info("object under the shards prefix is not a shard; ignored", extra=fields)
             return Outcome.IGNORED_NOT_SHARD

@@ -10,6 +10,7 @@ credentials) are built once per process in :class:`GeminiConnector`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import random
 import re
@@ -76,11 +77,16 @@ class Spent:
 class GeminiConnector:
     """Process-wide: what every invocation's client shares (TLS context, credentials)."""
 
-    def __init__(self, access: GeminiAccess) -> None:
+    def __init__(self, access: GeminiAccess, *, credentials: Any = None) -> None:
         self._access = access
         self._ssl = ssl.create_default_context()
-        self._credentials: Any = None
+        # Vertex AI's credentials: found once with google.auth.default unless given (tests).
+        self._credentials: Any = credentials
         self._lock = threading.Lock()
+
+    @property
+    def vertex(self) -> bool:
+        return self._access.use_vertexai
 
     @property
     def ssl_context(self) -> ssl.SSLContext:
@@ -94,8 +100,9 @@ class GeminiConnector:
         """A client bound to ``session``: cheap, because the TLS context is reused."""
         access = self._access
         options = types.HttpOptions(
-            # GOOGLE_GEMINI_BASE_URL is the Developer API's override, not Vertex AI's.
-            base_url=None if access.use_vertexai else access.base_url,
+            # GOOGLE_GEMINI_BASE_URL is the Developer API's override, GOOGLE_VERTEX_BASE_URL
+            # Vertex AI's.
+            base_url=access.vertex_base_url if access.use_vertexai else access.base_url,
             timeout=int(timeout_s * 1000),
             aiohttp_client=session,
             # One attempt per call: without retry options the SDK silently resends
@@ -189,6 +196,22 @@ class Describer:
     @property
     def gate(self) -> CallGate:
         return self._gate
+
+    def calls(self) -> dict[str, int]:
+        state = self._gate.state
+        return {"limit": state.limit, "ceiling": state.ceiling, "throttled": self.throttled}
+
+    async def answer(
+        self,
+        position: int,
+        image: PreparedImage,
+        prompt: str,
+        *,
+        schema: str | None,
+        spent: Spent,
+    ) -> Described:
+        """The pipeline's model stage (:class:`describer.pipeline.ModelBackend`): ask now."""
+        return await self.describe(image, prompt, schema=schema, spent=spent)
 
     def _config(self, model: str, shape: Schema | None) -> types.GenerateContentConfig | None:
         """The call's options: media resolution and, for a structured answer, its schema.
@@ -372,6 +395,51 @@ class _ModelCallError(Exception):
         super().__init__(str(error))
         self.error = error
         self.model = model
+
+
+def request_json(
+    image: PreparedImage,
+    prompt: str,
+    *,
+    schema: str | None,
+    model: str,
+    media_resolution: str,
+) -> dict[str, Any]:
+    """The GenerateContentRequest an online call for ``image`` sends, as REST JSON: what a
+    Batch API job is given for it, so a batch answer is asked exactly as an online one."""
+    shape = SCHEMAS[schema] if schema else None
+    text = f"{prompt}\n\n{shape.instruction}" if shape else prompt
+    data = base64.b64encode(image.data).decode("ascii")
+    request: dict[str, Any] = {
+        "contents": [
+            {
+                "role": "user",
+                "parts": [
+                    {"inlineData": {"mimeType": image.mime_type, "data": data}},
+                    {"text": text},
+                ],
+            }
+        ]
+    }
+    generation: dict[str, Any] = {}
+    resolution = _MEDIA_RESOLUTION.get(media_resolution)
+    if resolution is not None and model.removeprefix("models/").startswith("gemini-3"):
+        generation["mediaResolution"] = resolution.value
+    if shape is not None:
+        generation["responseMimeType"] = "application/json"
+        generation["responseJsonSchema"] = dict(shape.json_schema)
+    if generation:
+        request["generationConfig"] = generation
+    return request
+
+
+def parse_answer(body: Any, *, model: str, schema: str | None) -> Described:
+    """A GenerateContentResponse as REST JSON (a Batch API job's answer), judged as an online
+    answer is: a refusal or an empty answer raises SourceError, and a structured answer that
+    does not fit its schema raises SchemaMismatch."""
+    response = types.GenerateContentResponse.model_validate(body)
+    answer = _answer(response, 1, model)
+    return _structured(answer, SCHEMAS[schema]) if schema else answer
 
 
 def _answer(response: types.GenerateContentResponse, attempts: int, model: str) -> Described:

@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import IO, Any
 
 from .backfill import is_backfill, start_backfill
 from .batch import BatchRequest, Location, decode_json, parse_batch
+from .collect import collect, is_collect, is_rerun, rerun_online
 from .errors import RequestError, StorageUnavailable, TransientFailure
 from .images import media_type
 from .layout import batch_files, batch_object
@@ -141,7 +142,18 @@ def handle_http(
         data = decode_json(raw)
         if is_backfill(data):
             return _backfill(runtime, data, stop_at)
+        if is_collect(data):
+            return _storage_call(collect(runtime, data, stop_at=stop_at))
+        if is_rerun(data):
+            return _storage_call(rerun_online(runtime, data))
         request = parse_batch(data, max_batch_size=settings.max_batch_size)
+        if request.mode == "batch":
+            raise RequestError(
+                400,
+                "invalid_request",
+                '"mode": "batch" is for backfills and manifests, whose answers may come hours '
+                "later; a request's batch is answered in its reply.",
+            )
         output = _http_output(request, settings)
     except RequestError as exc:
         return error_reply(exc.status, exc.code, exc.message)
@@ -254,8 +266,13 @@ async def _describe_and_write(
 
 
 def _backfill(runtime: Runtime, data: dict[str, Any], stop_at: float) -> HttpReply:
+    return _storage_call(start_backfill(runtime, data, stop_at=stop_at))
+
+
+def _storage_call(work: Coroutine[Any, Any, tuple[int, dict[str, Any]]]) -> HttpReply:
+    """Run a request that works on stored state; storage trouble answered as 503 or 400."""
     try:
-        status, body = asyncio.run(start_backfill(runtime, data, stop_at=stop_at))
+        status, body = asyncio.run(work)
     except TransientFailure as exc:
         log.error(str(exc))
         return error_reply(503, "storage_unavailable", f"{exc}; retry later.")

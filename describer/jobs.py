@@ -21,7 +21,16 @@ from .batch import BatchRequest, GcsSource, Location, parse_body, parse_source
 from .errors import Code, RequestError, StorageUnavailable, TransientFailure
 from .layout import batch_files, batch_object
 from .outcomes import JobState
-from .records import ERROR, JSON_TYPE, JSONL_TYPE, Record, dumps_json, dumps_jsonl, total_usage
+from .records import (
+    ERROR,
+    JSON_TYPE,
+    JSONL_TYPE,
+    Record,
+    dumps_json,
+    dumps_jsonl,
+    total_cost,
+    total_usage,
+)
 from .results import write_gallery
 from .runtime import ObjectEvent, Runtime, open_pipeline
 from .store import (
@@ -47,6 +56,7 @@ _TALLY_KEYS = {
     "error": "describer-errors",
     "prompt_tokens": "describer-prompt-tokens",
     "output_tokens": "describer-output-tokens",
+    "cost_micro_usd": "describer-cost-micro-usd",
 }
 
 
@@ -96,7 +106,8 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
             log.info("manifest skipped", extra={"uri": job.uri, "state": state})
             tallied = _tally_from(existing[0]) if state is JobState.ALREADY_DONE else None
             return JobOutcome(state, tallied)
-    checkpoints = _Checkpoints(store, job.state.bucket, job.parts_prefix, job.generation)
+    keeper = Keeper(runtime, job)
+    checkpoints = keeper.checkpoints
     done, thumbnails = await checkpoints.load(request.images)
     todo = [i for i in range(len(request.images)) if i not in done]
     log.info(
@@ -107,30 +118,12 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
     pins = (
         dict(zip(request.images, request.generations, strict=True)) if request.generations else None
     )
-    sidecars = _Sidecars(
-        store,
-        job,
-        result_key(settings.model, prompt, schema),
-        deployment_key=result_key(settings.model, *settings.prompt_and_schema()),
-    )
-
     # Sources whose sidecar or checkpoint could not be written: not done, whatever
     # their record says, so the job is not reported done without them.
-    unwritten: dict[int, StorageUnavailable] = {}
+    unwritten = keeper.unwritten
 
     async def keep(position: int, record: Record) -> None:
-        index = todo[position]
-        # The sidecar first: a checkpoint says "done", and a failed sidecar write
-        # must leave the source to be described again, not lost.
-        try:
-            await sidecars.save(index, record)
-            await checkpoints.save(index, record)
-        except StorageUnavailable as exc:
-            unwritten[index] = exc
-            log.error(
-                "could not keep a finished record; the source is not done",
-                extra={"uri": exc.uri, "reason": str(exc), "source": record.source},
-            )
+        await keeper.keep(todo[position], record)
 
     async with open_pipeline(
         runtime,
@@ -278,18 +271,56 @@ def _manifest_state(metadata: Mapping[str, str], generation: str) -> JobState:
 
 
 def tally(records: list[dict[str, Any]]) -> dict[str, int]:
-    """ok and error counts and tokens: what a status object sums over shards."""
+    """ok and error counts, tokens and cost: what a status object sums over shards."""
     usage = total_usage(records)
     ok = sum(r.get("status") == "ok" for r in records)
-    return {"ok": ok, "error": len(records) - ok, **usage}
+    cost = round(total_cost(records) * 1_000_000)
+    return {"ok": ok, "error": len(records) - ok, **usage, "cost_micro_usd": cost}
 
 
 def _tally_from(metadata: Mapping[str, str]) -> dict[str, int] | None:
     """The tally a complete JSONL carries in its metadata (None for an older JSONL)."""
     try:
-        return {name: int(metadata[key]) for name, key in _TALLY_KEYS.items()}
+        # A JSONL written before costs were kept has none: 0, not a reason to count again.
+        return {
+            name: int(metadata.get(key, "0") if name == "cost_micro_usd" else metadata[key])
+            for name, key in _TALLY_KEYS.items()
+        }
     except (KeyError, ValueError):
         return None
+
+
+class Keeper:
+    """Keeps a job's finished records: a backfill's sidecar first, then the checkpoint.
+
+    A checkpoint says "done", so a failed sidecar write must leave the source to be
+    described again, not lost: such a source is in ``unwritten``, with its error.
+    """
+
+    def __init__(self, runtime: Runtime, job: Job) -> None:
+        settings = runtime.settings
+        prompt, schema = settings.prompt_and_schema(job.request.prompt, job.request.schema)
+        self.checkpoints = _Checkpoints(
+            runtime.store, job.state.bucket, job.parts_prefix, job.generation
+        )
+        self._sidecars = _Sidecars(
+            runtime.store,
+            job,
+            result_key(settings.model, prompt, schema),
+            deployment_key=result_key(settings.model, *settings.prompt_and_schema()),
+        )
+        self.unwritten: dict[int, StorageUnavailable] = {}
+
+    async def keep(self, index: int, record: Record) -> None:
+        try:
+            await self._sidecars.save(index, record)
+            await self.checkpoints.save(index, record)
+        except StorageUnavailable as exc:
+            self.unwritten[index] = exc
+            log.error(
+                "could not keep a finished record; the source is not done",
+                extra={"uri": exc.uri, "reason": str(exc), "source": record.source},
+            )
 
 
 class _Checkpoints:

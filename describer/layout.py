@@ -18,6 +18,7 @@ events and backfills skip both, so an upload's name never reaches a batch's obje
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -128,3 +129,41 @@ def sidecar_is_current(
     if model in {settings.model, settings.fallback_model}:
         model = settings.model
     return result_key(str(model), str(record.get("prompt")), record.get("schema")) == key
+
+
+def job_folder(state: Location, batch: str, index: int) -> str:
+    """A batch-mode shard's job files: ``BATCHES_PREFIX<batch>.shards/<i>.job/`` (its queued
+    requests, one object each, and their concatenation that the Batch API reads)."""
+    return batch_object(state, batch, f".shards/{index:05d}.job/")
+
+
+def job_registry_prefix(settings: Settings) -> str:
+    """Where batch-mode jobs still to land are registered, in Settings.job_bucket."""
+    return f"{settings.batches_prefix}.jobs/"
+
+
+def job_registry_name(settings: Settings, batch: str, run: str, index: int) -> str:
+    """One pending job's entry: a collect finds every job to land by listing these."""
+    tag = hashlib.sha256(f"{batch}\n{run}".encode()).hexdigest()[:20]
+    return f"{job_registry_prefix(settings)}{tag}-{index:05d}.json"
+
+
+VERTEX_RESULTS_SUFFIX = ".results/"
+
+
+def vertex_results_prefix(shards_prefix: str, batch: str, run: str, index: int) -> str:
+    """Where a Vertex AI batch job writes its answers: beside the shard, under SHARDS_PREFIX
+    in a bucket describe_gcs watches, so their arrival is an event."""
+    return f"{shards_prefix}{batch}/{run}/{index:05d}{VERTEX_RESULTS_SUFFIX}"
+
+
+def parse_vertex_results_name(shards_prefix: str, name: str) -> tuple[str, str, int] | None:
+    """(batch, run, shard index) of an object a Vertex AI job wrote, or None."""
+    head, found, _ = name.removeprefix(shards_prefix).partition(VERTEX_RESULTS_SUFFIX)
+    # A manifest's batch is its path, slashes and all: run and shard are the last two parts.
+    parts = head.rsplit("/", 2)
+    if not found or not name.startswith(shards_prefix) or len(parts) != 3:
+        return None
+    if not parts[0] or not parts[2].isdigit():
+        return None
+    return parts[0], parts[1], int(parts[2])

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+from .batch import choose_mode
+from .batchjobs import require_batch_mode
 from .errors import RequestError
 from .jobs import MANIFEST_SUFFIX, Job, load_request, run_job, write_error_report
 from .layout import batch_files, batch_object, state_location
@@ -42,8 +44,13 @@ async def describe_manifest(runtime: Runtime, event: ObjectEvent) -> Outcome:
     _, request = loaded
     files = batch_files(settings, results.bucket, request.output)
     state = state_location(settings, bucket)
-    if len(request.images) > settings.shard_size:
+    mode = choose_mode(settings.batch_mode_over, request.mode, len(request.images))
+    # A manifest in batch mode is always a sharded batch: its jobs outlive any invocation,
+    # and a status object is what carries them.
+    if len(request.images) > settings.shard_size or mode == "batch":
         try:
+            if mode == "batch":
+                require_batch_mode(settings, settings.shards_bucket or bucket)
             return await shard_manifest(
                 runtime,
                 request,
@@ -53,6 +60,7 @@ async def describe_manifest(runtime: Runtime, event: ObjectEvent) -> Outcome:
                 output=request.output or results,
                 files=files,
                 state=state,
+                mode=mode,
             )
         except RequestError as exc:
             await write_error_report(runtime, event, exc)

@@ -35,6 +35,13 @@ class Outcome(StrEnum):
     SHARD_INVALID = "shard_invalid"  # not a body the batch planned: refused
     SHARD_SUPERSEDED = "shard_superseded"
     MERGED = "merged"  # this event recorded the last pending shard (or listing step) and merged
+    # Batch mode (a Batch API job per shard).
+    BATCH_SUBMITTED = "batch_submitted"  # this event created (or adopted) the shard's job
+    ALREADY_SUBMITTED = "already_submitted"
+    BATCH_PENDING = "batch_pending"  # the job has not finished yet
+    BATCH_ENDED = "batch_ended"  # failed, expired or cancelled: its sources wait for a rerun
+    BATCH_BUSY = "batch_busy"  # another invocation is landing it
+    LANDED = "landed"  # the job's answers are the shard's JSONL now
     # A backfill's listing steps.
     LISTED = "listed"
     ALREADY_LISTED = "already_listed"

@@ -25,18 +25,18 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from .batch import Source, parse_source
 from .errors import Code, SourceError
 from .fetch import Fetcher
-from .gemini import Describer, Spent
+from .gemini import Described, Spent
 from .images import PreparedImage, prepare
 from .logs import source_var
 from .memory import DecodeBudget
 from .quota import CallGate, Slot
-from .records import OK, Record
-from .settings import DEFAULT_MAX_DECODE_BYTES
+from .records import OK, QUEUED, Record
+from .settings import DEFAULT_MAX_DECODE_BYTES, Prices
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,22 @@ DEFAULT_WRITE_CONCURRENCY = 8
 # at most its calls in flight plus this many and the writers' records (see HandOff).
 DEFAULT_HANDOFF_SIZE = 8
 RecordSink = Callable[[int, Record], Awaitable[None]]
+
+
+class ModelBackend(Protocol):
+    """The model stage's seam: Gemini's answer now (:class:`describer.gemini.Describer`), or
+    the request queued for a Batch API job whose answers land later
+    (:class:`describer.batchjobs.BatchRequests`). Preparation and records are the same."""
+
+    async def answer(
+        self, position: int, image: PreparedImage, prompt: str, *, schema: str | None, spent: Spent
+    ) -> Described | None:
+        """The answer for the run's source at ``position``, or None once it is queued."""
+        ...
+
+    def calls(self) -> dict[str, int]:
+        """The limit on calls in flight and the 429s met (:meth:`Pipeline.model_calls`)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -84,7 +100,7 @@ class Pipeline:
         self,
         *,
         fetcher: Fetcher,
-        describer: Describer,
+        describer: ModelBackend,
         cpu_executor: Executor,
         limits: StageLimits,
         model: str,
@@ -93,6 +109,7 @@ class Pipeline:
         parse: Callable[[str], Source] = parse_source,
         decode_budget: DecodeBudget | None = None,
         answer_room: CallGate,
+        prices: Prices | None = None,
     ) -> None:
         self._fetcher = fetcher
         # The process's room for answers (Runtime.answer_room), shared with every other
@@ -104,6 +121,8 @@ class Pipeline:
         # The CLI widens this to local paths; the function never does.
         self._parse = parse
         self._describer = describer
+        # What a record's cost_usd is reckoned at; None: records carry no cost.
+        self._prices = prices
         self._cpu = cpu_executor
         self._limits = limits
         self._model = model
@@ -114,12 +133,7 @@ class Pipeline:
     def model_calls(self) -> dict[str, int]:
         """The process's limit on Gemini calls in flight now, and the rate-limit 429s this
         invocation's calls met and rode out (retried, or ended as ``quota_exhausted``)."""
-        state = self._describer.gate.state
-        return {
-            "limit": state.limit,
-            "ceiling": state.ceiling,
-            "throttled": self._describer.throttled,
-        }
+        return self._describer.calls()
 
     async def run(
         self,
@@ -145,6 +159,7 @@ class Pipeline:
             writers=self._limits.write_concurrency if on_record else 0,
             handoff_size=self._limits.handoff_size,
             room=self._answer_room,
+            prices=self._prices,
         )
         self.handoff = batch.handoff
         queue: asyncio.Queue[_Ready | None] = asyncio.Queue(maxsize=self._limits.model_concurrency)
@@ -211,7 +226,7 @@ class Pipeline:
                 "usage": flight.spent.usage,
                 "latency_ms": int((stopped - flight.started) * 1000),
             }
-        return Record.failed(
+        record = Record.failed(
             uri,
             error,
             model=self._model,
@@ -219,6 +234,7 @@ class Pipeline:
             schema=self._schema,
             **known,
         )
+        return record.priced(self._prices) if self._prices else record
 
     async def _download_worker(
         self,
@@ -289,8 +305,8 @@ class Pipeline:
             # not yet kept never pass the bound, so a crash loses no more than that.
             await batch.reserve(ready.index)
             try:
-                answer = await self._describer.describe(
-                    ready.image, self._prompt, schema=self._schema, spent=flight.spent
+                answer = await self._describer.answer(
+                    ready.index, ready.image, self._prompt, schema=self._schema, spent=flight.spent
                 )
             except Exception as exc:
                 if isinstance(exc, SourceError):
@@ -303,6 +319,19 @@ class Pipeline:
                 record = self._failed(uri, error, flight.started, **known, **spent)
                 await batch.finish(ready.index, record)
             else:
+                if answer is None:
+                    # Queued for a batch job: what preparation learnt is kept until it answers.
+                    queued = Record(
+                        source=uri,
+                        status=QUEUED,
+                        model=self._model,
+                        prompt=self._prompt,
+                        schema=self._schema,
+                        latency_ms=_elapsed_ms(flight.started),
+                        **known,
+                    )
+                    await batch.finish(ready.index, queued)
+                    continue
                 record = Record(
                     source=uri,
                     status=OK,
@@ -370,8 +399,10 @@ class _Batch:
         writers: int,
         handoff_size: int,
         room: CallGate,
+        prices: Prices | None = None,
     ) -> None:
         self.uris = uris
+        self._prices = prices
         self.records: list[Record | None] = [None] * len(uris)
         # The sources started and not yet finished.
         self.flights: dict[int, _Flight] = {}
@@ -406,6 +437,8 @@ class _Batch:
 
     async def finish(self, index: int, record: Record) -> None:
         """Keep the record, then hand it to the writers, waiting while their channel is full."""
+        if self._prices is not None:
+            record = record.priced(self._prices)
         self.records[index] = record
         self.flights.pop(index, None)
         self.finished += 1

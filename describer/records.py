@@ -8,9 +8,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import Code, SourceError
+from .settings import Prices
 
 OK = "ok"
 ERROR = "error"
+# Prepared and queued in a Batch API job: a submission's record, never a result's.
+QUEUED = "queued"
 JSON_TYPE = "application/json"
 JSONL_TYPE = "application/x-ndjson"
 
@@ -39,11 +42,15 @@ class Record:
     width: int | None = None
     height: int | None = None
     usage: Usage | None = None
+    # What the usage costs at the prices of the way it was asked (online, or a batch job).
+    cost_usd: float | None = None
     attempts: int = 0
     latency_ms: int = 0
     error_code: Code | None = None
     error_message: str | None = None
     generation: str | None = None
+    # The Batch API job that answered it (``batches/...`` or a Vertex AI job's name).
+    batch_job: str | None = None
     # The answer came from the project's Gemini simulator, not from Gemini.
     simulated: bool = False
     # Not serialised: whether a later retry could turn this error into a description.
@@ -71,6 +78,13 @@ class Record:
     def with_generation(self, generation: str) -> Record:
         return replace(self, generation=generation)
 
+    def priced(self, prices: Prices) -> Record:
+        """The record with ``cost_usd`` reckoned from its usage at ``prices``."""
+        if self.usage is None:
+            return self
+        cost = prices.cost(self.usage.prompt_tokens, self.usage.output_tokens)
+        return replace(self, cost_usd=round(cost, 8))
+
     def to_json(self) -> dict[str, Any]:
         """The documented JSON shape: optional facts appear only when known."""
         out: dict[str, Any] = {"source": self.source, "status": self.status}
@@ -94,10 +108,14 @@ class Record:
                 "prompt_tokens": self.usage.prompt_tokens,
                 "output_tokens": self.usage.output_tokens,
             }
+        if self.cost_usd is not None:
+            out["cost_usd"] = self.cost_usd
         out["attempts"] = self.attempts
         out["latency_ms"] = self.latency_ms
         if self.generation is not None:
             out["generation"] = self.generation
+        if self.batch_job is not None:
+            out["batch_job"] = self.batch_job
         out["error"] = (
             None
             if self.error_code is None
@@ -112,6 +130,11 @@ def counts(records: Iterable[Record]) -> dict[str, int]:
     for record in records:
         tally[record.status] += 1
     return tally
+
+
+def total_cost(records: Iterable[dict[str, Any]]) -> float:
+    """USD a batch's answers cost, summed over its records' ``cost_usd``."""
+    return round(sum(float(r.get("cost_usd") or 0) for r in records), 6)
 
 
 def total_usage(records: Iterable[dict[str, Any]]) -> dict[str, int]:

@@ -27,7 +27,7 @@ from .gemini import Describer, GeminiConnector, ModelSwitch
 from .images import THUMBNAIL_SIDE
 from .memory import DecodeBudget, return_freed_buffers
 from .netguard import AddressCheck, is_public
-from .pipeline import DEFAULT_WRITE_CONCURRENCY, Pipeline, StageLimits
+from .pipeline import DEFAULT_WRITE_CONCURRENCY, ModelBackend, Pipeline, StageLimits
 from .quota import CallGate
 from .settings import Settings
 from .store import ResultStore, Store
@@ -157,11 +157,13 @@ async def open_pipeline(
     thumbnails: bool = False,
     pinned_generations: Mapping[str, str] | None = None,
     local_files: bool = False,
+    backend: ModelBackend | None = None,
 ) -> AsyncIterator[Pipeline]:
     """Open this invocation's loop-bound resources and close them all on the way out.
 
     ``thumbnails`` makes gallery thumbnails during preparation; ``local_files``
-    (the command line only) accepts paths on this machine as sources.
+    (the command line only) accepts paths on this machine as sources. ``backend``
+    replaces online calls as the model stage (a batch job's requests, queued).
     """
     settings = runtime.settings
     async with (
@@ -183,7 +185,8 @@ async def open_pipeline(
                     address_allowed=runtime.address_allowed,
                     local_files=local_files,
                 ),
-                describer=Describer(
+                describer=backend
+                or Describer(
                     client,
                     gate=runtime.calls,
                     switch=runtime.model_switch,
@@ -206,6 +209,7 @@ async def open_pipeline(
                 parse=parse_local_source if local_files else parse_source,
                 decode_budget=runtime.decode_budget,
                 answer_room=runtime.answer_room,
+                prices=settings.online_prices(),
             )
         finally:
             await client.aio.aclose()

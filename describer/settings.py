@@ -75,8 +75,27 @@ DEFAULT_LIST_PAGE_SIZE = 1000
 # written. Set them to your model's prices: estimates are only as good as these.
 DEFAULT_PRICE_INPUT_PER_MTOK = 0.10
 DEFAULT_PRICE_OUTPUT_PER_MTOK = 0.40
+# The Batch API's prices: half the online ones, for answers within 24 hours.
+DEFAULT_BATCH_PRICE_INPUT_PER_MTOK = 0.05
+DEFAULT_BATCH_PRICE_OUTPUT_PER_MTOK = 0.20
+# Backfills and manifests of more images than this run as Batch API jobs unless they
+# say "mode"; 0: only those that ask. Batch answers can take up to a day, so it is opt-in.
+DEFAULT_BATCH_MODE_OVER = 0
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_READ_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Prices:
+    """USD per million tokens, in and out: what a record's ``cost_usd`` is reckoned at."""
+
+    input_per_mtok: float
+    output_per_mtok: float
+
+    def cost(self, prompt_tokens: int, output_tokens: int) -> float:
+        return (
+            prompt_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok
+        ) / 1_000_000
 
 
 @dataclass(frozen=True)
@@ -88,6 +107,8 @@ class GeminiAccess:
     project: str | None = None
     location: str | None = None
     base_url: str | None = None
+    # Vertex AI's endpoint override (the SDK's GOOGLE_VERTEX_BASE_URL): the simulator locally.
+    vertex_base_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +154,9 @@ class Settings:
     list_page_size: int = DEFAULT_LIST_PAGE_SIZE
     price_input_per_mtok: float = DEFAULT_PRICE_INPUT_PER_MTOK
     price_output_per_mtok: float = DEFAULT_PRICE_OUTPUT_PER_MTOK
+    batch_price_input_per_mtok: float = DEFAULT_BATCH_PRICE_INPUT_PER_MTOK
+    batch_price_output_per_mtok: float = DEFAULT_BATCH_PRICE_OUTPUT_PER_MTOK
+    batch_mode_over: int = DEFAULT_BATCH_MODE_OVER
     event_retry_window_s: float = DEFAULT_EVENT_RETRY_WINDOW_S
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
@@ -163,6 +187,19 @@ class Settings:
         """
         return self.results_bucket or self.shards_bucket or event_bucket
 
+    @property
+    def job_bucket(self) -> str | None:
+        """Where batch-mode jobs are registered, so a collect finds them without an event:
+        a bucket the settings name (RESULTS_BUCKET, else SHARDS_BUCKET), or None, and then
+        batch mode is refused."""
+        return self.results_bucket or self.shards_bucket
+
+    def online_prices(self) -> Prices:
+        return Prices(self.price_input_per_mtok, self.price_output_per_mtok)
+
+    def batch_prices(self) -> Prices:
+        return Prices(self.batch_price_input_per_mtok, self.batch_price_output_per_mtok)
+
     def readable_buckets(self, *also: str) -> frozenset[str]:
         """Buckets gs:// sources may come from: ALLOWED_BUCKETS, RESULTS_BUCKET and ``also``."""
         return self.allowed_buckets | {b for b in (self.results_bucket, *also) if b}
@@ -190,6 +227,10 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be at least 1, got {getattr(self, name)}")
+        if self.batch_mode_over < 0:
+            raise ConfigError(
+                f"BATCH_MODE_OVER must be 0 (off) or more, got {self.batch_mode_over}"
+            )
         if self.list_page_size > DEFAULT_LIST_PAGE_SIZE:
             raise ConfigError(
                 f"LIST_PAGE_SIZE must be at most {DEFAULT_LIST_PAGE_SIZE} (Cloud Storage's "
@@ -316,6 +357,13 @@ class Settings:
             price_output_per_mtok=reader.number(
                 "PRICE_OUTPUT_PER_MTOK", DEFAULT_PRICE_OUTPUT_PER_MTOK
             ),
+            batch_price_input_per_mtok=reader.number(
+                "BATCH_PRICE_INPUT_PER_MTOK", DEFAULT_BATCH_PRICE_INPUT_PER_MTOK
+            ),
+            batch_price_output_per_mtok=reader.number(
+                "BATCH_PRICE_OUTPUT_PER_MTOK", DEFAULT_BATCH_PRICE_OUTPUT_PER_MTOK
+            ),
+            batch_mode_over=reader.integer("BATCH_MODE_OVER", DEFAULT_BATCH_MODE_OVER),
             event_retry_window_s=reader.number(
                 "EVENT_RETRY_WINDOW_S", DEFAULT_EVENT_RETRY_WINDOW_S
             ),
@@ -328,6 +376,7 @@ class Settings:
                 project=reader.text("GOOGLE_CLOUD_PROJECT", "") or None,
                 location=reader.text("GOOGLE_CLOUD_LOCATION", "") or None,
                 base_url=reader.text("GOOGLE_GEMINI_BASE_URL", "") or None,
+                vertex_base_url=reader.text("GOOGLE_VERTEX_BASE_URL", "") or None,
             ),
             storage_emulator_host=reader.text("STORAGE_EMULATOR_HOST", "") or None,
         )

@@ -19,10 +19,12 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from . import batchjobs
 from .batch import BatchRequest, Location, ShardInfo, parse_output
+from .batchjobs import BatchShard
 from .errors import RequestError, StorageUnavailable, TransientFailure
 from .gallery import render_index
 from .jobs import MANIFEST_SUFFIX, Job, load_request, run_job, tally
@@ -38,6 +40,7 @@ from .outcomes import JobState, Outcome
 from .records import JSON_TYPE, JSONL_TYPE, dumps_json
 from .results import HTML_TYPE
 from .runtime import ObjectEvent, Runtime
+from .settings import Settings
 from .status import new_status, now_iso, record_shard, update_status
 from .store import COMPLETE_KEY, SOURCE_GENERATION_KEY, Store, bounded_map
 
@@ -57,6 +60,7 @@ async def shard_manifest(
     output: Location,
     files: Location,
     state: Location,
+    mode: str = "online",
 ) -> Outcome:
     """Split a large manifest into shards (once per manifest generation).
 
@@ -103,6 +107,7 @@ async def shard_manifest(
         schema=schema,
         output=f"gs://{output.bucket}/{output.prefix}",
         files=f"gs://{files.bucket}/{files.prefix}",
+        mode=mode,
     )
     planned = plan_shards(request, status, settings.shards_prefix)
     status["shard_digests"] = [digest(body) for _, body in planned]
@@ -197,12 +202,25 @@ def digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()[:32]
 
 
-async def describe_shard(runtime: Runtime, event: ObjectEvent) -> Outcome:
-    """Run one shard, record it in the status object, and merge if it was the last."""
-    bucket, name, generation = event.bucket, event.name, event.generation
-    results, stop_at, give_up = event.results, event.stop_at, event.give_up
+@dataclass(frozen=True)
+class _Shard:
+    """A shard checked against its batch's status: what running or landing it needs."""
+
+    job: Job
+    info: ShardInfo
+    state: Location
+    status_object: str
+    files: Location
+    bucket: str  # the shard's own bucket (SHARDS_BUCKET, or the batch's)
+    fields: dict[str, Any]
+
+
+async def _open_shard(
+    runtime: Runtime, event: ObjectEvent
+) -> tuple[_Shard, dict[str, Any]] | Outcome:
+    """The shard of ``event`` and its batch's status, or why it is not to be run."""
+    bucket, name, generation, results = event.bucket, event.name, event.generation, event.results
     settings = runtime.settings
-    store = runtime.store
     uri = f"gs://{bucket}/{name}"
     loaded = await load_request(runtime, event, shard=True)
     if loaded is None:
@@ -217,7 +235,7 @@ async def describe_shard(runtime: Runtime, event: ObjectEvent) -> Outcome:
     # body: whoever may write a shard beside real ones cannot write its status too.
     state = state_location(settings, bucket)
     status_object = status_name(state, info.batch)
-    status, _ = await store.read_json(state.bucket, status_object)
+    status, _ = await runtime.store.read_json(state.bucket, status_object)
     fields = {"uri": uri, "batch": info.batch, "shard": info.index}
     if status is None or str(status.get("run")) != info.run:
         log.info("shard of a run that is not the batch's current one; ignored", extra=fields)
@@ -239,52 +257,216 @@ async def describe_shard(runtime: Runtime, event: ObjectEvent) -> Outcome:
     if files is None:
         log.error("the batch's status names no files location; ignored", extra=fields)
         return Outcome.SUPERSEDED
-    if str(info.index) not in status.get("finished_shards", {}):
-        job = Job(
-            request=request,
-            uri=uri,
-            generation=generation,
-            output=files,
-            results_name=shard_jsonl_name(files, info.batch, info.index),
-            state=state,
-            parts_prefix=batch_object(state, info.batch, f".shards/{info.index:05d}.parts/"),
-            # A backfill's shard count grows while its listing goes on.
-            title=f"Shard {info.index + 1} of {info.source}",
-            # From the settings, never from the status: where uploaders may write the
-            # state bucket too (RESULTS_BUCKET unset, or also a source bucket), a forged
-            # status must not widen what the function reads.
-            allowed_buckets=settings.readable_buckets(bucket),
-            sidecars=output if info.kind == "backfill" else None,
-            # A shard waits out passing failures with redeliveries (inside the retry
-            # window) rather than record them for good: its batch waits for it anyway.
-            retry_transient=True,
-        )
-        outcome = await run_job(runtime, job, stop_at, give_up=give_up)
-        if outcome.state is JobState.SUPERSEDED:
-            return Outcome.SHARD_SUPERSEDED
-        stalled = outcome.state is JobState.STALLED
-        tally = {
-            **(outcome.tally or await _tally_of(store, files.bucket, job.results_name)),
-            "throttled": outcome.throttled,
-        }
-        status = await update_status(
-            store,
-            state.bucket,
-            status_object,
-            lambda s: (
-                record_shard(s, info.index, tally, stalled=stalled)
-                if s.get("run") == info.run
-                else None
-            ),
-        )
-        if status is None or status.get("run") != info.run:
-            return Outcome.SUPERSEDED
-        log.info("shard done", extra={**fields, "pending": len(status["pending_shards"])})
+    job = Job(
+        request=request,
+        uri=uri,
+        generation=generation,
+        output=files,
+        results_name=shard_jsonl_name(files, info.batch, info.index),
+        state=state,
+        parts_prefix=batch_object(state, info.batch, f".shards/{info.index:05d}.parts/"),
+        # A backfill's shard count grows while its listing goes on.
+        title=f"Shard {info.index + 1} of {info.source}",
+        # From the settings, never from the status: where uploaders may write the
+        # state bucket too (RESULTS_BUCKET unset, or also a source bucket), a forged
+        # status must not widen what the function reads.
+        allowed_buckets=settings.readable_buckets(bucket),
+        sidecars=output if info.kind == "backfill" else None,
+        # A shard waits out passing failures with redeliveries (inside the retry
+        # window) rather than record them for good: its batch waits for it anyway.
+        retry_transient=True,
+    )
+    return _Shard(job, info, state, status_object, files, bucket, fields), status
+
+
+def _batch_shard(shard: _Shard, status: dict[str, Any]) -> BatchShard:
+    return BatchShard(
+        job=shard.job,
+        batch=shard.info.batch,
+        run=shard.info.run,
+        index=shard.info.index,
+        state=shard.state,
+        status_object=shard.status_object,
+        shards_bucket=shard.bucket,
+        model=str(status.get("model") or ""),
+    )
+
+
+def job_entry(status: dict[str, Any], index: int) -> dict[str, Any] | None:
+    """A batch-mode shard's job as the status records it (None before it is claimed)."""
+    entry = (status.get("jobs") or {}).get(str(index))
+    return entry if isinstance(entry, dict) else None
+
+
+def runs_online(status: dict[str, Any], index: int) -> bool:
+    """Whether shard ``index`` is described online: its batch's mode, or a rerun asked for."""
+    if status.get("mode") != "batch":
+        return True
+    entry = job_entry(status, index)
+    return bool(entry and entry.get("online"))
+
+
+async def describe_shard(runtime: Runtime, event: ObjectEvent) -> Outcome:
+    """Run one shard (or, in batch mode, submit its job), record it in the status object,
+    and merge if it was the last."""
+    opened = await _open_shard(runtime, event)
+    if isinstance(opened, Outcome):
+        return opened
+    shard, status = opened
+    index = shard.info.index
+    if str(index) not in status.get("finished_shards", {}):
+        if not runs_online(status, index):
+            submitted = await batchjobs.submit(
+                runtime,
+                _batch_shard(shard, status),
+                job_entry(status, index),
+                stop_at=event.stop_at,
+                give_up=event.give_up,
+            )
+            if submitted is not batchjobs.Submitted.NOTHING_QUEUED:
+                return _SUBMITTED[submitted]
+            # Not one source could be prepared: their records are kept; the JSONL is next.
+        finished = await _finish_shard(runtime, shard, event.stop_at, give_up=event.give_up)
+        if isinstance(finished, Outcome):
+            return finished
+        entry = job_entry(status, index)
+        if entry is not None:
+            # Run online after its job ended without answers: the job's files go.
+            await batchjobs.forget(runtime, _batch_shard(shard, status), entry)
+        status = finished
     if not ready_to_merge(status):
         return Outcome.DESCRIBED_SHARD
     # The last shard recorded (or a redelivery of it, if merging failed): merge.
-    await merge(runtime, status, files, state, shards_bucket=bucket)
+    await merge(runtime, status, shard.files, shard.state, shards_bucket=shard.bucket)
     return Outcome.MERGED
+
+
+async def _finish_shard(
+    runtime: Runtime, shard: _Shard, stop_at: float, *, give_up: bool
+) -> dict[str, Any] | Outcome:
+    """Describe what is left of the shard online, write its JSONL and record it: the status
+    as recorded, or the outcome that ends the event."""
+    info, store = shard.info, runtime.store
+    outcome = await run_job(runtime, shard.job, stop_at, give_up=give_up)
+    if outcome.state is JobState.SUPERSEDED:
+        return Outcome.SHARD_SUPERSEDED
+    stalled = outcome.state is JobState.STALLED
+    tally = {
+        **(outcome.tally or await _tally_of(store, shard.files.bucket, shard.job.results_name)),
+        "throttled": outcome.throttled,
+    }
+
+    def record(s: dict[str, Any]) -> dict[str, Any] | None:
+        if s.get("run") != info.run:
+            return None
+        s = record_shard(s, info.index, tally, stalled=stalled)
+        entry = job_entry(s, info.index)
+        if entry is not None and entry.get("state") in ("succeeded", "submitting", None):
+            entry["state"] = "landed"
+            entry.pop("landing", None)
+        return s
+
+    status = await update_status(store, shard.state.bucket, shard.status_object, record)
+    if status is None or status.get("run") != info.run:
+        return Outcome.SUPERSEDED
+    log.info("shard done", extra={**shard.fields, "pending": len(status["pending_shards"])})
+    return status
+
+
+def shard_of(settings: Settings, status: dict[str, Any], index: int) -> tuple[str, str] | None:
+    """Where shard ``index`` of a batch-mode batch lives, as (bucket, name); None when its
+    status names a bucket the settings do not vouch for (a forged status must not choose
+    what a collect reads, or widen the buckets a shard may read from)."""
+    entry = job_entry(status, index) or {}
+    bucket = str(entry.get("shard") or "").removeprefix("gs://").partition("/")[0]
+    if not batchjobs.shard_bucket_allowed(settings, bucket):
+        return None
+    return bucket, shard_object_name(
+        settings.shards_prefix, str(status["batch"]), str(status["run"]), index
+    )
+
+
+async def land_shard(
+    runtime: Runtime, batch: str, run: str, index: int, *, stop_at: float
+) -> Outcome:
+    """Land a batch-mode shard's job if it finished, then write the shard's JSONL (online
+    for what the job left), record it, and merge if it was the last; a shard finished
+    before (a landing cut short after it) is merged, if it was the last, and cleaned up."""
+    settings = runtime.settings
+    state = Location(settings.job_bucket or "", settings.batches_prefix)
+    status, _ = await runtime.store.read_json(state.bucket, status_name(state, batch))
+    entry = job_entry(status or {}, index)
+    if status is None or status.get("run") != run:
+        return Outcome.SUPERSEDED
+    if entry is None or not entry.get("name"):
+        # Registered, and its job not recorded yet: the creating delivery is at work.
+        return Outcome.BATCH_PENDING
+    where = shard_of(settings, status, index)
+    if where is None:
+        log.error("a batch job's shard is in a bucket not allowed; refused", extra={"batch": batch})
+        return Outcome.SHARD_INVALID
+    event = ObjectEvent(
+        where[0],
+        where[1],
+        str(entry.get("generation") or ""),
+        Location(settings.results_bucket or where[0], settings.results_prefix),
+        stop_at,
+        give_up=False,
+    )
+    opened = await _open_shard(runtime, event)
+    if isinstance(opened, Outcome):
+        return opened
+    shard, status = opened
+    if shard.info.index != index or shard.info.batch != batch:
+        return Outcome.SHARD_INVALID
+    target = _batch_shard(shard, status)
+    if str(index) in status.get("finished_shards", {}):
+        return await _wrap_up(runtime, shard, target, entry, status, Outcome.ALREADY_DONE)
+    try:
+        landed = await batchjobs.land(runtime, target, entry, stop_at=stop_at)
+        if landed is not batchjobs.Landed.ANSWERS_KEPT:
+            return _LANDED[landed]
+        # As an event's redeliveries do, a landing stops waiting out passing failures of
+        # the sources left for online once EVENT_RETRY_WINDOW_S has passed since the job ended.
+        ended = entry.get("ended_at")
+        give_up = bool(ended) and batchjobs.age_s(str(ended)) > settings.event_retry_window_s
+        finished = await _finish_shard(runtime, shard, stop_at, give_up=give_up)
+    except BaseException:
+        await batchjobs.release_landing(runtime, target)
+        raise
+    if isinstance(finished, Outcome):
+        return finished
+    return await _wrap_up(runtime, shard, target, entry, finished, Outcome.LANDED)
+
+
+async def _wrap_up(
+    runtime: Runtime,
+    shard: _Shard,
+    target: BatchShard,
+    entry: dict[str, Any],
+    status: dict[str, Any],
+    outcome: Outcome,
+) -> Outcome:
+    """After a landed shard is recorded: merge if it was the last, then let its job go.
+    In that order: the job's registration is what brings a collect back to a merge that
+    failed."""
+    if ready_to_merge(status):
+        await merge(runtime, status, shard.files, shard.state, shards_bucket=shard.bucket)
+        outcome = Outcome.MERGED
+    await batchjobs.forget(runtime, target, entry)
+    return outcome
+
+
+_SUBMITTED = {
+    batchjobs.Submitted.SUBMITTED: Outcome.BATCH_SUBMITTED,
+    batchjobs.Submitted.ALREADY: Outcome.ALREADY_SUBMITTED,
+    batchjobs.Submitted.REFUSED: Outcome.BATCH_ENDED,
+}
+_LANDED = {
+    batchjobs.Landed.PENDING: Outcome.BATCH_PENDING,
+    batchjobs.Landed.ENDED: Outcome.BATCH_ENDED,
+    batchjobs.Landed.BUSY: Outcome.BATCH_BUSY,
+}
 
 
 def ready_to_merge(status: dict[str, Any]) -> bool:

@@ -56,6 +56,7 @@ def new_status(
         "ok": 0,
         "errors": 0,
         "usage": {"prompt_tokens": 0, "output_tokens": 0},
+        "cost_usd": 0.0,
         "throttled": 0,
         "pending_shards": list(range(shards)),
         "stalled_shards": [],
@@ -89,6 +90,9 @@ def record_shard(
         key: sum(int(s[key]) for s in finished.values())
         for key in ("prompt_tokens", "output_tokens")
     }
+    status["cost_usd"] = round(
+        sum(int(s.get("cost_micro_usd", 0)) for s in finished.values()) / 1_000_000, 6
+    )
     # Rate-limit 429s ridden out, by the invocation that finished each shard.
     status["throttled"] = sum(int(s.get("throttled", 0)) for s in finished.values())
     status["pending_shards"] = [i for i in range(status["shards"]) if str(i) not in finished]

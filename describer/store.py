@@ -103,7 +103,7 @@ class Store(Protocol):
         metadata: Mapping[str, str] | None = None,
     ) -> bool: ...
 
-    async def delete_all(self, bucket: str, prefix: str) -> int: ...
+    async def delete_all(self, bucket: str, prefix: str, *, any_writer: bool = False) -> int: ...
 
     async def compose(
         self,
@@ -264,11 +264,12 @@ class ResultStore:
 
         return await self._run(page, f"gs://{bucket}/{prefix}")
 
-    async def delete_all(self, bucket: str, prefix: str) -> int:
+    async def delete_all(self, bucket: str, prefix: str, *, any_writer: bool = False) -> int:
         """Delete every object under ``prefix`` that this function wrote; return how many went.
 
         Only its own objects: anyone who may write beside them cannot make the
-        function delete what it did not write.
+        function delete what it did not write. ``any_writer``: every object, for a prefix
+        the function gave someone else to write (a Vertex AI job's answers).
         """
 
         def delete() -> int:
@@ -277,7 +278,7 @@ class ResultStore:
                 for blob in self._client.list_blobs(
                     bucket, prefix=prefix, timeout=self._timeout, retry=self._retry
                 )
-                if is_own_output(blob.metadata)
+                if any_writer or is_own_output(blob.metadata)
             ]
             for blob in blobs:
                 with contextlib.suppress(gexc.NotFound):  # a concurrent delivery got there first

@@ -21,10 +21,18 @@ A call whose caller has gone (its connection closed while the call was held
 or sleeping out its latency) is not answered and not counted as answered, only
 as abandoned: a test can kill a client mid-call and still count answers exactly.
 
+It also speaks the Batch API, for the Gemini Developer API (Files API uploads,
+``batchGenerateContent``, ``batches/*``) and for Vertex AI (``batchPredictionJobs``
+reading and writing Cloud Storage through ``storage_url``): see
+localdev/gemini_batch_sim.py. Each request inside a batch job is answered by the
+same code as generateContent (:meth:`GeminiSimulator.answer`), without the online
+quotas, latency or faults; ``batch_*`` settings say how jobs run and end.
+
 Run it alone:  python -m localdev.gemini_sim --port 8090 --latency-ms 500
 Control it:    POST /_sim/config {"latency_ms": 200, ...}, GET /_sim/stats, POST /_sim/reset,
-               POST /_sim/release (lift answer_limit, keeping the stats),
-               POST /_sim/adjust {"max_in_flight": 4} (change settings, keeping the stats)
+               POST /_sim/release (lift answer_limit and batch_hold, keeping the stats),
+               POST /_sim/adjust {"max_in_flight": 4} (change settings, keeping the stats),
+               POST /_sim/batch/finish {"names": [...]} (let held batch jobs finish)
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from aiohttp import web
 from PIL import Image
 
 from describer.gemini import SIMULATOR_MODEL_VERSION_PREFIX
+from localdev.gemini_batch_sim import BATCH_ERROR_CODES, BATCH_OUTCOMES, BatchSimulator
 from localdev.threaded import Served, serve_in_thread
 
 SUPPORTED = {
@@ -104,6 +113,33 @@ class SimConfig:
     # simulator's mark: how tests see what a real answer looks like to the function.
     impersonate: bool = False
     seed: int = 0
+    # Batch jobs (localdev/gemini_batch_sim.py). A job is PENDING when created, RUNNING
+    # batch_start_s later, and ends batch_delay_s after it was created (or when its
+    # requests are answered, if later); batch_hold keeps jobs RUNNING until released.
+    # The requests inside a job meet none of the online quotas, faults and latency above;
+    # block_colours, schema_misfits and impersonate apply to them, and api_key and
+    # known_models are checked when a job is created.
+    batch_start_s: float = 0.0
+    batch_delay_s: float = 0.2
+    batch_hold: bool = False
+    # Make each job, then hold the answer to its create until this is lifted: the job
+    # exists and its creator does not know its name yet (a moment to kill the creator at).
+    batch_hold_create_answers: bool = False
+    # Hold every download of a job's answers file until this is lifted (a landing stopped
+    # halfway, its claim taken).
+    batch_hold_downloads: bool = False
+    batch_outcome: str = "succeeded"  # what jobs end as: succeeded, failed or expired
+    batch_error_rate: float = 0.0  # share of the requests in each job given a per-request error
+    batch_error_code: int = 500  # that error: 500 INTERNAL, 429 RESOURCE_EXHAUSTED or 400
+    # The Cloud Storage JSON API Vertex AI batch jobs read and write (the emulator, or the
+    # relay in front of it so that written objects raise finalize events).
+    storage_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_outcome not in BATCH_OUTCOMES:
+            raise ValueError(f"batch_outcome must be one of {sorted(BATCH_OUTCOMES)}")
+        if self.batch_error_code not in BATCH_ERROR_CODES:
+            raise ValueError(f"batch_error_code must be one of {sorted(BATCH_ERROR_CODES)}")
 
 
 @dataclass
@@ -128,6 +164,21 @@ class SimStats:
     # One entry per image of each answered call: its size, colour, shape, fingerprint,
     # MIME type, bytes and digest (sha256 of the bytes received, 16 hex digits).
     images: list[dict[str, Any]] = field(default_factory=list)
+    # Batch jobs. calls, ok, by_status and images above count online generateContent
+    # only; decodes, structured, schemas, misfits and media_resolutions count both.
+    batch_jobs_created: int = 0
+    batch_displayed_names: list[str] = field(default_factory=list)  # at create, in order
+    batch_states: dict[str, str] = field(default_factory=dict)  # job name -> JOB_STATE_*
+    batch_requests: int = 0  # requests answered inside jobs, errors included
+    batch_errors: int = 0  # of those, answered with a per-request error
+    batch_cancelled: int = 0  # jobs cancelled while pending or running
+    batch_held: int = 0  # jobs waiting at batch_hold right now
+    batch_creates_held: int = 0  # create answers held at batch_hold_create_answers right now
+    downloads_held: int = 0  # answers-file downloads held at batch_hold_downloads right now
+    tokens_issued: int = 0  # OAuth access tokens handed out at /token
+    batch_outputs: list[str] = field(default_factory=list)  # files/... and gs://... written
+    batch_images: list[dict[str, Any]] = field(default_factory=list)  # as images, in jobs
+    files_uploaded: int = 0  # Files API uploads finalised
 
     def count(self, status: int) -> None:
         self.by_status[str(status)] = self.by_status.get(str(status), 0) + 1
@@ -145,6 +196,14 @@ class _Abandoned(Exception):
     """The caller closed its connection before its answer was due."""
 
 
+@dataclass
+class _Prepared:
+    """A request that passed the checks: what its images show, and its text."""
+
+    images: list[dict[str, Any]]
+    text: str
+
+
 class GeminiSimulator:
     """The aiohttp application and its state."""
 
@@ -159,6 +218,9 @@ class GeminiSimulator:
         self._window_start = 0.0  # loop time the current quota window began
         self._window_calls = 0  # calls the window_quota let through in it
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
+        # Before generateContent's route, which would take ...:batchGenerateContent too.
+        self.batches = BatchSimulator(self)
+        self.batches.add_routes(self.app)
         self.app.router.add_post("/{version}/models/{call}", self._generate)
         self.app.router.add_post(
             "/{version}/projects/{project}/locations/{location}/publishers/google/models/{call}",
@@ -169,6 +231,10 @@ class GeminiSimulator:
         self.app.router.add_post("/_sim/reset", self._reset)
         self.app.router.add_post("/_sim/release", self._release)
         self.app.router.add_post("/_sim/adjust", self._adjust)
+        self.app.router.add_post("/_sim/batch/finish", self._finish_batches)
+        # Google's OAuth token endpoint, for credentials whose token_uri points here (Vertex
+        # AI's Application Default Credentials in tests: an authorized_user file).
+        self.app.router.add_post("/token", self._token)
 
     def reset(self, config: SimConfig | None = None) -> None:
         self.config = config or SimConfig()
@@ -181,6 +247,7 @@ class GeminiSimulator:
         # Wake the calls held at the old answer_limit; they re-check the new one.
         self._released.set()
         self._released = asyncio.Event()
+        self.batches.reset()
 
     def hold(self) -> None:
         """Hold every call from now on (answer_limit at the calls admitted), keeping the stats."""
@@ -191,12 +258,15 @@ class GeminiSimulator:
         while calls go on, as another program starts or a tier changes)."""
         self.config = replace(self.config, **changes)
         self.stats.adjusted_at.append(asyncio.get_running_loop().time())
+        self.batches.wake()
 
     def release(self) -> None:
-        """Lift answer_limit and wake the held calls, keeping the stats (unlike reset)."""
+        """Lift answer_limit and batch_hold and wake what they held, keeping the stats
+        (unlike reset)."""
         self.config.answer_limit = None
         self._released.set()
         self._released = asyncio.Event()
+        self.batches.finish()
 
     async def _generate(self, request: web.Request) -> web.Response:
         self.stats.calls += 1
@@ -229,28 +299,34 @@ class GeminiSimulator:
         self._window_calls += 1
         return None
 
+    def refuse(self, request: web.Request, *, vertex: bool) -> web.Response | None:
+        """The answer to a caller without the credentials the API asks for, or None."""
+        if vertex:
+            if not request.headers.get("Authorization", "").startswith("Bearer "):
+                return _error(401, "UNAUTHENTICATED", "Request is missing a bearer token.")
+            return None
+        key = request.headers.get("x-goog-api-key") or request.query.get("key")
+        if not key:
+            return _error(
+                403,
+                "PERMISSION_DENIED",
+                "Method doesn't allow unregistered callers. Please use an API key.",
+            )
+        if self.config.api_key is not None and key != self.config.api_key:
+            return _error(
+                400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key."
+            )
+        return None
+
     async def _answer(self, request: web.Request) -> web.Response:
         cfg = self.config
         version = request.match_info["version"]
         model, _, method = request.match_info["call"].partition(":")
         if method != "generateContent":
             return _error(404, "NOT_FOUND", f"Method {method!r} is not simulated.")
-        vertex = "project" in request.match_info
-        if vertex:
-            if not request.headers.get("Authorization", "").startswith("Bearer "):
-                return _error(401, "UNAUTHENTICATED", "Request is missing a bearer token.")
-        else:
-            key = request.headers.get("x-goog-api-key") or request.query.get("key")
-            if not key:
-                return _error(
-                    403,
-                    "PERMISSION_DENIED",
-                    "Method doesn't allow unregistered callers. Please use an API key.",
-                )
-            if cfg.api_key is not None and key != cfg.api_key:
-                return _error(
-                    400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key."
-                )
+        refusal = self.refuse(request, vertex="project" in request.match_info)
+        if refusal is not None:
+            return refusal
         if cfg.known_models is not None and model not in cfg.known_models:
             return _error(
                 404,
@@ -260,19 +336,13 @@ class GeminiSimulator:
             )
         try:
             body = await request.json()
-            images, text = _parse_contents(body)
-        except (ValueError, KeyError, TypeError) as exc:
+        except ValueError as exc:
             return _error(400, "INVALID_ARGUMENT", f"Invalid JSON payload received. {exc}")
-        decoded = []
-        for mime, data in images:
-            if mime not in SUPPORTED:
-                return _error(400, "INVALID_ARGUMENT", f"Unsupported MIME type: {mime}")
-            try:
-                info, fresh = _decode(mime, data)
-            except ValueError as exc:
-                return _error(400, "INVALID_ARGUMENT", f"Provided image is not valid: {exc}")
-            decoded.append(info)
-            self.stats.decodes += fresh
+        prepared = self._prepare(body)
+        if isinstance(prepared, tuple):
+            status, error = prepared
+            return web.json_response(error, status=status)
+        decoded = prepared.images
         if cfg.daily_quota_exhausted:
             return _quota_error(cfg.retry_delay_s, per_day=True)
         if cfg.max_in_flight is not None and self.stats.in_flight > cfg.max_in_flight:
@@ -315,7 +385,52 @@ class GeminiSimulator:
                 if stats is self.stats:
                     self._admitted -= 1  # not an answer: it does not use up answer_limit
                 raise _Abandoned
-        self.stats.images.extend(decoded)
+        return web.json_response(self._reply(model, body, prepared, batch=False))
+
+    def answer(self, model: str, body: Any) -> tuple[int, dict[str, Any]]:
+        """generateContent's answer to the request JSON ``body`` for ``model``: (status, body).
+
+        How a request inside a batch job is answered: checked and answered as an online
+        call would be, but without the online quotas, faults and latency, and recorded
+        in ``batch_images`` instead of ``images``.
+        """
+        prepared = self._prepare(body)
+        if isinstance(prepared, tuple):
+            return prepared
+        return 200, self._reply(model, body, prepared, batch=True)
+
+    def _prepare(self, body: Any) -> _Prepared | tuple[int, dict[str, Any]]:
+        """The request's images, checked and decoded, and its text; or the 400 it earns."""
+        try:
+            images, text = _parse_contents(body)
+        except (ValueError, KeyError, TypeError) as exc:
+            return 400, _error_body(
+                400, "INVALID_ARGUMENT", f"Invalid JSON payload received. {exc}"
+            )
+        decoded = []
+        for mime, data in images:
+            if mime not in SUPPORTED:
+                return 400, _error_body(400, "INVALID_ARGUMENT", f"Unsupported MIME type: {mime}")
+            try:
+                info, fresh = _decode(mime, data)
+            except ValueError as exc:
+                return 400, _error_body(
+                    400, "INVALID_ARGUMENT", f"Provided image is not valid: {exc}"
+                )
+            decoded.append(info)
+            self.stats.decodes += fresh
+        return _Prepared(decoded, text)
+
+    def _reply(
+        self, model: str, body: dict[str, Any], prepared: _Prepared, *, batch: bool
+    ) -> dict[str, Any]:
+        """The 200 answer to a checked request, recorded in the stats."""
+        cfg = self.config
+        decoded, text = prepared.images, prepared.text
+        if batch:
+            self.stats.batch_images.extend(decoded)
+        else:
+            self.stats.images.extend(decoded)
         generation = body.get("generationConfig") or {}
         resolution = str(generation.get("mediaResolution") or "")
         self.stats.media_resolutions.append(resolution)
@@ -325,48 +440,47 @@ class GeminiSimulator:
             self.stats.schemas.append(schema)
         prompt_tokens = _image_tokens(model, resolution) * len(decoded) + len(text.split())
         if any(d["colour"] in cfg.block_colours for d in decoded):
-            return web.json_response(
-                {
-                    "promptFeedback": {
-                        "blockReason": "SAFETY",
-                        "safetyRatings": [
-                            {
-                                "category": "HARM_CATEGORY_DANGEROUS_CONTENT",
-                                "probability": "HIGH",
-                                "blocked": True,
-                            }
-                        ],
-                    },
-                    "usageMetadata": {
-                        "promptTokenCount": prompt_tokens,
-                        "totalTokenCount": prompt_tokens,
-                    },
-                    "modelVersion": self._model_version(model),
-                }
-            )
+            return {
+                "promptFeedback": {
+                    "blockReason": "SAFETY",
+                    "safetyRatings": [
+                        {
+                            "category": "HARM_CATEGORY_DANGEROUS_CONTENT",
+                            "probability": "HIGH",
+                            "blocked": True,
+                        }
+                    ],
+                },
+                "usageMetadata": {
+                    "promptTokenCount": prompt_tokens,
+                    "totalTokenCount": prompt_tokens,
+                },
+                "modelVersion": self._model_version(model),
+            }
         if schema is not None:
             answer = self._structured(schema, decoded[0] if decoded else _text_info(text))
         else:
             answer = " / ".join(d["description"] for d in decoded) or f"Text: {text[:40]}"
         output_tokens = len(answer.split())
-        return web.json_response(
-            {
-                "candidates": [
-                    {
-                        "content": {"parts": [{"text": answer}], "role": "model"},
-                        "finishReason": "STOP",
-                        "index": 0,
-                    }
-                ],
-                "usageMetadata": {
-                    "promptTokenCount": prompt_tokens,
-                    "candidatesTokenCount": output_tokens,
-                    "totalTokenCount": prompt_tokens + output_tokens,
-                },
-                "modelVersion": self._model_version(model),
-                "responseId": f"sim-{self.stats.calls}",
-            }
+        response_id = (
+            f"sim-batch-{self.stats.batch_requests}" if batch else f"sim-{self.stats.calls}"
         )
+        return {
+            "candidates": [
+                {
+                    "content": {"parts": [{"text": answer}], "role": "model"},
+                    "finishReason": "STOP",
+                    "index": 0,
+                }
+            ],
+            "usageMetadata": {
+                "promptTokenCount": prompt_tokens,
+                "candidatesTokenCount": output_tokens,
+                "totalTokenCount": prompt_tokens + output_tokens,
+            },
+            "modelVersion": self._model_version(model),
+            "responseId": response_id,
+        }
 
     def _model_version(self, model: str) -> str:
         return model if self.config.impersonate else SIMULATOR_MODEL_VERSION_PREFIX + model
@@ -383,6 +497,25 @@ class GeminiSimulator:
         self.stats.misfits += 1
         return _misfit(schema, answer, given)
 
+    async def _token(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        if form.get("grant_type") not in (
+            "refresh_token",
+            "urn:ietf:params:oauth:grant-type:jwt-bearer",
+        ):
+            return web.json_response(
+                {"error": "unsupported_grant_type", "error_description": "Bad grant type."},
+                status=400,
+            )
+        self.stats.tokens_issued += 1
+        return web.json_response(
+            {
+                "access_token": f"sim-token-{self.stats.tokens_issued}",
+                "expires_in": 3600,
+                "token_type": "Bearer",
+            }
+        )
+
     async def _get_stats(self, _request: web.Request) -> web.Response:
         return web.json_response(asdict(self.stats))
 
@@ -392,7 +525,11 @@ class GeminiSimulator:
         unknown = set(changes) - names
         if unknown:
             return _error(400, "INVALID_ARGUMENT", f"unknown settings {sorted(unknown)}")
-        self.reset(SimConfig(**{**asdict(self.config), **changes}))
+        try:
+            config = SimConfig(**{**asdict(self.config), **changes})
+        except ValueError as exc:
+            return _error(400, "INVALID_ARGUMENT", str(exc))
+        self.reset(config)
         return web.json_response(asdict(self.config))
 
     async def _reset(self, _request: web.Request) -> web.Response:
@@ -408,7 +545,16 @@ class GeminiSimulator:
         unknown = set(changes) - {f.name for f in fields(SimConfig)}
         if unknown:
             return _error(400, "INVALID_ARGUMENT", f"unknown settings {sorted(unknown)}")
-        self.adjust(**changes)
+        try:
+            self.adjust(**changes)
+        except ValueError as exc:
+            return _error(400, "INVALID_ARGUMENT", str(exc))
+        return web.json_response(asdict(self.config))
+
+    async def _finish_batches(self, request: web.Request) -> web.Response:
+        body = await request.json() if request.can_read_body else {}
+        names = body.get("names") if isinstance(body, dict) else None
+        self.batches.finish(*(names or []))
         return web.json_response(asdict(self.config))
 
 
@@ -660,10 +806,17 @@ def _parse_contents(body: Any) -> tuple[list[tuple[str, bytes]], str]:
 
 
 def _error(code: int, status: str, message: str, details: list[Any] | None = None) -> web.Response:
+    return web.json_response(_error_body(code, status, message, details), status=code)
+
+
+def _error_body(
+    code: int, status: str, message: str, details: list[Any] | None = None
+) -> dict[str, Any]:
+    """Google's JSON error envelope."""
     error: dict[str, Any] = {"code": code, "message": message, "status": status}
     if details:
         error["details"] = details
-    return web.json_response({"error": error}, status=code)
+    return {"error": error}
 
 
 def _quota_error(retry_delay_s: float, *, per_day: bool = False) -> web.Response:
@@ -725,8 +878,13 @@ class RunningSimulator:
         self._call(self.simulator.hold)
 
     def release(self) -> None:
-        """Lift answer_limit and let the held calls go on, keeping the stats."""
+        """Lift answer_limit and batch_hold and let what they held go on, keeping the stats."""
         self._call(self.simulator.release)
+
+    def release_batches(self, *names: str) -> None:
+        """Let held batch jobs finish: those named (batches/... or projects/.../
+        batchPredictionJobs/...), or, with none named, every job (batch_hold is lifted)."""
+        self._call(lambda: self.simulator.batches.finish(*names))
 
     def adjust(self, **changes: Any) -> None:
         """Change some settings, keeping the rest and the stats (unlike configure)."""

@@ -153,12 +153,14 @@ class MemoryStore:
         data = b"".join(part.data for part in parts if part is not None)
         await self.write(bucket, name, data, content_type=content_type, metadata=metadata)
 
-    async def delete_all(self, bucket: str, prefix: str) -> int:
+    async def delete_all(self, bucket: str, prefix: str, *, any_writer: bool = False) -> int:
         with self._lock:
             doomed = [
                 k
                 for k, o in self.objects.items()
-                if k[0] == bucket and k[1].startswith(prefix) and is_own_output(o.metadata)
+                if k[0] == bucket
+                and k[1].startswith(prefix)
+                and (any_writer or is_own_output(o.metadata))
             ]
             for key in doomed:
                 del self.objects[key]

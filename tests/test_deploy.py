@@ -35,7 +35,10 @@ PROJECT = "test-project"
 API_KEY = "AIzaSy-test-only-0123456789"
 RUN_SA = f"serviceAccount:describer-run@{PROJECT}.iam.gserviceaccount.com"
 TRIGGER_SA = f"serviceAccount:describer-trigger@{PROJECT}.iam.gserviceaccount.com"
+COLLECT_SA = f"serviceAccount:describer-collect@{PROJECT}.iam.gserviceaccount.com"
 GCS_AGENT = "serviceAccount:service-123456789012@gs-project-accounts.iam.gserviceaccount.com"
+VERTEX_AGENT = "serviceAccount:service-123456789012@gcp-sa-aiplatform.iam.gserviceaccount.com"
+HTTP_URL = "https://describer-http-abc123-uc.a.run.app"
 BASE = ["--project", PROJECT, "--source-bucket", "uploads", "--results-bucket", "results-b"]
 SHARDS = "describer-shards/"
 CREATES = {
@@ -44,6 +47,7 @@ CREATES = {
     ("storage", "managed-folders", "create"),
     ("secrets", "create"),
     ("secrets", "versions", "add"),
+    ("scheduler", "jobs", "create"),
 }
 
 
@@ -213,8 +217,8 @@ def test_deploy_grants_only_the_roles_the_functions_need(
     cloud: FakeCloud, deployed: Deploy
 ) -> None:
     """A deploy grants exactly: read on the source, read-write on its shards folder and on
-    results, the one secret, and the trigger's receiver, invoker and service-agent roles; no
-    broader role anywhere."""
+    results, the one secret, the trigger's receiver, invoker and service-agent roles, and the
+    collect schedule's invoker on describe_http; no broader role anywhere."""
     deployed()
 
     assert bindings(cloud.state()) == {
@@ -225,10 +229,12 @@ def test_deploy_grants_only_the_roles_the_functions_need(
         ("project", "roles/pubsub.publisher", GCS_AGENT),
         ("project", "roles/eventarc.eventReceiver", TRIGGER_SA),
         ("function describer-gcs-uploads", "run.invoker", TRIGGER_SA),
+        ("function describer-http", "run.invoker", COLLECT_SA),
     }
     assert cloud.state()["service_accounts"] == [
         RUN_SA.removeprefix("serviceAccount:"),
         TRIGGER_SA.removeprefix("serviceAccount:"),
+        COLLECT_SA.removeprefix("serviceAccount:"),
     ]
 
 
@@ -414,7 +420,10 @@ def test_http_only_deployment_has_no_trigger_machinery(cloud: FakeCloud) -> None
 
     assert [c.words[2] for c in result.find("functions", "deploy")] == ["describer-http"]
     assert result.deploy("describer-http").one("max-instances") == "4"  # 64 / (1 x 16)
-    assert cloud.state()["service_accounts"] == [RUN_SA.removeprefix("serviceAccount:")]
+    assert cloud.state()["service_accounts"] == [
+        RUN_SA.removeprefix("serviceAccount:"),
+        COLLECT_SA.removeprefix("serviceAccount:"),
+    ]
     assert not {"eventarc.googleapis.com", "pubsub.googleapis.com"} & set(
         result.find("services", "enable")[0].words[2:]
     )
@@ -423,6 +432,7 @@ def test_http_only_deployment_has_no_trigger_machinery(cloud: FakeCloud) -> None
         ("secret gemini-api-key", "roles/secretmanager.secretAccessor", RUN_SA),
         ("function describer-http", "run.invoker", "user:ana@example.com"),
         ("function describer-http", "run.invoker", "group:team@example.com"),
+        ("function describer-http", "run.invoker", COLLECT_SA),
     }
 
 
@@ -580,6 +590,10 @@ def test_plan_says_what_the_shards_folder_is_for(cloud: FakeCloud) -> None:
     assert f"shard manifests gs://SOURCE/{SHARDS} in each source bucket, a managed folder" in plan
     assert "every backfill, is split into shard manifests written there" in plan
     assert "the describe_gcs rows bound them too" in plan
+    assert (
+        "batch-mode jobs landed every 5 minutes: Cloud Scheduler job describer-collect"
+        ' (*/5 * * * *, UTC) POSTs {"collect": true} to describer-http'
+    ) in plan
     assert f"gcloud storage managed-folders create gs://uploads/{SHARDS}" in result.stdout
 
 
@@ -635,6 +649,9 @@ def test_teardown_takes_back_the_shards_folder_and_asks_before_deleting_it(
         (["--env", "SHARD_SIZE=0"], {}, "SHARD_SIZE must be at least 1"),
         (["--runtime", "python39"], {}, "use one of: python311 python312 python313"),
         (["--batches-prefix", "descriptions/batches"], {}, "must not contain one another"),
+        (["--collect-every", "7"], {}, "--collect-every must be 0 (no schedule) or an interval"),
+        (["--collect-every", "90"], {}, "an interval cron repeats evenly"),
+        ([], {"COLLECT_EVERY": "soon"}, "--collect-every must be a whole number of minutes"),
         (
             ["--runtime", "nodejs20"],
             {},
@@ -747,6 +764,195 @@ def test_each_source_bucket_gets_its_own_function(cloud: FakeCloud, deployed: De
     assert cloud.state()["buckets"][odd]["labels"] == {}  # existing bucket left as it was
 
 
+# --- landing batch-mode jobs: the collect schedule ------------------------------------------------
+
+
+def collect_job(cloud: FakeCloud) -> dict[str, Any]:
+    """The Cloud Scheduler job deploy.sh made, as the fake keeps it."""
+    return cloud.state()["scheduler_jobs"]["describer-collect"]
+
+
+def test_schedule_posts_collect_to_describe_http_as_its_own_invoker(
+    cloud: FakeCloud, deployed: Deploy
+) -> None:
+    """A deploy creates a Cloud Scheduler job in the region that POSTs {"collect": true} as JSON
+    to describe_http's URL every 5 minutes, with an OIDC token for that URL of an account that
+    may invoke describe_http and nothing else."""
+    result = deployed()
+
+    (create,) = result.find("scheduler", "jobs", "create", "http")
+    assert create.words[4] == "describer-collect"
+    assert create.one("location") == "us-central1"
+    assert (create.one("schedule"), create.one("time-zone")) == ("*/5 * * * *", "Etc/UTC")
+    assert (create.one("uri"), create.one("http-method")) == (HTTP_URL, "POST")
+    assert json.loads(create.one("message-body")) == {"collect": True}
+    assert create.one("headers") == "Content-Type=application/json"
+    assert create.one("oidc-service-account-email") == COLLECT_SA.removeprefix("serviceAccount:")
+    assert create.one("oidc-token-audience") == HTTP_URL
+    assert create.one("attempt-deadline") == "300s"  # describe_http's own timeout
+    assert "cloudscheduler.googleapis.com" in result.find("services", "enable")[0].words[2:]
+    assert collect_job(cloud)["headers"] == {"Content-Type": "application/json"}
+    assert {b for b in bindings(cloud.state()) if b[2] == COLLECT_SA} == {
+        ("function describer-http", "run.invoker", COLLECT_SA)
+    }
+
+
+def test_second_deploy_updates_the_schedule_in_place(cloud: FakeCloud, deployed: Deploy) -> None:
+    """A second deploy updates the job (the fake refuses a second create) with the same target,
+    body, header and token; a new --collect-every changes only its schedule."""
+    deployed()
+    first = collect_job(cloud)
+    second = deployed("--collect-every", "15")
+
+    assert not second.find("scheduler", "jobs", "create")
+    (update,) = second.find("scheduler", "jobs", "update", "http")
+    assert update.one("update-headers") == "Content-Type=application/json"
+    assert all(c.status == 0 for c in second.calls)
+    assert list(cloud.state()["scheduler_jobs"]) == ["describer-collect"]
+    assert collect_job(cloud) == {**first, "schedule": "*/15 * * * *"}
+
+
+@pytest.mark.parametrize(
+    ("minutes", "schedule", "interval"),
+    [
+        ("1", "*/1 * * * *", "minute"),
+        ("20", "*/20 * * * *", "20 minutes"),
+        ("60", "0 * * * *", "hour"),
+        ("360", "0 */6 * * *", "6 hours"),
+        ("1440", "0 0 * * *", "day"),
+    ],
+)
+def test_collect_every_is_an_even_cron_schedule(
+    cloud: FakeCloud, deployed: Deploy, minutes: str, schedule: str, interval: str
+) -> None:
+    """--collect-every MINUTES becomes a cron schedule that repeats at exactly that interval,
+    which the plan states."""
+    result = deployed("--collect-every", minutes)
+
+    assert collect_job(cloud)["schedule"] == schedule
+    assert f"landed every {interval}: Cloud Scheduler job describer-collect" in result.stdout
+
+
+def test_collect_every_comes_from_the_config_file_like_any_setting(cloud: FakeCloud) -> None:
+    """COLLECT_EVERY in the config file sets the schedule and the flag overrides it; the attempt
+    deadline follows describe_http's timeout up to Cloud Scheduler's 30 minutes."""
+    result = cloud.run("deploy.sh", *BASE, "--http-timeout", "3600", config={"COLLECT_EVERY": "10"})
+    assert result.returncode == 0, result.stderr
+    assert collect_job(cloud)["schedule"] == "*/10 * * * *"
+    assert result.find("scheduler", "jobs", "create")[0].one("attempt-deadline") == "1800s"
+
+    again = cloud.run("deploy.sh", *BASE, "--collect-every", "30", config={"COLLECT_EVERY": "10"})
+    assert again.returncode == 0, again.stderr
+    assert collect_job(cloud)["schedule"] == "*/30 * * * *"
+
+
+def test_collect_every_zero_means_no_schedule_and_removes_one(
+    cloud: FakeCloud, deployed: Deploy
+) -> None:
+    """With --collect-every 0 there is no job and no collect account, and the summary says only a
+    POST of {"collect": true} lands batch-mode jobs; a deployment that had a schedule loses it
+    and its account, so turning it off is one flag."""
+    fresh = deployed("--collect-every", "0")
+
+    assert not [
+        c for c in fresh.calls if c.is_("scheduler") and not c.is_("scheduler", "jobs", "describe")
+    ]
+    assert COLLECT_SA.removeprefix("serviceAccount:") not in cloud.state()["service_accounts"]
+    summary = " ".join(fresh.stdout.split("== Deployed", 1)[1].split())
+    assert (
+        "no schedule (--collect-every 0): batch-mode jobs are landed only when someone POSTs"
+        ' {"collect": true} to describer-http'
+    ) in summary
+    assert "with --collect-every 0 nothing else does" in summary
+
+    deployed()
+    assert collect_job(cloud)["schedule"] == "*/5 * * * *"
+    off = deployed("--collect-every", "0")
+
+    (delete,) = off.find("scheduler", "jobs", "delete")
+    assert (delete.words[3], delete.one("location")) == ("describer-collect", "us-central1")
+    assert off.find("iam", "service-accounts", "delete")[0].words[3] == COLLECT_SA.removeprefix(
+        "serviceAccount:"
+    )
+    state = cloud.state()
+    assert state["scheduler_jobs"] == {}
+    assert COLLECT_SA.removeprefix("serviceAccount:") not in state["service_accounts"]
+
+
+def test_vertex_mode_lets_the_service_agent_run_batch_jobs(
+    cloud: FakeCloud, deployed: Deploy
+) -> None:
+    """In Vertex mode the function's account may create batch jobs (aiplatform.user), and the
+    Vertex AI service agent, which runs them, is created before it is granted anything, keeps
+    its own role, may read the results bucket (their input) and may only create objects in the
+    shards folder (their output)."""
+    result = deployed("--gemini-access", "vertex")
+
+    (identity,) = result.find("beta", "services", "identity", "create")
+    assert identity.one("service") == "aiplatform.googleapis.com"
+    grants = [i for i, c in enumerate(result.calls) if c.flag("member") == [VERTEX_AGENT]]
+    assert result.calls.index(identity) < grants[0]
+    state = cloud.state()
+    assert ("project", "roles/aiplatform.user", RUN_SA) in bindings(state)
+    assert {b for b in bindings(state) if b[2] == VERTEX_AGENT} == {
+        ("project", "roles/aiplatform.serviceAgent", VERTEX_AGENT),
+        ("gs://results-b", "roles/storage.objectViewer", VERTEX_AGENT),
+        (f"gs://uploads/{SHARDS}", "roles/storage.objectCreator", VERTEX_AGENT),
+    }
+    assert "batch-mode jobs run as the Vertex AI service agent" in result.stdout
+    assert "only a collect notices a job that failed, expired or was cancelled" in " ".join(
+        result.stdout.split()
+    )
+    assert collect_job(cloud)["schedule"] == "*/5 * * * *"  # still needed for failed jobs
+
+
+def test_vertex_agent_reads_and_writes_only_where_batches_and_shards_go(cloud: FakeCloud) -> None:
+    """With --shards-bucket only that bucket's shards folder takes job output; when the results
+    share a source bucket the agent reads only its batches folder, never the uploads; teardown
+    takes it all back but the agent's own role."""
+    args = (
+        *("--project", PROJECT, "--source-bucket", "photos", "--source-bucket", "more"),
+        *("--results-bucket", "photos", "--shards-bucket", "more", "--gemini-access", "vertex"),
+    )
+    result = cloud.run("deploy.sh", *args)
+    assert result.returncode == 0, result.stderr
+
+    assert {b for b in bindings(cloud.state()) if b[2] == VERTEX_AGENT} == {
+        ("project", "roles/aiplatform.serviceAgent", VERTEX_AGENT),
+        ("gs://photos/describer-batches/", "roles/storage.objectViewer", VERTEX_AGENT),
+        (f"gs://more/{SHARDS}", "roles/storage.objectCreator", VERTEX_AGENT),
+    }
+
+    kept = cloud.run("teardown.sh", *args, "--keep-data")
+    assert kept.returncode == 0, kept.stderr
+    assert {b for b in bindings(cloud.state()) if b[2] == VERTEX_AGENT} == {
+        ("project", "roles/aiplatform.serviceAgent", VERTEX_AGENT)
+    }
+    assert "roles/aiplatform.serviceAgent of the Vertex AI service agent" in kept.stdout
+
+
+def test_teardown_deletes_the_schedule_first(cloud: FakeCloud, deployed: Deploy) -> None:
+    """Teardown deletes the collect job before anything else, so it never calls a function being
+    deleted, and the collect account with the others; a project that never enabled Cloud
+    Scheduler (deployed before the schedule existed) has no job to look for."""
+    deployed()
+    result = cloud.run("teardown.sh", *BASE, "--keep-data")
+
+    assert result.returncode == 0, result.stderr
+    deletes = [c for c in result.calls if "delete" in c.words]
+    assert deletes[0].words[:4] == ("scheduler", "jobs", "delete", "describer-collect")
+    assert deletes[0].one("location") == "us-central1"
+    assert cloud.state()["scheduler_jobs"] == {}
+    assert cloud.state()["service_accounts"] == []
+
+    (cloud.home / "older").mkdir()
+    older = FakeCloud(cloud.home / "older")
+    before = older.run("teardown.sh", *BASE, "--keep-data")
+    assert before.returncode == 0, before.stderr
+    assert not [c for c in before.calls if c.is_("scheduler")]
+    assert "Cloud Scheduler is not enabled in test-project" in before.stdout
+
+
 # --- dry run, output, teardown, logs --------------------------------------------------------------
 
 
@@ -775,6 +981,7 @@ def test_dry_run_prints_every_command_and_runs_none(cloud: FakeCloud) -> None:
         fake.check_flags(command, positional, flags)
     assert ("functions", "deploy", "describer-http") in commands
     assert ("functions", "deploy", "describer-gcs-uploads") in commands
+    assert ("scheduler", "jobs", "create") in commands
     assert ("secrets", "versions", "add") in commands
     assert "FUNCTION_TIMEOUT_S: '300'" in result.stdout
     assert API_KEY not in result.stdout + result.stderr
@@ -791,17 +998,22 @@ def test_deploy_ends_with_how_to_call_and_test_it(deployed: Deploy) -> None:
     assert "gcloud storage cp samples/rocket.jpg gs://uploads/deploy-test/rocket.jpg" in tail
     assert "gs://results-b/descriptions/deploy-test/rocket.jpg.json" in tail
     assert "deploy/logs.sh --project test-project BATCH_ID" in tail
+    assert 'Cloud Scheduler job describer-collect POSTs {"collect": true} to describer-http' in tail
+    assert "every 5 minutes (*/5 * * * *, UTC)" in tail
+    assert """-d '{"collect": true}'""" in tail
 
 
 def test_teardown_removes_what_deploy_created(cloud: FakeCloud, deployed: Deploy) -> None:
-    """Teardown deletes the functions, the grants and the service accounts, deletes the bucket
-    and secret deploy created when told yes, and never deletes a bucket it did not create."""
+    """Teardown deletes the collect schedule, the functions, the grants and the service accounts,
+    deletes the bucket and secret deploy created when told yes, and never deletes a bucket it did
+    not create."""
     cloud.seed(buckets={"uploads": existing_bucket("uploads")})
     deployed()
     result = cloud.run("teardown.sh", *BASE, stdin="y\ny\ny\n")
 
     assert result.returncode == 0, result.stderr
     state = cloud.state()
+    assert state["scheduler_jobs"] == {}
     assert state["functions"] == {}
     assert state["service_accounts"] == []
     assert state["secrets"] == {}
@@ -848,6 +1060,7 @@ def test_teardown_dry_run_prints_the_removals_and_runs_none(
     assert result.calls == [] and cloud.state() == before
     assert "gcloud functions delete describer-gcs-uploads --region=us-central1" in result.stdout
     assert "# would ask: Delete gs://results-b" in result.stdout
+    assert "gcloud scheduler jobs delete describer-collect --location=us-central1" in result.stdout
     assert "gcloud iam service-accounts delete describer-run@" in result.stdout
 
 

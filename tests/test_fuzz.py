@@ -60,6 +60,11 @@ REQUEST_ERROR_CODES = frozenset(
         "backfill_in_progress",
         "storage_refused",
         "storage_unavailable",
+        # Batch mode: backfills that ask for it, reruns online
+        "batch_mode_unavailable",
+        "batch_not_found",
+        "nothing_to_rerun",
+        "shard_gone",
     }
 )
 SOURCE_ERROR_CODES = frozenset(
@@ -93,8 +98,9 @@ CONFIG = schemathesis.Config.from_dict(
             # A generated `output` that names no real bucket is a 400 output_unwritable
             # (the records still there), since a retry would fail the same way.
             "not_a_server_error": {"expected-statuses": ["2xx", "4xx", 503]},
-            # A generated backfill names a bucket outside ALLOWED_BUCKETS (403).
-            "positive_data_acceptance": {"expected-statuses": [200, 202, 400, 403, 503]},
+            # A generated backfill names a bucket outside ALLOWED_BUCKETS (403); a generated
+            # rerun names a batch that is not there (404).
+            "positive_data_acceptance": {"expected-statuses": [200, 202, 400, 403, 404, 503]},
             "negative_data_rejection": {"expected-statuses": [400, 405, 413, 415]},
         },
     }

@@ -10,14 +10,17 @@ It behaves like gcloud where the scripts depend on it: ``describe`` of a missing
 with NOT_FOUND, creating one that exists fails with ALREADY_EXISTS, removing a binding that is not
 there fails, a managed folder needs uniform bucket-level access on its bucket, ``storage rm
 --recursive`` of a folder removes the objects and managed folders under it (and fails when it
-matches none), and a storage trigger cannot be deployed before the Cloud Storage service agent
-may publish to Pub/Sub. Only the commands and flags the scripts use are accepted (``--flag=value``
-form); any other is an error, so a typo in a script fails its test.
+matches none), a storage trigger cannot be deployed before the Cloud Storage service agent
+may publish to Pub/Sub, a service agent (Vertex AI's) can be granted nothing before ``beta
+services identity create`` made it, and Cloud Scheduler answers only once its API is enabled, and
+runs an OIDC job only as an account that exists. Only the commands and flags the scripts use are
+accepted (``--flag=value`` form); any other is an error, so a typo in a script fails its test.
 
 The state may be seeded by a test: ``project``, ``project_number``, ``buckets`` (name ->
 ``{"location", "labels", "uniform_bucket_level_access", "objects"}``, objects a list of names),
 ``iam_lag`` (how many bindings of a just-created service account fail with "does not exist", as
-IAM does for a few seconds).
+IAM does for a few seconds), ``services`` (the APIs enabled), ``scheduler_jobs`` (name -> the
+job, as ``scheduler jobs create http`` stores it).
 """
 
 from __future__ import annotations
@@ -33,11 +36,33 @@ if TYPE_CHECKING:
 
 GLOBAL_VALUE = {"project", "format", "verbosity"}
 GLOBAL_BOOL = {"quiet"}
+SCHEDULER_API = "cloudscheduler.googleapis.com"
+VERTEX_AGENT_DOMAIN = "@gcp-sa-aiplatform.iam.gserviceaccount.com"
+# What both ``scheduler jobs create http`` and ``update http`` take (update: --update-headers).
+SCHEDULER_HTTP = {
+    "location",
+    "schedule",
+    "time-zone",
+    "uri",
+    "http-method",
+    "message-body",
+    "oidc-service-account-email",
+    "oidc-token-audience",
+    "attempt-deadline",
+    "description",
+}
 
 # command words -> (positional arguments: exact count or None for one or more, value flags,
 # boolean flags); flags from the gcloud reference of each command.
 COMMANDS: dict[tuple[str, ...], tuple[int | None, set[str], set[str]]] = {
     ("services", "enable"): (None, set(), set()),
+    ("services", "list"): (0, {"filter"}, {"enabled"}),
+    ("beta", "services", "identity", "create"): (0, {"service"}, set()),
+    ("projects", "describe"): (1, set(), set()),
+    ("scheduler", "jobs", "describe"): (1, {"location"}, set()),
+    ("scheduler", "jobs", "delete"): (1, {"location"}, set()),
+    ("scheduler", "jobs", "create", "http"): (1, SCHEDULER_HTTP | {"headers"}, set()),
+    ("scheduler", "jobs", "update", "http"): (1, SCHEDULER_HTTP | {"update-headers"}, set()),
     ("iam", "service-accounts", "describe"): (1, set(), set()),
     ("iam", "service-accounts", "create"): (1, {"display-name", "description"}, set()),
     ("iam", "service-accounts", "delete"): (1, set(), set()),
@@ -121,7 +146,7 @@ def parse(argv: list[str]) -> tuple[tuple[str, ...], list[str], dict[str, list[s
             flags.setdefault(name, []).append(value if sep else "")
         else:
             words.append(arg)
-    for size in (3, 2):
+    for size in (4, 3, 2):
         if tuple(words[:size]) in COMMANDS:
             return tuple(words[:size]), words[size:], flags
     raise Fail(f"fake gcloud: unsupported command {' '.join(words)}", 2)
@@ -164,6 +189,11 @@ def labels(spec: str | None) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in (spec or "").split(",") if pair)
 
 
+def vertex_agent(state: dict[str, Any]) -> str:
+    """The Vertex AI service agent of the project (it exists once identity create made it)."""
+    return f"service-{state['project_number']}{VERTEX_AGENT_DOMAIN}"
+
+
 def gcs_agent(state: dict[str, Any]) -> str:
     """The Cloud Storage service agent of the project, as ``gcloud storage service-agent`` says."""
     return f"service-{state['project_number']}@gs-project-accounts.iam.gserviceaccount.com"
@@ -188,9 +218,10 @@ def read_env_file(path: str) -> dict[str, str]:
 class Fake:
     def __init__(self, state: dict[str, Any]) -> None:
         self.s = state
-        for key in ("buckets", "secrets", "functions", "managed_folders"):
+        for key in ("buckets", "secrets", "functions", "managed_folders", "scheduler_jobs"):
             state.setdefault(key, {})
         state.setdefault("service_accounts", [])
+        state.setdefault("service_identities", [])
         state.setdefault("project_iam", [])
         state.setdefault("services", [])
         state.setdefault("lagging", {})
@@ -204,6 +235,9 @@ class Fake:
         email = member.removeprefix("serviceAccount:")
         if add and self.s["lagging"].get(email, 0) > 0:
             self.s["lagging"][email] -= 1
+            raise Fail(f"ERROR: INVALID_ARGUMENT: Service account {email} does not exist.")
+        agent = email.endswith(VERTEX_AGENT_DOMAIN)
+        if add and agent and email not in self.s["service_identities"]:
             raise Fail(f"ERROR: INVALID_ARGUMENT: Service account {email} does not exist.")
         pair = [role, member]
         if add and pair not in policy:
@@ -223,6 +257,20 @@ class Fake:
         match command:
             case ("services", "enable"):
                 s["services"] = sorted(set(s["services"]) | set(pos))
+            case ("services", "list"):
+                wanted = (one(flags, "filter") or "").removeprefix("config.name=")
+                return "".join(f"{api}\n" for api in s["services"] if api == wanted)
+            case ("beta", "services", "identity", "create"):
+                if one(flags, "service") != "aiplatform.googleapis.com":
+                    raise Fail(f"fake gcloud: no service agent for {one(flags, 'service')}", 2)
+                if vertex_agent(s) not in s["service_identities"]:
+                    s["service_identities"].append(vertex_agent(s))
+            case ("projects", "describe"):
+                if name != s["project"]:
+                    raise Fail(f"ERROR: PERMISSION_DENIED: project {name}")
+                return fmt({"projectId": name, "projectNumber": s["project_number"]}, out_format)
+            case ("scheduler", "jobs", *_):
+                return self.scheduler(command[2], name, flags)
             case ("iam", "service-accounts", "describe"):
                 if name not in s["service_accounts"]:
                     raise self.missing(name)
@@ -339,6 +387,46 @@ class Fake:
                 self.deploy(name, flags)
             case ("logging", "read"):
                 return ""
+        return ""
+
+    def scheduler(self, verb: str, name: str, flags: dict[str, list[str]]) -> str:
+        """``scheduler jobs describe|delete|create http|update http``: jobs by name, each in a
+        location; an OIDC job runs as an account that must exist."""
+        s = self.s
+        if SCHEDULER_API not in s["services"]:
+            raise Fail(
+                f"ERROR: (gcloud.scheduler.jobs.{verb}) PERMISSION_DENIED: Cloud Scheduler API has "
+                f"not been used in project {s['project_number']} before or it is disabled. "
+                "SERVICE_DISABLED"
+            )
+        job = s["scheduler_jobs"].get(name)
+        if job is not None and job["location"] != one(flags, "location"):
+            job = None
+        if verb == "create":
+            if job is not None:
+                raise Fail(f"ERROR: (gcloud.scheduler.jobs.create.http) ALREADY_EXISTS: Job {name}")
+            job = {"location": one(flags, "location"), "http_method": "POST", "headers": {}}
+        elif job is None:
+            raise self.missing(f"Job {name}")
+        else:
+            job = {**job, "headers": dict(job["headers"])}  # stored only if the update is valid
+        if verb == "describe":
+            return fmt({"name": name, **job}, one(flags, "format"))
+        if verb == "delete":
+            del s["scheduler_jobs"][name]
+            return ""
+        for flag in SCHEDULER_HTTP - {"location"}:
+            if flag in flags:
+                job[flag.replace("-", "_")] = one(flags, flag)
+        job["headers"].update(labels(one(flags, "headers") or one(flags, "update-headers")))
+        if len(job.get("schedule", "").split()) != 5:
+            raise Fail(f"ERROR: INVALID_ARGUMENT: schedule {job.get('schedule')!r} is not cron")
+        if not job.get("uri", "").startswith("https://"):
+            raise Fail(f"ERROR: INVALID_ARGUMENT: uri {job.get('uri')!r} is not https")
+        account = job.get("oidc_service_account_email")
+        if account is not None and account not in s["service_accounts"]:
+            raise Fail(f"ERROR: INVALID_ARGUMENT: service account {account} does not exist")
+        s["scheduler_jobs"][name] = job
         return ""
 
     def remove(self, url: str, recursive: bool) -> None:
