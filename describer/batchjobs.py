@@ -54,7 +54,8 @@ from .errors import Code, RequestError, SourceError, StorageUnavailable, Transie
 from .gemini import Described, Spent, request_json
 from .images import PreparedImage
 from .jobs import Job, Keeper
-from .layout import job_folder, job_registry_name, vertex_results_prefix
+from .layout import job_folder, job_registry_name, status_name, vertex_results_prefix
+from .outcomes import Outcome
 from .records import JSON_TYPE, JSONL_TYPE, QUEUED, Record, dumps_json
 from .runtime import Runtime, open_pipeline
 from .settings import Settings
@@ -100,14 +101,18 @@ class BatchShard:
 
     @property
     def folder(self) -> str:
-        return job_folder(self.state, self.batch, self.index)
+        return job_folder(self.state, self.batch, self.run, self.index)
 
     @property
     def display_name(self) -> str:
-        """The job's name as the shard knows it before the API names it: the same every
-        time, so a delivery that takes over a claim finds the job a dead one created."""
-        tag = hashlib.sha256(f"{self.batch}\n{self.run}\n{self.index}".encode()).hexdigest()
-        return f"describer-{tag[:24]}"
+        return display_name(self.batch, self.run, self.index)
+
+
+def display_name(batch: str, run: str, index: int) -> str:
+    """A shard's job's name as the shard knows it before the API names it: the same every
+    time, so a delivery that takes over a claim finds the job a dead one created."""
+    tag = hashlib.sha256(f"{batch}\n{run}\n{index}".encode()).hexdigest()
+    return f"describer-{tag[:24]}"
 
 
 def require_batch_mode(settings: Settings, shards_bucket: str) -> None:
@@ -212,10 +217,12 @@ async def submit(
         done, _ = await keeper.checkpoints.load(request.images)
         queued = await _queued(store, shard)
     missing = [i for i in range(len(request.images)) if i not in queued and i not in done]
-    if missing:
+    if missing and not give_up:
         raise TransientFailure(
             job.uri, f"{len(missing)} of {len(request.images)} sources are not prepared yet"
         )
+    # Past the retry window the job goes without them: the online job that writes the
+    # shard's JSONL at landing describes (or records) what is neither queued nor recorded.
     if not queued:
         return Submitted.NOTHING_QUEUED
     if time.monotonic() > stop_at:
@@ -511,6 +518,65 @@ async def release_landing(runtime: Runtime, shard: BatchShard) -> None:
     await _change_entry(runtime, shard, release)
 
 
+def abandoned(entry: Mapping[str, Any], settings: Settings) -> bool:
+    """A claim whose job was never recorded, lapsed longer ago than its shard's event is
+    redelivered: no delivery will come to record it."""
+    until = entry.get("claim_until")
+    if not until or _holds(until):
+        return False
+    return age_s(str(until)) > settings.event_retry_window_s + settings.function_timeout_s
+
+
+async def settle_abandoned(
+    runtime: Runtime, batch: str, run: str, index: int, state: Location, status: Mapping[str, Any]
+) -> Outcome:
+    """An abandoned claim: adopt the job its holder may have made, or record the shard as
+    failed, so a rerun online can take it and the batch can complete."""
+    async with open_jobs(runtime) as jobs:
+        found = await jobs.find(display_name(batch, run, index))
+
+    def settle(current: dict[str, Any]) -> dict[str, Any] | None:
+        entry = current.get("jobs", {}).get(str(index))
+        if current.get("run") != run or entry is None or entry.get("name"):
+            return None
+        if found is not None:
+            entry.update(name=found.name, state=found.state, submitted_at=now_iso())
+        else:
+            entry.update(
+                state="failed",
+                error="its shard's event stopped before a job was made",
+                ended_at=now_iso(),
+            )
+        for key in ("claim", "claim_until"):
+            entry.pop(key, None)
+        current["updated_at"] = now_iso()
+        return current
+
+    await update_status(runtime.store, state.bucket, status_name(state, batch), settle)
+    if found is not None:
+        return Outcome.BATCH_PENDING
+    settings = runtime.settings
+    registry = job_registry_name(settings, batch, run, index)
+    await runtime.store.delete_all(settings.job_bucket or state.bucket, registry)
+    return Outcome.BATCH_ENDED
+
+
+async def retire(runtime: Runtime, batch: str, run: str, index: int) -> None:
+    """A job of a run its batch no longer runs (a manifest uploaded again): cancel it if it
+    still runs, and delete its files, so nothing of the old run is paid for or reused."""
+    async with open_jobs(runtime) as jobs:
+        found = await jobs.find(display_name(batch, run, index))
+        if found is not None and found.state in ("pending", "running"):
+            try:
+                await jobs.cancel(found.name)
+            except BatchRefused as exc:
+                log.warning("could not cancel a superseded job", extra={"reason": str(exc)})
+    settings = runtime.settings
+    state = Location(settings.job_bucket or "", settings.batches_prefix)
+    await runtime.store.delete_all(state.bucket, job_folder(state, batch, run, index))
+    log.info("a superseded run's job retired", extra={"batch": batch, "shard": index})
+
+
 # --- landing --------------------------------------------------------------------------------
 
 
@@ -524,6 +590,10 @@ async def land(
     when an answer could not be kept (the landing claim is given back by the caller).
     """
     name = str(entry["name"])
+    if entry.get("answers_kept"):
+        # A landing cut short after its answers were kept: the JSONL is next, whatever the
+        # Batch API now says of the job (its answers file may have expired since).
+        return Landed.ANSWERS_KEPT if await _take_landing(runtime, shard) else Landed.BUSY
     async with open_jobs(runtime) as jobs:
         try:
             view = await jobs.get(name)
@@ -536,14 +606,16 @@ async def land(
             return await _ended(runtime, shard, view)
         if not await _take_landing(runtime, shard):
             return Landed.BUSY
-        if entry.get("answers_kept"):
-            return Landed.ANSWERS_KEPT  # a landing cut short after this: the JSONL is next
         try:
             answers = await jobs.answers(view)
-        except BatchRefused as exc:  # its answers file is gone (expired): nothing to land
-            await release_landing(runtime, shard)
-            failed = JobView(name, "failed", error=f"its answers cannot be read: {exc}")
-            return await _ended(runtime, shard, failed)
+        except BatchRefused as exc:
+            # Its answers file is gone (it expires after 48 h): every source not kept yet is
+            # described online as the JSONL is written, under the same checkpoints.
+            log.error(
+                "a batch job's answers cannot be read; its sources are asked online",
+                extra={"job": name, "reason": str(exc)},
+            )
+            answers = {}
     data = await runtime.store.read_bytes(shard.state.bucket, f"{shard.folder}queued.jsonl")
     queued = queued_lines(data or b"")
     keeper = Keeper(runtime, shard.job)
@@ -596,9 +668,17 @@ async def _ended(runtime: Runtime, shard: BatchShard, view: JobView) -> Landed:
     return Landed.ENDED
 
 
+# A job's states in the order they come: a collect that read an older state than another
+# collect wrote never moves the entry back.
+_ORDER = {"submitting": 0, "pending": 1, "running": 2, "succeeded": 3, "failed": 3,
+          "cancelled": 3, "expired": 3, "landed": 4}  # fmt: skip
+
+
 async def _note_state(runtime: Runtime, shard: BatchShard, view: JobView, **counts: int) -> None:
     def note(entry: dict[str, Any]) -> bool:
-        if entry.get("name") != view.name or entry.get("state") == "landed":
+        if entry.get("name") != view.name:
+            return False
+        if _ORDER.get(str(entry.get("state")), 0) > _ORDER.get(view.state, 0):
             return False
         if entry.get("state") == view.state and not counts:
             return False

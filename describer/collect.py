@@ -41,7 +41,7 @@ LAND_CONCURRENCY = 2
 _OUTCOME_KINDS = {
     Outcome.LANDED: "landed",
     Outcome.MERGED: "landed",
-    Outcome.ALREADY_DONE: "landed",
+    Outcome.ALREADY_DONE: "already_landed",
     Outcome.BATCH_PENDING: "pending",
     Outcome.BATCH_ENDED: "ended",
     Outcome.BATCH_BUSY: "busy",
@@ -176,6 +176,7 @@ async def rerun_online(runtime: Runtime, data: dict[str, Any]) -> tuple[int, dic
         if entry.get("state") in ENDED_WITHOUT_ANSWERS
         and i not in finished
         and not entry.get("rerun_generation")
+        and entry.get("generation")
     ]
     if not ended:
         states = {i: e.get("state") for i, e in (status.get("jobs") or {}).items()}
@@ -191,7 +192,7 @@ async def rerun_online(runtime: Runtime, data: dict[str, Any]) -> tuple[int, dic
         if s.get("run") != run:
             return None
         for index in ended:
-            s["jobs"][str(index)].update(online=True, rerun_at=now_iso())
+            s["jobs"][str(index)].update(rerun=True, rerun_at=now_iso())
         s["updated_at"] = now_iso()
         return s
 
@@ -202,11 +203,20 @@ async def rerun_online(runtime: Runtime, data: dict[str, Any]) -> tuple[int, dic
         body = await store.read_bytes(*where) if where else None
         if where is None or body is None:
             raise RequestError(409, "shard_gone", f"Shard {index} of {batch!r} is gone.")
-        # Written again, the same body makes a new event: its shard now runs online.
+        # Written again, the same body makes a new event: its shard now runs online. Only
+        # over the generation its job was made from: a rerun asked twice (or retried after a
+        # status update failed) rewrites each shard once, so none runs online twice.
         bucket, shard = where
-        await store.write(
-            bucket, shard, body, content_type=JSON_TYPE, metadata={"describer-shard": shard}
-        )
+        entry = (status.get("jobs") or {}).get(str(index)) or {}
+        if not await store.write(
+            bucket,
+            shard,
+            body,
+            content_type=JSON_TYPE,
+            metadata={"describer-shard": shard},
+            if_generation_match=int(entry["generation"]),
+        ):
+            log.info("shard rewritten for its rerun already", extra={"shard": index})
         written = await store.stat(bucket, shard)
         generation = str(written[1]) if written else "unknown"
 

@@ -6,8 +6,9 @@ One module names them all, so that no two kinds can land on one name:
 - ``BATCHES_PREFIX<batch>.jsonl``, ``.html``, ``.error.json``, ``.shards/<i>.jsonl``: a
   batch's files, in the results bucket, or under ``<output>batches/`` when a request or
   manifest names its own ``output``;
-- ``BATCHES_PREFIX<batch>.status.json``, ``.parts/`` and ``.listing/``: a batch's state
-  (status object, backfill lock, checkpoints, a backfill's listing plans), always where
+- ``BATCHES_PREFIX<batch>.status.json``, ``.parts/``, ``.listing/`` and ``.jobs/``: a batch's
+  state (status object, backfill lock, checkpoints, a backfill's listing plans, batch-mode
+  jobs' requests), always where
   :meth:`Settings.state_bucket` says, never where an object's body says;
 - ``SHARDS_PREFIX<batch>/<run>/<index>.batch.json``: shard manifests, and
   ``<step>.listing.json``: a backfill's next listing step, in the shards bucket.
@@ -131,10 +132,16 @@ def sidecar_is_current(
     return result_key(str(model), str(record.get("prompt")), record.get("schema")) == key
 
 
-def job_folder(state: Location, batch: str, index: int) -> str:
-    """A batch-mode shard's job files: ``BATCHES_PREFIX<batch>.shards/<i>.job/`` (its queued
-    requests, one object each, and their concatenation that the Batch API reads)."""
-    return batch_object(state, batch, f".shards/{index:05d}.job/")
+def jobs_folder(state: Location, batch: str, run: str) -> str:
+    """A batch-mode run's job files: ``BATCHES_PREFIX<batch>.jobs/<run>/``, one folder per run,
+    so a later run of the same batch (a manifest uploaded again) starts from nothing."""
+    return batch_object(state, batch, f".jobs/{run}/")
+
+
+def job_folder(state: Location, batch: str, run: str, index: int) -> str:
+    """A batch-mode shard's job files (its queued requests, one object each, what preparation
+    learnt of each, and their concatenations that the Batch API reads)."""
+    return f"{jobs_folder(state, batch, run)}{index:05d}/"
 
 
 def job_registry_prefix(settings: Settings) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 
 from . import batchjobs
 from .batch import BatchRequest, Location, ShardInfo, parse_output
+from .batchapi import ENDED_WITHOUT_ANSWERS
 from .batchjobs import BatchShard
 from .errors import RequestError, StorageUnavailable, TransientFailure
 from .gallery import render_index
@@ -31,6 +32,7 @@ from .jobs import MANIFEST_SUFFIX, Job, load_request, run_job, tally
 from .layout import (
     batch_object,
     gallery_name,
+    jobs_folder,
     shard_jsonl_name,
     shard_object_name,
     state_location,
@@ -303,7 +305,7 @@ def runs_online(status: dict[str, Any], index: int) -> bool:
     if status.get("mode") != "batch":
         return True
     entry = job_entry(status, index)
-    return bool(entry and entry.get("online"))
+    return bool(entry and entry.get("rerun") and entry.get("state") in ENDED_WITHOUT_ANSWERS)
 
 
 async def describe_shard(runtime: Runtime, event: ObjectEvent) -> Outcome:
@@ -361,8 +363,9 @@ async def _finish_shard(
             return None
         s = record_shard(s, info.index, tally, stalled=stalled)
         entry = job_entry(s, info.index)
-        if entry is not None and entry.get("state") in ("succeeded", "submitting", None):
-            entry["state"] = "landed"
+        if entry is not None:
+            if entry.get("name") and entry.get("state") not in ENDED_WITHOUT_ANSWERS:
+                entry["state"] = "landed"
             entry.pop("landing", None)
         return s
 
@@ -397,10 +400,14 @@ async def land_shard(
     status, _ = await runtime.store.read_json(state.bucket, status_name(state, batch))
     entry = job_entry(status or {}, index)
     if status is None or status.get("run") != run:
+        await batchjobs.retire(runtime, batch, run, index)
         return Outcome.SUPERSEDED
     if entry is None or not entry.get("name"):
-        # Registered, and its job not recorded yet: the creating delivery is at work.
-        return Outcome.BATCH_PENDING
+        # Registered, and its job not recorded yet: the creating delivery is at work, unless
+        # its claim lapsed longer ago than redeliveries go on.
+        if entry is None or not batchjobs.abandoned(entry, settings):
+            return Outcome.BATCH_PENDING
+        return await batchjobs.settle_abandoned(runtime, batch, run, index, state, status)
     where = shard_of(settings, status, index)
     if where is None:
         log.error("a batch job's shard is in a bucket not allowed; refused", extra={"batch": batch})
@@ -531,9 +538,16 @@ async def merge(
 
     await update_status(store, state.bucket, status_name(state, batch), finish)
     # The shard manifests and listing steps did their job; their events, if redelivered
-    # late, find nothing. So did a backfill's listing plans.
-    await store.delete_all(shards_bucket, f"{runtime.settings.shards_prefix}{batch}/{run}/")
+    # late, find nothing. So did a backfill's listing plans, and batch-mode jobs' files:
+    # the requests, and what Vertex AI wrote beside the shards (not the function's own,
+    # and so deleted whoever wrote them: nothing else belongs under a run's shards).
+    await store.delete_all(
+        shards_bucket,
+        f"{runtime.settings.shards_prefix}{batch}/{run}/",
+        any_writer=status.get("mode") == "batch",
+    )
     await store.delete_all(state.bucket, batch_object(state, batch, f".listing/{run}/"))
+    await store.delete_all(state.bucket, jobs_folder(state, batch, run))
     log.info(
         "batch merged",
         extra={"uri": results_uri, "count": status["total"], "shards": count},

@@ -12,6 +12,7 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -21,8 +22,9 @@ from google.cloud import storage
 from describer import Runtime, Settings, handle_storage_event
 from describer.errors import TransientFailure
 from describer.gemini import GeminiConnector
-from describer.layout import parse_vertex_results_name
+from describer.layout import job_registry_name, parse_vertex_results_name
 from describer.settings import GeminiAccess, Prices
+from describer.store import OUTPUT_MARKER_KEY
 from localdev.gemini_sim import RunningSimulator
 from localdev.relay import RelayConfig, RunningRelay
 from localdev.relay import start_in_thread as start_relay
@@ -472,3 +474,80 @@ def test_a_collect_while_a_job_is_being_created_leaves_its_registration(
     wait_for(_jobs_ended(sim, 1), "the job to end")
     assert _collect(runtime)["counts"] == {"landed": 1}
     assert _status(bucket, "jobs/w")["complete"] is True
+
+
+def test_a_manifest_uploaded_again_starts_afresh_and_its_old_job_is_cancelled(
+    runtime: Runtime, bucket: storage.Bucket, sim: RunningSimulator
+) -> None:
+    # GIVEN a manifest in batch mode whose job is running
+    sim.configure(api_key=API_KEY, batch_hold=True)
+    images = upload_pictures(bucket, 3, height=30, colour="blue")
+    first = {"images": images, "mode": "batch", "prompt": "Name the colour."}
+    manifest = upload(bucket, "jobs/again.batch.json", json.dumps(first).encode(), None)
+    assert handle_storage_event(runtime, event_data(manifest)) == "sharded"
+    assert deliver_all(runtime, bucket, SHARDS) == ["batch_submitted"]
+    # WHEN it is uploaded again with another prompt, and its shard's event arrives
+    second = {**first, "prompt": "Name the shape."}
+    manifest = upload(bucket, "jobs/again.batch.json", json.dumps(second).encode(), None)
+    assert handle_storage_event(runtime, event_data(manifest)) == "sharded"
+    assert deliver_all(runtime, bucket, SHARDS)[-1] == "batch_submitted"
+    # THEN the new run made a job of its own, from its own requests
+    assert sim.stats.batch_jobs_created == 2
+    # AND the first collect cancels the old run's job and keeps the new one
+    assert _collect(runtime)["counts"] == {"superseded": 1, "pending": 1}
+    assert sim.stats.batch_cancelled == 1
+    sim.release_batches()
+    wait_for(
+        lambda: (
+            sorted(sim.stats.batch_states.values())
+            == ["JOB_STATE_CANCELLED", "JOB_STATE_SUCCEEDED"]
+        ),
+        "the new job to end",
+    )
+    assert _collect(runtime)["counts"] == {"landed": 1}
+    records = _records(bucket, f"{BATCHES}jobs/again.jsonl")
+    assert [r["prompt"] for r in records] == ["Name the shape."] * 3
+    assert all(r["status"] == "ok" for r in records)
+
+
+def test_a_shard_whose_event_stopped_before_its_job_was_recorded_is_settled_by_a_collect(
+    make_batch_runtime: Callable[..., Runtime], bucket: storage.Bucket, sim: RunningSimulator
+) -> None:
+    runtime = make_batch_runtime(event_retry_window_s=60.0)
+    sim.configure(api_key=API_KEY)
+    images = upload_pictures(bucket, 2, height=30, colour="red")
+    body = json.dumps({"images": images, "mode": "batch"}).encode()
+    manifest = upload(bucket, "jobs/stopped.batch.json", body, None)
+    assert handle_storage_event(runtime, event_data(manifest)) == "sharded"
+    shard = next(iter(bucket.list_blobs(prefix=SHARDS)))
+    # GIVEN what a delivery leaves when it dies after its claim and registration, before it
+    # made a job, and no redelivery comes: a claim that lapsed longer ago than they go on
+    name = f"{BATCHES}jobs/stopped.status.json"
+    status = _status(bucket, "jobs/stopped")
+    lapsed = (datetime.now(UTC) - timedelta(seconds=600)).isoformat()
+    status["jobs"] = {
+        "0": {
+            "state": "submitting",
+            "claim": "dead",
+            "claim_until": lapsed,
+            "shard": f"gs://{bucket.name}/{shard.name}",
+            "generation": str(shard.generation),
+        }
+    }
+    bucket.blob(name).upload_from_string(json.dumps(status), content_type="application/json")
+    registration = bucket.blob(
+        job_registry_name(runtime.settings, "jobs/stopped", status["run"], 0)
+    )
+    registration.metadata = {OUTPUT_MARKER_KEY: "true"}  # as the function marks what it writes
+    registration.upload_from_string(
+        json.dumps({"batch": "jobs/stopped", "run": status["run"], "index": 0}),
+        content_type="application/json",
+    )
+    # WHEN a collect comes THEN, finding no job of the shard's name, it records the shard failed
+    assert _collect(runtime)["counts"] == {"ended": 1}
+    entry = _status(bucket, "jobs/stopped")["jobs"]["0"]
+    assert entry["state"] == "failed" and "stopped" in entry["error"]
+    # AND a rerun online completes the batch
+    assert post_batch(runtime, {"rerun_online": "jobs/stopped"}).status == 202
+    assert deliver_all(runtime, bucket, SHARDS)[-1] == "merged"
+    assert _status(bucket, "jobs/stopped")["complete"] is True
