@@ -52,6 +52,9 @@ _FIELDS = frozenset({"backfill", "dry_run", "max_images", "prompt", "schema", "m
 _GEMINI_3_IMAGE_TOKENS = {"low": 280, "medium": 560, "high": 1120, "default": 1120}
 # Earlier models bill 258 tokens per 768 px tile of the image.
 _TILE_TOKENS, _TILE_SIDE = 258, 768
+# How long a Batch API job may take before the API ends it (expired): 24 h of running after
+# up to a day in the queue. A batch-mode backfill quiet for longer is no longer waiting.
+BATCH_JOB_LIFETIME_S = 48 * 3600.0
 # Output tokens assumed per image for the estimate: a caption, or the four fields of alt_text.
 _ASSUMED_OUTPUT_TOKENS = {"text": 60, "alt_text": 200}
 
@@ -341,10 +344,17 @@ async def _claim(runtime: Runtime, state: Location, batch: str, status: dict[str
 
 
 def _abandoned(status: dict[str, Any], settings: Settings) -> bool:
-    """A run not updated within the retry window will not finish: another may start."""
+    """A run not updated within the retry window will not finish: another may start.
+
+    A batch-mode run waits on its jobs, which may say nothing new for a day: it is
+    abandoned only once no job of it could still be running (BATCH_JOB_LIFETIME_S).
+    """
     try:
         updated = datetime.fromisoformat(str(status.get("updated_at")))
     except ValueError:
         return True
     age = (datetime.now(UTC) - updated).total_seconds()
-    return age > settings.event_retry_window_s + settings.function_timeout_s
+    window = settings.event_retry_window_s + settings.function_timeout_s
+    if status.get("mode") == "batch":
+        window = max(window, BATCH_JOB_LIFETIME_S)
+    return age > window

@@ -551,3 +551,31 @@ def test_a_shard_whose_event_stopped_before_its_job_was_recorded_is_settled_by_a
     assert post_batch(runtime, {"rerun_online": "jobs/stopped"}).status == 202
     assert deliver_all(runtime, bucket, SHARDS)[-1] == "merged"
     assert _status(bucket, "jobs/stopped")["complete"] is True
+
+
+def test_a_batch_mode_backfill_waiting_hours_on_its_jobs_still_holds_its_bucket(
+    runtime: Runtime, bucket: storage.Bucket, sim: RunningSimulator
+) -> None:
+    sim.configure(api_key=API_KEY, batch_hold=True)
+    for i in range(3):
+        upload(bucket, f"cam/{i}.png", make_image(40 + i, 30, "green", "PNG"), "image/png")
+    where = {"backfill": f"gs://{bucket.name}/cam/", "mode": "batch"}
+    started = post_batch(runtime, where)
+    assert started.status == 202, started.body
+    assert deliver_all(runtime, bucket, SHARDS)[-1] == "batch_submitted"
+    name = f"{BATCHES}{started.body['batch']}.status.json"
+
+    def quiet_for(hours: float) -> None:
+        status = _status(bucket, started.body["batch"])
+        status["updated_at"] = (datetime.now(UTC) - timedelta(hours=hours)).isoformat()
+        bucket.blob(name).upload_from_string(json.dumps(status), content_type="application/json")
+
+    # GIVEN its jobs running for hours with nothing new in its status (longer than the
+    # retry window after which an online backfill counts as abandoned)
+    quiet_for(3)
+    # THEN another backfill of the bucket is still refused: the first is waiting, not dead
+    again = post_batch(runtime, where)
+    assert again.status == 409 and again.body["error"]["code"] == "backfill_in_progress"
+    # AND after two days, when no job of it could still run, another may start
+    quiet_for(49)
+    assert post_batch(runtime, where).status == 202
