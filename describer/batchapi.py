@@ -160,7 +160,7 @@ class JobService:
             data = await self._call(self._client.aio.files.download(file=job.output or ""))
         by_key: dict[str, dict[str, Any]] = {}
         twice: set[str] = set()
-        for line in _lines(data or b""):
+        for line in jsonl_lines(data or b""):
             # A Vertex AI line carries its whole request again: not kept.
             request = line.pop("request", None)
             key = line.get("key")
@@ -225,7 +225,9 @@ def view(job: types.BatchJob) -> JobView:
     )
 
 
-def _lines(data: bytes) -> list[dict[str, Any]]:
+def jsonl_lines(data: bytes) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file (an answers file, a shard's queued sources); a line
+    that is not one is skipped."""
     lines = []
     for raw in data.splitlines():
         if raw.strip():
@@ -236,11 +238,6 @@ def _lines(data: bytes) -> list[dict[str, Any]]:
             if isinstance(line, dict):
                 lines.append(line)
     return lines
-
-
-def queued_lines(data: bytes) -> list[dict[str, Any]]:
-    """What preparation learnt of each queued source (the shard's ``queued.jsonl``)."""
-    return _lines(data)
 
 
 def answer_record(

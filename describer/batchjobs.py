@@ -47,17 +47,17 @@ from .batchapi import (
     BatchRefused,
     JobView,
     answer_record,
+    jsonl_lines,
     open_jobs,
-    queued_lines,
 )
 from .errors import Code, RequestError, SourceError, StorageUnavailable, TransientFailure
 from .gemini import Described, Spent, request_json
 from .images import PreparedImage
-from .jobs import Job, Keeper
+from .jobs import Job, Keeper, open_job_pipeline
 from .layout import job_folder, job_registry_name, status_name, vertex_results_prefix
 from .outcomes import Outcome
 from .records import JSON_TYPE, JSONL_TYPE, QUEUED, Record, dumps_json
-from .runtime import Runtime, open_pipeline
+from .runtime import Runtime
 from .settings import Settings
 from .status import now_iso, update_status
 from .store import Store, bounded_map
@@ -298,11 +298,7 @@ async def _prepare(
     give_up: bool,
 ) -> None:
     """Prepare and queue ``todo``; record at once the sources that cannot be prepared."""
-    settings, store, request = runtime.settings, runtime.store, shard.job.request
-    prompt, schema = settings.prompt_and_schema(request.prompt, request.schema)
-    pins = (
-        dict(zip(request.images, request.generations, strict=True)) if request.generations else None
-    )
+    store, request = runtime.store, shard.job.request
 
     async def keep(position: int, record: Record) -> None:
         index = todo[position]
@@ -318,15 +314,8 @@ async def _prepare(
             # Past the retry window a passing failure is final, as online.
             await keeper.keep(index, replace(record, transient=False))
 
-    async with open_pipeline(
-        runtime,
-        prompt=prompt,
-        allowed_buckets=shard.job.allowed_buckets,
-        schema=schema,
-        thumbnails=settings.gallery,
-        pinned_generations=pins,
-        backend=BatchRequests(runtime, shard, todo),
-    ) as pipeline:
+    backend = BatchRequests(runtime, shard, todo)
+    async with open_job_pipeline(runtime, shard.job, backend=backend) as pipeline:
         await pipeline.run([request.images[i] for i in todo], stop_at=stop_at, on_record=keep)
 
 
@@ -617,7 +606,7 @@ async def land(
             )
             answers = {}
     data = await runtime.store.read_bytes(shard.state.bucket, f"{shard.folder}queued.jsonl")
-    queued = queued_lines(data or b"")
+    queued = jsonl_lines(data or b"")
     keeper = Keeper(runtime, shard.job)
     request = shard.job.request
     prompt, schema = runtime.settings.prompt_and_schema(request.prompt, request.schema)

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import logging
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,6 +22,7 @@ from .batch import BatchRequest, GcsSource, Location, parse_body, parse_source
 from .errors import Code, RequestError, StorageUnavailable, TransientFailure
 from .layout import batch_files, batch_object
 from .outcomes import JobState
+from .pipeline import ModelBackend, Pipeline
 from .records import (
     ERROR,
     JSON_TYPE,
@@ -114,10 +116,6 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
         "manifest received",
         extra={"count": len(request.images), "already_done": len(done), "uri": job.uri},
     )
-    prompt, schema = settings.prompt_and_schema(request.prompt, request.schema)
-    pins = (
-        dict(zip(request.images, request.generations, strict=True)) if request.generations else None
-    )
     # Sources whose sidecar or checkpoint could not be written: not done, whatever
     # their record says, so the job is not reported done without them.
     unwritten = keeper.unwritten
@@ -125,14 +123,7 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
     async def keep(position: int, record: Record) -> None:
         await keeper.keep(todo[position], record)
 
-    async with open_pipeline(
-        runtime,
-        prompt=prompt,
-        allowed_buckets=job.allowed_buckets,
-        schema=schema,
-        thumbnails=settings.gallery,
-        pinned_generations=pins,
-    ) as pipeline:
+    async with open_job_pipeline(runtime, job) as pipeline:
         fresh = await pipeline.run(
             [request.images[i] for i in todo], stop_at=stop_at, on_record=keep
         )
@@ -207,6 +198,28 @@ async def run_job(runtime: Runtime, job: Job, stop_at: float, *, give_up: bool) 
         extra={"uri": uri, "remaining": remaining, "progress": checkpoints.saved},
     )
     return JobOutcome(JobState.STALLED, counted, throttled)
+
+
+def open_job_pipeline(
+    runtime: Runtime, job: Job, *, backend: ModelBackend | None = None
+) -> AbstractAsyncContextManager[Pipeline]:
+    """The pipeline a job's sources run through: its prompt and schema, the buckets it may
+    read, its sources pinned to the generations listed (a backfill's), thumbnails for its
+    gallery; ``backend`` queues requests for a batch job instead of calling Gemini."""
+    request = job.request
+    prompt, schema = runtime.settings.prompt_and_schema(request.prompt, request.schema)
+    pins = (
+        dict(zip(request.images, request.generations, strict=True)) if request.generations else None
+    )
+    return open_pipeline(
+        runtime,
+        prompt=prompt,
+        allowed_buckets=job.allowed_buckets,
+        schema=schema,
+        thumbnails=runtime.settings.gallery,
+        pinned_generations=pins,
+        backend=backend,
+    )
 
 
 async def load_request(
